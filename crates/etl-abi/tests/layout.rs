@@ -1,0 +1,92 @@
+//! The Rust mirror and the C header agree on every size, alignment, offset
+//! and constant. The numbers on the C side come from `layout_probe.c`,
+//! compiled from `include/etl_plugin.h` by the build script.
+
+use core::mem::{align_of, offset_of, size_of};
+use etl_abi::*;
+
+macro_rules! s {
+    ($t:ty) => {
+        [size_of::<$t>(), align_of::<$t>()]
+    };
+}
+
+#[test]
+fn rust_types_match_the_c_header() {
+    let rust: Vec<usize> = [
+        &s!(EtlStr)[..],
+        &[offset_of!(EtlStr, ptr), offset_of!(EtlStr, len)],
+        &s!(EtlHostApi),
+        &[
+            offset_of!(EtlHostApi, struct_size),
+            offset_of!(EtlHostApi, emit),
+            offset_of!(EtlHostApi, add_usage),
+            offset_of!(EtlHostApi, add_info),
+            offset_of!(EtlHostApi, add_warning),
+            offset_of!(EtlHostApi, set_filedata_meta),
+            offset_of!(EtlHostApi, set_failure),
+        ],
+        &s!(EtlInvokeCtx),
+        &[
+            offset_of!(EtlInvokeCtx, struct_size),
+            offset_of!(EtlInvokeCtx, invocation),
+            offset_of!(EtlInvokeCtx, host),
+            offset_of!(EtlInvokeCtx, cancel_flag),
+            offset_of!(EtlInvokeCtx, process_cancel_flag),
+        ],
+        &s!(EtlInitCtx),
+        &[
+            offset_of!(EtlInitCtx, struct_size),
+            offset_of!(EtlInitCtx, config),
+            offset_of!(EtlInitCtx, process_cancel_flag),
+            offset_of!(EtlInitCtx, host_data),
+            offset_of!(EtlInitCtx, set_error),
+        ],
+        &s!(EtlPlugin),
+        &[
+            offset_of!(EtlPlugin, abi_version_major),
+            offset_of!(EtlPlugin, abi_version_minor),
+            offset_of!(EtlPlugin, struct_size),
+            offset_of!(EtlPlugin, name),
+            offset_of!(EtlPlugin, version),
+            offset_of!(EtlPlugin, inputs_schema),
+            offset_of!(EtlPlugin, outputs_schema),
+            offset_of!(EtlPlugin, id),
+            offset_of!(EtlPlugin, capabilities),
+            offset_of!(EtlPlugin, flags),
+            offset_of!(EtlPlugin, init),
+            offset_of!(EtlPlugin, shutdown),
+            offset_of!(EtlPlugin, invoke),
+            offset_of!(EtlPlugin, precheck),
+        ],
+        &[ABI_VERSION_MAJOR as usize, ABI_VERSION_MINOR as usize],
+        &[RESULT_OK as usize, RESULT_FAILED as usize, RESULT_SHUTDOWN as usize],
+        &[
+            (CB_OK + 8) as usize,
+            (CB_INVALID + 8) as usize,
+            (CB_REJECTED + 8) as usize,
+            (CB_CLOSED + 8) as usize,
+        ],
+        &[
+            CAP_USAGE as usize,
+            CAP_MESSAGE_CHANNELS as usize,
+            CAP_FILEDATA_META as usize,
+            CAP_CANCELLATION as usize,
+            FLAG_STREAMING as usize,
+        ],
+    ]
+    .concat();
+
+    let mut c = vec![0usize; 256];
+    // SAFETY: the probe writes at most `cap` entries into `c`.
+    let n = unsafe { c_layout::etl_abi_layout_probe(c.as_mut_ptr(), c.len()) };
+    c.truncate(n);
+    assert_eq!(rust, c, "include/etl_plugin.h and crates/etl-abi disagree");
+}
+
+#[test]
+fn entry_symbol_matches_the_header() {
+    let header = include_str!("../../../include/etl_plugin.h");
+    let name = core::str::from_utf8(&ENTRY_SYMBOL[..ENTRY_SYMBOL.len() - 1]).unwrap();
+    assert!(header.contains(&format!("#define ETL_PLUGIN_ENTRY_SYMBOL \"{name}\"")));
+}
