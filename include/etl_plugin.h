@@ -224,13 +224,21 @@ static inline int etl_is_cancelled(const etl_invoke_ctx *ctx) {
     return etl_flag_is_set(ctx->cancel_flag);
 }
 
-/* Shorthands for the callbacks, taking a NUL-free buffer and its length. */
+/* An etl_str over `len` bytes at `ptr`, for callback arguments. */
 static inline etl_str etl_str_from(const char *ptr, size_t len) {
     etl_str s;
     s.ptr = ptr;
     s.len = len;
     return s;
 }
+
+/* An etl_str over a string literal (without its NUL), for callback
+ * arguments: host->add_usage(inv, ETL_STR("pages"), 3). */
+#define ETL_STR(literal) etl_str_from((literal), sizeof(literal) - 1)
+
+/* The same as an initializer, for a static etl_plugin table:
+ * .name = ETL_STR_INIT("my_plugin"). */
+#define ETL_STR_INIT(literal) {(literal), sizeof(literal) - 1}
 
 /* What `init` receives. Valid only until `init` returns, except where said. */
 typedef struct etl_init_ctx {
@@ -312,6 +320,17 @@ typedef struct etl_plugin {
      * that emit is rejected. NULL answers 200 with an empty usage list. */
     int32_t (*precheck)(const etl_invoke_ctx *ctx);
 } etl_plugin;
+
+/* Marks the entry function as exported even when the library is built with
+ * -fvisibility=hidden (recommended: export nothing else):
+ *   ETL_PLUGIN_EXPORT const etl_plugin *etl_plugin_entry(void) { ... } */
+#if defined(_WIN32)
+#define ETL_PLUGIN_EXPORT __declspec(dllexport)
+#elif defined(__GNUC__) || defined(__clang__)
+#define ETL_PLUGIN_EXPORT __attribute__((visibility("default")))
+#else
+#define ETL_PLUGIN_EXPORT
+#endif
 
 /* The type of the entry symbol. It must return the same pointer every time,
  * may be called more than once, and must not fail. */
