@@ -1,0 +1,67 @@
+//! The command line. Every flag has an environment variable, and the flag
+//! wins over it.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Serve an ETL plugin (a shared library) over the etl plugin HTTP contract.
+#[derive(Parser, Debug)]
+#[command(name = "etl-serve", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Path of the plugin shared library (e.g. target/release/libwordcount.so).
+    #[arg(long, env = "ETL_SERVE_PLUGIN", value_name = "PATH")]
+    pub plugin: PathBuf,
+
+    /// Configuration string handed to the plugin's init hook.
+    #[arg(long, env = "ETL_SERVE_PLUGIN_CONFIG", value_name = "STRING", default_value = "", hide_default_value = true)]
+    pub plugin_config: String,
+
+    /// Address to listen on.
+    #[arg(long, env = "UVICORN_HOST", default_value = "127.0.0.1", help_heading = "Network")]
+    pub host: IpAddr,
+
+    /// Port to listen on (0 picks a free port and logs it).
+    #[arg(long, env = "UVICORN_PORT", default_value_t = 8000, help_heading = "Network")]
+    pub port: u16,
+
+    /// Largest request body accepted; larger ones get 413 before they are read.
+    /// Bytes, or with a unit: 512KiB, 16MiB, 1GiB, 10MB.
+    #[arg(long, env = "ETL_SERVE_MAX_BODY_SIZE", value_name = "SIZE", default_value = "16MiB",
+          value_parser = parse_size, help_heading = "Limits")]
+    pub max_body_size: u64,
+}
+
+/// Parses `16MiB`, `512KiB`, `10MB`, `1024`.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a size (expected e.g. 1048576, 512KiB, 16MiB)"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        other => return Err(format!("unknown size unit `{other}` in `{s}` (use B, KB, KiB, MB, MiB, GB, GiB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("10MB"), Ok(10_000_000));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5 parsecs").is_err());
+    }
+}

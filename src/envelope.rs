@@ -1,0 +1,213 @@
+//! The envelope: the JSON object every `/invoke` answer (and every line of a
+//! stream) is, with every key present and in the reference host's order:
+//!
+//! ```json
+//! {"usage":[{"value":1,"name":"calls"}],"status_code":200,"file_data":null,
+//!  "filedata_meta":{"terminate_current":false,"new_records":[]},
+//!  "status_code_text":null,"failure_category":null,"plugin_error":null,
+//!  "output":{...},"message_channels":{"infos":[],"warnings":[]}}
+//! ```
+//!
+//! It is written by hand rather than through a derived struct so that the
+//! plugin's output is copied through as the JSON text it emitted, without a
+//! parse-and-reserialise round trip on the hot path.
+
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use crate::invocation::{Collected, Failure};
+
+/// One usage record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub name: String,
+    pub value: i64,
+}
+
+/// The `status_code_text` of a shutdown-abort.
+pub const SHUTDOWN_TEXT: &str = "[PluginShutdown] the server is shutting down; retry the request on another instance";
+
+/// The `plugin_error` of a shutdown-abort: what a controller keys on.
+const SHUTDOWN_PLUGIN_ERROR: &str = r#"{"error_type":"shutdown","error_reason":"server_shutting_down","dependency":null,"audience":"platform","retryable":true}"#;
+
+const DEFAULT_FILEDATA_META: &str = r#"{"terminate_current":false,"new_records":[]}"#;
+
+/// How an invocation ended, as the envelope reports it.
+pub enum Outcome<'a> {
+    /// Success, with the plugin's output (`None` for a stream's end).
+    Ok(Option<&'a RawValue>),
+    /// A failure: the status and the `status_code_text`.
+    Failed { status: u16, text: String },
+    /// The shutdown-abort.
+    Shutdown,
+}
+
+impl Outcome<'_> {
+    pub fn status_code(&self) -> u16 {
+        match self {
+            Outcome::Ok(_) => 200,
+            Outcome::Failed { status, .. } => *status,
+            Outcome::Shutdown => 503,
+        }
+    }
+}
+
+/// A failure's `status_code_text`: `"[ErrorType] message"`.
+pub fn failure_text(f: &Failure) -> String {
+    format!("[{}] {}", f.error_type, f.message)
+}
+
+/// The failure reported when the plugin broke the ABI contract.
+pub fn violation_text(why: &str) -> String {
+    format!("[PluginContractError] {why}")
+}
+
+/// Writes the whole envelope for `collected` ending as `outcome`.
+pub fn write(collected: &Collected, outcome: &Outcome<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(320);
+    out.extend_from_slice(b"{\"usage\":");
+    write_usage(&mut out, &collected.usage);
+    out.extend_from_slice(b",\"status_code\":");
+    out.extend_from_slice(outcome.status_code().to_string().as_bytes());
+    out.extend_from_slice(b",\"file_data\":null,\"filedata_meta\":");
+    match &collected.filedata_meta {
+        Some(meta) => serde_json::to_writer(&mut out, meta).expect("a Value always serialises"),
+        None => out.extend_from_slice(DEFAULT_FILEDATA_META.as_bytes()),
+    }
+    out.extend_from_slice(b",\"status_code_text\":");
+    match outcome {
+        Outcome::Ok(_) => out.extend_from_slice(b"null"),
+        Outcome::Failed { text, .. } => write_str(&mut out, text),
+        Outcome::Shutdown => write_str(&mut out, SHUTDOWN_TEXT),
+    }
+    out.extend_from_slice(b",\"failure_category\":null,\"plugin_error\":");
+    match outcome {
+        Outcome::Shutdown => out.extend_from_slice(SHUTDOWN_PLUGIN_ERROR.as_bytes()),
+        _ => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"output\":");
+    match outcome {
+        Outcome::Ok(Some(raw)) => out.extend_from_slice(raw.get().as_bytes()),
+        _ => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"message_channels\":{\"infos\":");
+    write_strings(&mut out, &collected.infos);
+    out.extend_from_slice(b",\"warnings\":");
+    write_strings(&mut out, &collected.warnings);
+    out.extend_from_slice(b"}}");
+    out
+}
+
+/// One NDJSON line of a stream: the item with what was reported so far.
+pub fn item_line(collected: &Collected, item: &RawValue) -> bytes::Bytes {
+    let mut line = write(collected, &Outcome::Ok(Some(item)));
+    line.push(b'\n');
+    line.into()
+}
+
+/// The `/precheck` answer.
+pub fn precheck(collected: &Collected, outcome: &Outcome<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(b"{\"usage\":");
+    write_usage(&mut out, &collected.usage);
+    out.extend_from_slice(b",\"status_code\":");
+    out.extend_from_slice(outcome.status_code().to_string().as_bytes());
+    out.extend_from_slice(b",\"status_code_text\":");
+    match outcome {
+        Outcome::Ok(_) => out.extend_from_slice(b"null"),
+        Outcome::Failed { text, .. } => write_str(&mut out, text),
+        Outcome::Shutdown => write_str(&mut out, SHUTDOWN_TEXT),
+    }
+    out.extend_from_slice(b",\"failure_category\":null,\"plugin_error\":");
+    match outcome {
+        Outcome::Shutdown => out.extend_from_slice(SHUTDOWN_PLUGIN_ERROR.as_bytes()),
+        _ => out.extend_from_slice(b"null"),
+    }
+    out.push(b'}');
+    out
+}
+
+/// Checks and normalises what a plugin passed to `set_filedata_meta`.
+pub fn filedata_meta_from_json(text: &str) -> Result<Value, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
+    let Value::Object(mut map) = value else { return Err("not a JSON object".into()) };
+    let terminate = match map.remove("terminate_current") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => b,
+        Some(_) => return Err("terminate_current is not a boolean".into()),
+    };
+    let records = match map.remove("new_records") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err("new_records is not an array".into()),
+    };
+    if let Some(key) = map.keys().next() {
+        return Err(format!("unknown key `{key}`"));
+    }
+    Ok(serde_json::json!({ "terminate_current": terminate, "new_records": records }))
+}
+
+fn write_usage(out: &mut Vec<u8>, usage: &[Usage]) {
+    out.push(b'[');
+    for (i, u) in usage.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"value\":");
+        out.extend_from_slice(u.value.to_string().as_bytes());
+        out.extend_from_slice(b",\"name\":");
+        write_str(out, &u.name);
+        out.push(b'}');
+    }
+    out.push(b']');
+}
+
+fn write_strings(out: &mut Vec<u8>, items: &[String]) {
+    serde_json::to_writer(out, items).expect("strings always serialise");
+}
+
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(out, s).expect("a string always serialises");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn success_envelope_has_every_key_in_order() {
+        let mut c = Collected::default();
+        c.usage.push(Usage { name: "chars".into(), value: 15 });
+        let out: Box<RawValue> = serde_json::from_str(r#"{"words":3,"chars":15}"#).unwrap();
+        let text = String::from_utf8(write(&c, &Outcome::Ok(Some(&out)))).unwrap();
+        assert_eq!(
+            text,
+            r#"{"usage":[{"value":15,"name":"chars"}],"status_code":200,"file_data":null,"filedata_meta":{"terminate_current":false,"new_records":[]},"status_code_text":null,"failure_category":null,"plugin_error":null,"output":{"words":3,"chars":15},"message_channels":{"infos":[],"warnings":[]}}"#
+        );
+    }
+
+    #[test]
+    fn shutdown_envelope_is_distinct_and_keeps_usage() {
+        let mut c = Collected::default();
+        c.usage.push(Usage { name: "units_done".into(), value: 7 });
+        c.infos.push("stopped".into());
+        let v: Value = serde_json::from_slice(&write(&c, &Outcome::Shutdown)).unwrap();
+        assert_eq!(v["status_code"], 503);
+        assert_eq!(v["plugin_error"]["error_type"], "shutdown");
+        assert_eq!(v["plugin_error"]["retryable"], true);
+        assert_eq!(v["usage"][0]["value"], 7);
+        assert_eq!(v["message_channels"]["infos"][0], "stopped");
+        assert_eq!(v["output"], Value::Null);
+    }
+
+    #[test]
+    fn filedata_meta_is_checked() {
+        assert_eq!(
+            filedata_meta_from_json(r#"{"terminate_current":true}"#).unwrap(),
+            serde_json::json!({"terminate_current": true, "new_records": []})
+        );
+        assert!(filedata_meta_from_json(r#"{"terminate_current":1}"#).is_err());
+        assert!(filedata_meta_from_json(r#"[]"#).is_err());
+        assert!(filedata_meta_from_json(r#"{"other":1}"#).is_err());
+    }
+}

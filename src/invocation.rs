@@ -1,0 +1,334 @@
+//! One call into the plugin, seen from the host: the `etl_invoke_ctx` it is
+//! handed, the callbacks it reports through, and the cancel flags.
+//!
+//! The plugin names an invocation by an opaque handle, which is really a
+//! number looked up in a registry of live invocations. A callback with a
+//! handle whose invocation has ended (a plugin thread that outlived
+//! `invoke`) finds nothing and gets `ETL_CB_CLOSED`: never a dangling
+//! pointer. Cancel flags come from a pool that is never freed, so a plugin
+//! that reads its flag late reads a valid word.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use etl_abi as abi;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::envelope::{self, Usage};
+
+/// The process-wide cancel flag (`process_cancel_flag`).
+static PROCESS_CANCEL: AtomicU32 = AtomicU32::new(0);
+
+/// Invocations inside the plugin, by handle.
+static LIVE: LazyLock<Mutex<HashMap<u64, Arc<Invocation>>>> = LazyLock::new(Default::default);
+static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
+
+/// Cancel flags not in use. Each was leaked once and is reused forever.
+static FREE_FLAGS: Mutex<Vec<&'static AtomicU32>> = Mutex::new(Vec::new());
+
+/// The callbacks, static for the life of the process.
+static HOST_API: abi::EtlHostApi = abi::EtlHostApi {
+    struct_size: std::mem::size_of::<abi::EtlHostApi>() as u32,
+    emit: cb_emit,
+    add_usage: cb_add_usage,
+    add_info: cb_add_info,
+    add_warning: cb_add_warning,
+    set_filedata_meta: cb_set_filedata_meta,
+    set_failure: cb_set_failure,
+};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves consistent data (each
+    // critical section is a single push or insert), so poisoning is ignored.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The process-wide flag's address, for `etl_init_ctx`.
+pub fn process_cancel_flag() -> *const u32 {
+    PROCESS_CANCEL.as_ptr().cast_const()
+}
+
+/// Whether shutdown has started.
+pub fn shutting_down() -> bool {
+    PROCESS_CANCEL.load(Ordering::Acquire) != 0
+}
+
+/// Sets the process-wide flag, then every live invocation's flag. Returns
+/// how many invocations were live. An invocation that registers after this
+/// sees the process-wide flag and sets its own (see [`Invocation::start`]).
+pub fn cancel_all() -> usize {
+    PROCESS_CANCEL.store(1, Ordering::Release);
+    let live = lock(&LIVE);
+    for inv in live.values() {
+        inv.cancel.store(1, Ordering::Release);
+    }
+    live.len()
+}
+
+/// How many invocations are inside the plugin now.
+pub fn live_count() -> usize {
+    lock(&LIVE).len()
+}
+
+/// What the invocation runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    /// `invoke` of a plugin that answers with one output.
+    Invoke,
+    /// `invoke` of a streaming plugin; items go to the stream's channel.
+    Stream,
+    /// `precheck`: `emit` is refused.
+    Precheck,
+}
+
+/// A chunk of a streaming response.
+pub enum Chunk {
+    /// One NDJSON line, an item envelope.
+    Line(Bytes),
+    /// The plugin returned; the stream ends after what this says.
+    Done(Collected),
+}
+
+/// A failure the plugin described with `set_failure`.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub status: u16,
+    pub error_type: String,
+    pub message: String,
+}
+
+/// Everything the plugin reported, taken once `invoke` returned.
+#[derive(Debug, Default)]
+pub struct Collected {
+    /// The result code `invoke` returned (set by the caller).
+    pub result: i32,
+    /// The output of a plain plugin.
+    pub output: Option<Box<RawValue>>,
+    /// Items a streaming plugin emitted.
+    pub items: u64,
+    pub usage: Vec<Usage>,
+    pub infos: Vec<String>,
+    pub warnings: Vec<String>,
+    /// A validated `{"terminate_current": bool, "new_records": [...]}`.
+    pub filedata_meta: Option<Value>,
+    pub failure: Option<Failure>,
+    /// The first way the plugin broke the ABI contract, if any.
+    pub violation: Option<String>,
+}
+
+impl Collected {
+    fn violate(&mut self, why: impl Into<String>) {
+        if self.violation.is_none() {
+            self.violation = Some(why.into());
+        }
+    }
+}
+
+/// One call into the plugin.
+pub struct Invocation {
+    handle: u64,
+    kind: Kind,
+    cancel: &'static AtomicU32,
+    state: Mutex<Collected>,
+    stream: Option<mpsc::Sender<Chunk>>,
+}
+
+/// Keeps an invocation registered; unregisters it and recycles its flag on
+/// drop, after which its handle answers `ETL_CB_CLOSED`.
+#[must_use = "the invocation is unregistered when the guard drops"]
+pub struct Registered {
+    inv: Arc<Invocation>,
+}
+
+impl Invocation {
+    /// Registers a new invocation. `stream` receives a streaming plugin's
+    /// lines.
+    pub fn start(kind: Kind, stream: Option<mpsc::Sender<Chunk>>) -> Registered {
+        let cancel = lock(&FREE_FLAGS).pop().unwrap_or_else(|| Box::leak(Box::new(AtomicU32::new(0))));
+        cancel.store(0, Ordering::Relaxed);
+        let handle = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
+        let inv = Arc::new(Invocation { handle, kind, cancel, state: Mutex::new(Collected::default()), stream });
+        lock(&LIVE).insert(handle, inv.clone());
+        // Registered after cancel_all took the lock: cancel ourselves.
+        if shutting_down() {
+            cancel.store(1, Ordering::Release);
+        }
+        Registered { inv }
+    }
+
+    /// The context handed to the plugin. Valid while `self` is registered.
+    pub fn ctx(&self) -> abi::EtlInvokeCtx {
+        abi::EtlInvokeCtx {
+            struct_size: std::mem::size_of::<abi::EtlInvokeCtx>() as u32,
+            invocation: self.handle as *mut abi::EtlInvocation,
+            host: &HOST_API,
+            cancel_flag: self.cancel.as_ptr().cast_const(),
+            process_cancel_flag: process_cancel_flag(),
+        }
+    }
+
+    /// Asks the plugin to stop this invocation (client gone, shutdown).
+    pub fn cancel(&self) {
+        self.cancel.store(1, Ordering::Release);
+    }
+
+    fn emit(&self, json: &[u8]) -> i32 {
+        let raw = match parse_raw(json) {
+            Ok(raw) => raw,
+            Err(why) => {
+                lock(&self.state).violate(format!("the plugin emitted {why}"));
+                return abi::CB_INVALID;
+            }
+        };
+        match self.kind {
+            Kind::Precheck => {
+                lock(&self.state).violate("the plugin called emit during precheck");
+                abi::CB_REJECTED
+            }
+            Kind::Invoke => {
+                let mut state = lock(&self.state);
+                if state.output.is_some() {
+                    state.violate("the plugin emitted more than one output but does not stream");
+                    return abi::CB_REJECTED;
+                }
+                state.output = Some(raw);
+                abi::CB_OK
+            }
+            Kind::Stream => {
+                let line = {
+                    let mut state = lock(&self.state);
+                    state.items += 1;
+                    envelope::item_line(&state, &raw)
+                };
+                let sent = self.stream.as_ref().is_some_and(|tx| tx.blocking_send(Chunk::Line(line)).is_ok());
+                if sent {
+                    abi::CB_OK
+                } else {
+                    // The client went away: the plugin should stop.
+                    self.cancel();
+                    abi::CB_CLOSED
+                }
+            }
+        }
+    }
+}
+
+impl Registered {
+    pub fn invocation(&self) -> &Invocation {
+        &self.inv
+    }
+
+    /// Unregisters the invocation and takes what the plugin reported.
+    pub fn finish(self, result: i32) -> Collected {
+        let mut collected = std::mem::take(&mut *lock(&self.inv.state));
+        collected.result = result;
+        collected
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        lock(&LIVE).remove(&self.inv.handle);
+        lock(&FREE_FLAGS).push(self.inv.cancel);
+    }
+}
+
+/// Parses emitted bytes as one JSON value, or says what is wrong with them.
+fn parse_raw(json: &[u8]) -> Result<Box<RawValue>, String> {
+    let text = std::str::from_utf8(json).map_err(|_| "output that is not valid UTF-8".to_owned())?;
+    serde_json::from_str::<Box<RawValue>>(text).map_err(|e| format!("output that is not valid JSON ({e})"))
+}
+
+// ---------------------------------------------------------------------------
+// The callbacks. Each runs on a plugin thread; none may unwind into C.
+// ---------------------------------------------------------------------------
+
+/// Runs `f` on the live invocation named by `handle`, or answers
+/// `ETL_CB_CLOSED` when there is none. Never unwinds.
+fn with_live(handle: *mut abi::EtlInvocation, f: impl FnOnce(&Invocation) -> i32) -> i32 {
+    let inv = lock(&LIVE).get(&(handle as u64)).cloned();
+    let Some(inv) = inv else { return abi::CB_CLOSED };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&inv))).unwrap_or(abi::CB_INVALID)
+}
+
+/// The string's text, or `None` (and a recorded violation) when it is not
+/// UTF-8.
+fn text<'a>(inv: &Invocation, what: &str, s: abi::EtlStr) -> Option<&'a str> {
+    // SAFETY: the header makes every etl_str argument readable for the call.
+    let bytes = unsafe { s.as_bytes() };
+    match std::str::from_utf8(bytes) {
+        Ok(t) => Some(t),
+        Err(_) => {
+            lock(&inv.state).violate(format!("the plugin passed {what} that is not valid UTF-8"));
+            None
+        }
+    }
+}
+
+unsafe extern "C" fn cb_emit(handle: *mut abi::EtlInvocation, json: abi::EtlStr) -> i32 {
+    // SAFETY: the header makes the argument readable for the call.
+    with_live(handle, |inv| inv.emit(unsafe { json.as_bytes() }))
+}
+
+unsafe extern "C" fn cb_add_usage(handle: *mut abi::EtlInvocation, name: abi::EtlStr, value: i64) -> i32 {
+    with_live(handle, |inv| {
+        let Some(name) = text(inv, "a usage name", name) else { return abi::CB_INVALID };
+        lock(&inv.state).usage.push(Usage { name: name.to_owned(), value });
+        abi::CB_OK
+    })
+}
+
+unsafe extern "C" fn cb_add_info(handle: *mut abi::EtlInvocation, message: abi::EtlStr) -> i32 {
+    with_live(handle, |inv| {
+        let Some(m) = text(inv, "an info message", message) else { return abi::CB_INVALID };
+        lock(&inv.state).infos.push(m.to_owned());
+        abi::CB_OK
+    })
+}
+
+unsafe extern "C" fn cb_add_warning(handle: *mut abi::EtlInvocation, message: abi::EtlStr) -> i32 {
+    with_live(handle, |inv| {
+        let Some(m) = text(inv, "a warning message", message) else { return abi::CB_INVALID };
+        lock(&inv.state).warnings.push(m.to_owned());
+        abi::CB_OK
+    })
+}
+
+unsafe extern "C" fn cb_set_filedata_meta(handle: *mut abi::EtlInvocation, json: abi::EtlStr) -> i32 {
+    with_live(handle, |inv| {
+        let Some(t) = text(inv, "filedata_meta", json) else { return abi::CB_INVALID };
+        match envelope::filedata_meta_from_json(t) {
+            Ok(meta) => {
+                lock(&inv.state).filedata_meta = Some(meta);
+                abi::CB_OK
+            }
+            Err(why) => {
+                lock(&inv.state).violate(format!("the plugin set an invalid filedata_meta: {why}"));
+                abi::CB_INVALID
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn cb_set_failure(
+    handle: *mut abi::EtlInvocation,
+    status: i32,
+    error_type: abi::EtlStr,
+    message: abi::EtlStr,
+) -> i32 {
+    with_live(handle, |inv| {
+        // SAFETY: readable for the call. Failure text is shown, not parsed,
+        // so bad UTF-8 is replaced rather than rejected.
+        let (t, m) = unsafe { (error_type.as_bytes(), message.as_bytes()) };
+        let status = u16::try_from(status).ok().filter(|s| (100..=599).contains(s)).unwrap_or(500);
+        let error_type = String::from_utf8_lossy(t);
+        let error_type = if error_type.is_empty() { "PluginError".into() } else { error_type.into_owned() };
+        lock(&inv.state).failure =
+            Some(Failure { status, error_type, message: String::from_utf8_lossy(m).into_owned() });
+        abi::CB_OK
+    })
+}

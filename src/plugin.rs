@@ -1,0 +1,277 @@
+//! Loading a plugin library and calling its hooks.
+//!
+//! This is the one place that turns the C table of `include/etl_plugin.h`
+//! into safe Rust: [`Plugin::load`] checks the ABI version before reading
+//! anything else, copies and checks every string, and keeps the library
+//! loaded for as long as the [`Plugin`] lives, so no hook can outlive it.
+
+use std::ffi::c_void;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use etl_abi as abi;
+use serde_json::Value;
+
+use crate::invocation::{self, Invocation};
+
+/// What the plugin declares about itself, copied out of its table.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub name: String,
+    pub version: String,
+    pub abi_major: u16,
+    pub abi_minor: u16,
+    /// `{"inputs": ..., "outputs": ...}`, as served at `/schema`.
+    pub schema: Value,
+    /// The explicit id, or the one derived from `schema`.
+    pub id: String,
+    pub capabilities: u32,
+    pub streaming: bool,
+    pub has_precheck: bool,
+}
+
+impl Manifest {
+    /// The capability names the plugin declares, for logs and `--check`.
+    pub fn capability_names(&self) -> Vec<&'static str> {
+        [
+            (abi::CAP_USAGE, "usage"),
+            (abi::CAP_MESSAGE_CHANNELS, "message_channels"),
+            (abi::CAP_FILEDATA_META, "filedata_meta"),
+            (abi::CAP_CANCELLATION, "cancellation_token"),
+        ]
+        .into_iter()
+        .filter(|(bit, _)| self.capabilities & bit != 0)
+        .map(|(_, name)| name)
+        .collect()
+    }
+
+    pub fn inputs(&self) -> &Value {
+        &self.schema["inputs"]
+    }
+
+    pub fn outputs(&self) -> &Value {
+        &self.schema["outputs"]
+    }
+}
+
+/// A loaded, initialised plugin.
+pub struct Plugin {
+    manifest: Manifest,
+    invoke: unsafe extern "C" fn(*const abi::EtlInvokeCtx, abi::EtlStr) -> i32,
+    precheck: Option<unsafe extern "C" fn(*const abi::EtlInvokeCtx) -> i32>,
+    shutdown: Option<unsafe extern "C" fn()>,
+    // Declared last so it is dropped last: the hooks above point into it.
+    _library: libloading::Library,
+}
+
+/// Why a plugin could not be loaded. Each message names the reason; the
+/// caller adds the path.
+#[derive(Debug)]
+pub enum LoadError {
+    /// The file does not exist or cannot be read.
+    Missing(std::io::Error),
+    /// `dlopen` refused it (not a shared library, wrong architecture, an
+    /// unresolved dependency...).
+    Open(libloading::Error),
+    /// The library does not export `etl_plugin_entry`.
+    NoEntry(libloading::Error),
+    /// The entry returned NULL.
+    NullTable,
+    /// Built for another major version of the ABI.
+    AbiMismatch { plugin: (u16, u16), host: (u16, u16) },
+    /// The table is smaller than the 1.0 layout, or a required hook is NULL.
+    BadTable(String),
+    /// A string field is not UTF-8, or a schema is not JSON or not a valid
+    /// JSON Schema.
+    BadSchema(String),
+    /// The plugin's `init` reported failure.
+    Init(String),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Missing(e) => write!(f, "cannot read the plugin file: {e}"),
+            LoadError::Open(e) => write!(f, "not a loadable shared library: {e}"),
+            LoadError::NoEntry(_) => write!(
+                f,
+                "the library does not export the entry symbol `etl_plugin_entry` (is it an etl-serve plugin?)"
+            ),
+            LoadError::NullTable => write!(f, "`etl_plugin_entry` returned NULL"),
+            LoadError::AbiMismatch { plugin, host } => write!(
+                f,
+                "the plugin was built for plugin ABI {}.{} but this etl-serve speaks ABI {}.{}; rebuild the plugin against this etl-serve's include/etl_plugin.h",
+                plugin.0, plugin.1, host.0, host.1
+            ),
+            LoadError::BadTable(why) => write!(f, "invalid plugin table: {why}"),
+            LoadError::BadSchema(why) => write!(f, "invalid plugin schema: {why}"),
+            LoadError::Init(why) => write!(f, "the plugin's init failed: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for LoadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LoadError::Missing(e) => Some(e),
+            LoadError::Open(e) | LoadError::NoEntry(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// The smallest table the host accepts: the 1.0 layout.
+const TABLE_1_0_SIZE: usize = std::mem::size_of::<abi::EtlPlugin>();
+
+impl Plugin {
+    /// Loads the library at `path`, checks its table, and runs its `init`
+    /// with `config`.
+    ///
+    /// # Errors
+    /// Every [`LoadError`] variant, as documented on it.
+    pub fn load(path: &Path, config: &str) -> Result<Plugin, LoadError> {
+        std::fs::metadata(path).map_err(LoadError::Missing)?;
+        // dlopen searches the library path for a bare name; a relative path
+        // with a slash is what the operator means.
+        let path: PathBuf = if path.components().count() == 1 { Path::new(".").join(path) } else { path.into() };
+
+        // SAFETY: loading a library runs its initialisers. Plugins are
+        // trusted code (see the header's trust model).
+        let library = unsafe { libloading::Library::new(&path) }.map_err(LoadError::Open)?;
+        // SAFETY: the symbol's type is the header's etl_plugin_entry_fn.
+        let entry: libloading::Symbol<abi::EtlPluginEntryFn> =
+            unsafe { library.get(abi::ENTRY_SYMBOL) }.map_err(LoadError::NoEntry)?;
+        // SAFETY: calling the entry is the documented way to get the table.
+        let table_ptr = unsafe { entry() };
+        if table_ptr.is_null() {
+            return Err(LoadError::NullTable);
+        }
+
+        // Read the version first: it is the only thing every version agrees on.
+        // SAFETY: every ABI version starts with two u16 version fields and a
+        // u32 size, and the pointer is non-null and points into the library.
+        let (major, minor, size) = unsafe {
+            let head = table_ptr.cast::<u16>();
+            (*head, *head.add(1), *table_ptr.cast::<u32>().add(1) as usize)
+        };
+        if major != abi::ABI_VERSION_MAJOR {
+            return Err(LoadError::AbiMismatch {
+                plugin: (major, minor),
+                host: (abi::ABI_VERSION_MAJOR, abi::ABI_VERSION_MINOR),
+            });
+        }
+        if size < TABLE_1_0_SIZE {
+            return Err(LoadError::BadTable(format!(
+                "struct_size is {size} bytes, smaller than the {TABLE_1_0_SIZE} bytes of ABI 1.0"
+            )));
+        }
+        // SAFETY: same major and at least the 1.0 size: the 1.0 fields are
+        // there. The table is static in the library, which we keep loaded.
+        let table: abi::EtlPlugin = unsafe { *table_ptr };
+        let invoke = table.invoke.ok_or_else(|| LoadError::BadTable("the invoke hook is NULL".into()))?;
+
+        let text = |field: &str, s: abi::EtlStr| -> Result<String, LoadError> {
+            // SAFETY: the table's strings live as long as the library.
+            let bytes = unsafe { s.as_bytes() };
+            String::from_utf8(bytes.to_vec())
+                .map_err(|_| LoadError::BadTable(format!("the `{field}` string is not valid UTF-8")))
+        };
+        let name = text("name", table.name)?;
+        let version = text("version", table.version)?;
+        let inputs = parse_schema("inputs_schema", &text("inputs_schema", table.inputs_schema)?)?;
+        let outputs = parse_schema("outputs_schema", &text("outputs_schema", table.outputs_schema)?)?;
+        let explicit_id = text("id", table.id)?;
+        let schema = serde_json::json!({ "inputs": inputs, "outputs": outputs });
+        let id = if explicit_id.is_empty() { crate::plugin_id::derive(&schema) } else { explicit_id };
+
+        let manifest = Manifest {
+            name,
+            version,
+            abi_major: major,
+            abi_minor: minor,
+            schema,
+            id,
+            capabilities: table.capabilities,
+            streaming: table.flags & abi::FLAG_STREAMING != 0,
+            has_precheck: table.precheck.is_some(),
+        };
+
+        if let Some(init) = table.init {
+            run_init(init, config)?;
+        }
+
+        Ok(Plugin {
+            manifest,
+            invoke,
+            precheck: table.precheck,
+            shutdown: table.shutdown,
+            _library: library,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Calls `invoke` on this thread with `request` (a JSON object) and
+    /// returns its result code. Blocking: call it from a blocking thread.
+    pub fn invoke(&self, invocation: &Invocation, request: &[u8]) -> i32 {
+        let ctx = invocation.ctx();
+        // SAFETY: ctx and request are valid until the call returns; the hook
+        // belongs to the library we keep loaded.
+        unsafe { (self.invoke)(&ctx, abi::EtlStr::from_bytes(request)) }
+    }
+
+    /// Calls `precheck`, or answers OK when the plugin has none.
+    pub fn precheck(&self, invocation: &Invocation) -> i32 {
+        let Some(precheck) = self.precheck else { return abi::RESULT_OK };
+        let ctx = invocation.ctx();
+        // SAFETY: as in invoke.
+        unsafe { precheck(&ctx) }
+    }
+
+    /// Calls the plugin's `shutdown` hook. Only call it once no invocation
+    /// is inside the plugin.
+    pub fn shutdown(&self) {
+        if let Some(shutdown) = self.shutdown {
+            // SAFETY: the hook belongs to the library we keep loaded.
+            unsafe { shutdown() }
+        }
+    }
+}
+
+fn parse_schema(field: &str, text: &str) -> Result<Value, LoadError> {
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| LoadError::BadSchema(format!("`{field}` is not JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(LoadError::BadSchema(format!("`{field}` is not a JSON object")));
+    }
+    if let Err(e) = jsonschema::meta::validate(&value) {
+        return Err(LoadError::BadSchema(format!("`{field}` is not a valid JSON Schema: {e}")));
+    }
+    Ok(value)
+}
+
+fn run_init(init: unsafe extern "C" fn(*const abi::EtlInitCtx) -> i32, config: &str) -> Result<(), LoadError> {
+    unsafe extern "C" fn set_error(host_data: *mut c_void, message: abi::EtlStr) {
+        // SAFETY: host_data is the &mut Option<String> below, alive during
+        // init; the message is borrowed for this call.
+        let slot = unsafe { &mut *host_data.cast::<Option<String>>() };
+        *slot = Some(String::from_utf8_lossy(unsafe { message.as_bytes() }).into_owned());
+    }
+    let mut error: Option<String> = None;
+    let ctx = abi::EtlInitCtx {
+        struct_size: std::mem::size_of::<abi::EtlInitCtx>() as u32,
+        config: abi::EtlStr::from_str(config),
+        process_cancel_flag: invocation::process_cancel_flag(),
+        host_data: (&mut error as *mut Option<String>).cast(),
+        set_error,
+    };
+    // SAFETY: ctx and everything it points to live until init returns.
+    let rc = unsafe { init(&ctx) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(LoadError::Init(error.unwrap_or_else(|| format!("init returned {rc} without a message"))))
+    }
+}

@@ -1,0 +1,409 @@
+//! Turning a request body into the plugin's input, or a 422 that reads like
+//! the reference host's (FastAPI and pydantic).
+//!
+//! The steps, in the reference's order:
+//! 1. no body: run with `{}` when every input is optional, else the
+//!    "body missing" 422;
+//! 2. a content type that is not JSON: the "not a dictionary" 422, with the
+//!    body as a string, since FastAPI does not parse it;
+//! 3. malformed JSON: `{"detail":"Invalid JSON body","reason":"malformed_envelope"}`;
+//! 4. not an object: the "not a dictionary" 422;
+//! 5. pydantic's lax conversions (`"3"` and `3.0` are integers, `"true"` a
+//!    boolean...), then JSON Schema validation, every error in FastAPI's
+//!    `{"type","loc","msg","input"}` form;
+//! 6. defaults for absent inputs filled in, unknown top-level fields dropped.
+
+use jsonschema::error::{TypeKind, ValidationErrorKind};
+use jsonschema::paths::LocationSegment;
+use jsonschema::{JsonType, Validator};
+use serde_json::{json, Map, Value};
+
+/// The request's input model, compiled once from the inputs schema.
+pub struct InputModel {
+    schema: Value,
+    validator: Validator,
+    /// Some input is required, so an empty body is refused.
+    body_required: bool,
+}
+
+/// Why a body was refused: a 422 and its JSON body.
+#[derive(Debug)]
+pub struct Rejection {
+    pub body: Value,
+}
+
+impl InputModel {
+    /// Compiles the validator for `schema` (already checked to be a valid
+    /// JSON Schema when the plugin was loaded).
+    ///
+    /// # Errors
+    /// The schema cannot be compiled (e.g. a `$ref` that does not resolve).
+    pub fn new(schema: &Value) -> Result<InputModel, String> {
+        let validator = jsonschema::options()
+            .should_validate_formats(false)
+            .build(schema)
+            .map_err(|e| format!("cannot compile the inputs schema: {e}"))?;
+        let body_required = schema.get("required").and_then(Value::as_array).is_some_and(|r| !r.is_empty());
+        Ok(InputModel { schema: schema.clone(), validator, body_required })
+    }
+
+    /// The input for the plugin, as JSON bytes, or the 422 to answer.
+    ///
+    /// # Errors
+    /// A [`Rejection`] carrying the 422 body, as the module docs list.
+    pub fn prepare(&self, content_type: Option<&str>, body: &[u8]) -> Result<Vec<u8>, Rejection> {
+        let mut value = if body.is_empty() {
+            if self.body_required {
+                return Err(detail(vec![error("missing", &[], "Field required", Value::Null)]));
+            }
+            Value::Object(Map::new())
+        } else {
+            if !is_json_content_type(content_type) {
+                let text = String::from_utf8_lossy(body).into_owned();
+                return Err(detail(vec![not_a_dict(Value::String(text))]));
+            }
+            serde_json::from_slice::<Value>(body)
+                .map_err(|_| Rejection { body: json!({"detail": "Invalid JSON body", "reason": "malformed_envelope"}) })?
+        };
+        if !value.is_object() {
+            return Err(detail(vec![not_a_dict(value)]));
+        }
+
+        coerce(&self.schema, &mut value);
+        let errors: Vec<Value> = self.validator.iter_errors(&value).filter_map(|e| to_fastapi(&e)).collect();
+        if !errors.is_empty() {
+            return Err(detail(errors));
+        }
+        let input = self.finish(value);
+        Ok(serde_json::to_vec(&input).expect("a Value always serialises"))
+    }
+
+    /// Fills in defaults and drops the top-level fields the schema does not
+    /// declare (the reference passes only declared parameters).
+    fn finish(&self, value: Value) -> Value {
+        let Value::Object(mut given) = value else { return value };
+        let Some(Value::Object(props)) = self.schema.get("properties") else { return Value::Object(given) };
+        let open = self.schema.get("additionalProperties").is_some_and(|a| a != &Value::Bool(false));
+        if !open {
+            given.retain(|k, _| props.contains_key(k));
+        }
+        for (name, prop) in props {
+            if !given.contains_key(name) {
+                if let Some(default) = prop.get("default") {
+                    given.insert(name.clone(), default.clone());
+                }
+            }
+        }
+        Value::Object(given)
+    }
+}
+
+fn is_json_content_type(content_type: Option<&str>) -> bool {
+    let Some(ct) = content_type else { return false };
+    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+}
+
+fn detail(errors: Vec<Value>) -> Rejection {
+    Rejection { body: json!({ "detail": errors }) }
+}
+
+fn error(kind: &str, path: &[Value], msg: &str, input: Value) -> Value {
+    let mut loc = vec![Value::from("body")];
+    loc.extend_from_slice(path);
+    json!({ "type": kind, "loc": loc, "msg": msg, "input": input })
+}
+
+fn not_a_dict(input: Value) -> Value {
+    error("model_attributes_type", &[], "Input should be a valid dictionary or object to extract fields from", input)
+}
+
+// ---------------------------------------------------------------------------
+// pydantic's lax mode, for the scalar types a schema names.
+// ---------------------------------------------------------------------------
+
+/// The one non-null type a schema slot asks for: `"integer"`, or the
+/// non-null branch of `anyOf: [X, {"type": "null"}]`.
+fn slot_type(schema: &Value) -> Option<(&str, &Value)> {
+    if let Some(t) = schema.get("type").and_then(Value::as_str) {
+        return Some((t, schema));
+    }
+    let any = schema.get("anyOf")?.as_array()?;
+    let mut non_null = any.iter().filter(|s| s.get("type").and_then(Value::as_str) != Some("null"));
+    let only = non_null.next()?;
+    if non_null.next().is_some() {
+        return None;
+    }
+    only.get("type").and_then(Value::as_str).map(|t| (t, only))
+}
+
+/// Converts, in place, the values pydantic would accept in lax mode.
+fn coerce(schema: &Value, value: &mut Value) {
+    let Some((ty, schema)) = slot_type(schema) else { return };
+    match (ty, &mut *value) {
+        ("object", Value::Object(map)) => {
+            if let Some(Value::Object(props)) = schema.get("properties") {
+                for (k, v) in map.iter_mut() {
+                    if let Some(p) = props.get(k) {
+                        coerce(p, v);
+                    }
+                }
+            }
+        }
+        ("array", Value::Array(items)) => {
+            if let Some(item_schema) = schema.get("items") {
+                items.iter_mut().for_each(|v| coerce(item_schema, v));
+            }
+        }
+        ("integer", v) => {
+            let converted = match v {
+                Value::String(s) => s.trim().parse::<i64>().ok().map(Value::from),
+                Value::Bool(b) => Some(Value::from(*b as i64)),
+                Value::Number(n) if !n.is_i64() && !n.is_u64() => n
+                    .as_f64()
+                    .filter(|f| f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15)
+                    .map(|f| Value::from(f as i64)),
+                _ => None,
+            };
+            if let Some(c) = converted {
+                *v = c;
+            }
+        }
+        ("number", v) => {
+            let converted = match v {
+                Value::String(s) => s.trim().parse::<f64>().ok().filter(|f| f.is_finite()).map(Value::from),
+                Value::Bool(b) => Some(Value::from(*b as i64)),
+                _ => None,
+            };
+            if let Some(c) = converted {
+                *v = c;
+            }
+        }
+        ("boolean", v) => {
+            let converted = match v {
+                Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" | "y" | "on" | "t" => Some(true),
+                    "false" | "0" | "no" | "n" | "off" | "f" => Some(false),
+                    _ => None,
+                },
+                Value::Number(n) => match n.as_f64() {
+                    Some(f) if f == 1.0 => Some(true),
+                    Some(f) if f == 0.0 => Some(false),
+                    _ => None,
+                },
+                _ => None,
+            };
+            if let Some(c) = converted {
+                *v = Value::Bool(c);
+            }
+        }
+        _ => {}
+    }
+}
+
+// ---------------------------------------------------------------------------
+// JSON Schema errors in FastAPI's words.
+// ---------------------------------------------------------------------------
+
+fn to_fastapi(e: &jsonschema::ValidationError<'_>) -> Option<Value> {
+    let path: Vec<Value> = e
+        .instance_path()
+        .iter()
+        .map(|seg| match seg {
+            LocationSegment::Property(p) => Value::from(p.as_ref()),
+            LocationSegment::Index(i) => Value::from(i),
+        })
+        .collect();
+    let input = e.instance().clone().into_owned();
+    let (kind, msg): (&str, String) = match e.kind() {
+        ValidationErrorKind::Required { property } => {
+            let mut p = path.clone();
+            p.push(property.clone());
+            return Some(error("missing", &p, "Field required", input));
+        }
+        ValidationErrorKind::AdditionalProperties { unexpected } => {
+            let mut p = path.clone();
+            p.push(Value::from(unexpected.first().cloned().unwrap_or_default()));
+            return Some(error("extra_forbidden", &p, "Extra inputs are not permitted", input));
+        }
+        ValidationErrorKind::Type { kind } => type_error(kind, &input),
+        ValidationErrorKind::AnyOf { .. } => {
+            ("value_error", "Input does not match any of the allowed types".to_owned())
+        }
+        ValidationErrorKind::Enum { options } => ("enum", format!("Input should be {}", one_of(options))),
+        ValidationErrorKind::Constant { expected_value } => {
+            ("literal_error", format!("Input should be {}", py_repr(expected_value)))
+        }
+        ValidationErrorKind::Minimum { limit } => {
+            ("greater_than_equal", format!("Input should be greater than or equal to {limit}"))
+        }
+        ValidationErrorKind::Maximum { limit } => {
+            ("less_than_equal", format!("Input should be less than or equal to {limit}"))
+        }
+        ValidationErrorKind::ExclusiveMinimum { limit } => {
+            ("greater_than", format!("Input should be greater than {limit}"))
+        }
+        ValidationErrorKind::ExclusiveMaximum { limit } => ("less_than", format!("Input should be less than {limit}")),
+        ValidationErrorKind::MinLength { limit } => {
+            ("string_too_short", format!("String should have at least {limit} {}", plural(*limit, "character")))
+        }
+        ValidationErrorKind::MaxLength { limit } => {
+            ("string_too_long", format!("String should have at most {limit} {}", plural(*limit, "character")))
+        }
+        ValidationErrorKind::MinItems { limit } => {
+            ("too_short", format!("List should have at least {limit} {}", plural(*limit, "item")))
+        }
+        ValidationErrorKind::MaxItems { limit } => {
+            ("too_long", format!("List should have at most {limit} {}", plural(*limit, "item")))
+        }
+        ValidationErrorKind::Pattern { pattern } => {
+            ("string_pattern_mismatch", format!("String should match pattern '{pattern}'"))
+        }
+        _ => ("value_error", e.to_string()),
+    };
+    Some(error(kind, &path, &msg, input))
+}
+
+fn type_error(kind: &TypeKind, input: &Value) -> (&'static str, String) {
+    let wanted = match kind {
+        TypeKind::Single(t) => Some(*t),
+        TypeKind::Multiple(set) => set.iter().find(|t| *t != JsonType::Null),
+    };
+    let is_str = input.is_string();
+    let (k, m) = match wanted {
+        Some(JsonType::Integer) if is_str => {
+            ("int_parsing", "Input should be a valid integer, unable to parse string as an integer")
+        }
+        Some(JsonType::Integer) if input.as_f64().is_some_and(|f| f.fract() != 0.0) => {
+            ("int_from_float", "Input should be a valid integer, got a number with a fractional part")
+        }
+        Some(JsonType::Integer) => ("int_type", "Input should be a valid integer"),
+        Some(JsonType::Number) if is_str => {
+            ("float_parsing", "Input should be a valid number, unable to parse string as a number")
+        }
+        Some(JsonType::Number) => ("float_type", "Input should be a valid number"),
+        Some(JsonType::Boolean) if is_str => ("bool_parsing", "Input should be a valid boolean, unable to interpret input"),
+        Some(JsonType::Boolean) => ("bool_type", "Input should be a valid boolean"),
+        Some(JsonType::String) => ("string_type", "Input should be a valid string"),
+        Some(JsonType::Object) => ("dict_type", "Input should be a valid dictionary"),
+        Some(JsonType::Array) => ("list_type", "Input should be a valid list"),
+        Some(JsonType::Null) | None => ("none_required", "Input should be None"),
+    };
+    (k, m.to_owned())
+}
+
+fn plural(n: u64, word: &str) -> String {
+    if n == 1 {
+        word.to_owned()
+    } else {
+        format!("{word}s")
+    }
+}
+
+/// `'a', 'b' or 'c'`, as pydantic lists enum members.
+fn one_of(options: &Value) -> String {
+    let items: Vec<String> = options.as_array().map(|a| a.iter().map(py_repr).collect()).unwrap_or_default();
+    match items.len() {
+        0 => String::new(),
+        1 => items[0].clone(),
+        n => format!("{} or {}", items[..n - 1].join(", "), items[n - 1]),
+    }
+}
+
+fn py_repr(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("'{s}'"),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wordcount() -> InputModel {
+        InputModel::new(&json!({
+            "type": "object", "required": ["text"],
+            "properties": {"text": {"type": "string"}, "repeat": {"type": "integer", "default": 1}}
+        }))
+        .unwrap()
+    }
+
+    const JSON: Option<&str> = Some("application/json");
+
+    fn reject(m: &InputModel, ct: Option<&str>, body: &str) -> Value {
+        m.prepare(ct, body.as_bytes()).unwrap_err().body
+    }
+
+    fn accept(m: &InputModel, body: &str) -> Value {
+        serde_json::from_slice(&m.prepare(JSON, body.as_bytes()).unwrap()).unwrap()
+    }
+
+    // Each expected body below is what the reference host answered.
+    #[test]
+    fn matches_the_reference_422s() {
+        let m = wordcount();
+        assert_eq!(
+            reject(&m, JSON, r#"{"text":"a","repeat":"abc"}"#),
+            json!({"detail":[{"type":"int_parsing","loc":["body","repeat"],"msg":"Input should be a valid integer, unable to parse string as an integer","input":"abc"}]})
+        );
+        assert_eq!(
+            reject(&m, JSON, r#"{"text":"a","repeat":2.5}"#),
+            json!({"detail":[{"type":"int_from_float","loc":["body","repeat"],"msg":"Input should be a valid integer, got a number with a fractional part","input":2.5}]})
+        );
+        assert_eq!(
+            reject(&m, JSON, r#"{"text":5}"#),
+            json!({"detail":[{"type":"string_type","loc":["body","text"],"msg":"Input should be a valid string","input":5}]})
+        );
+        assert_eq!(
+            reject(&m, JSON, r#"{}"#),
+            json!({"detail":[{"type":"missing","loc":["body","text"],"msg":"Field required","input":{}}]})
+        );
+        assert_eq!(
+            reject(&m, JSON, r#"{"text":"a","repeat":null}"#),
+            json!({"detail":[{"type":"int_type","loc":["body","repeat"],"msg":"Input should be a valid integer","input":null}]})
+        );
+        assert_eq!(
+            reject(&m, JSON, "[1,2]"),
+            json!({"detail":[{"type":"model_attributes_type","loc":["body"],"msg":"Input should be a valid dictionary or object to extract fields from","input":[1,2]}]})
+        );
+        assert_eq!(
+            reject(&m, JSON, "null"),
+            json!({"detail":[{"type":"model_attributes_type","loc":["body"],"msg":"Input should be a valid dictionary or object to extract fields from","input":null}]})
+        );
+        assert_eq!(
+            reject(&m, Some("text/plain"), r#"{"text":"a b"}"#),
+            json!({"detail":[{"type":"model_attributes_type","loc":["body"],"msg":"Input should be a valid dictionary or object to extract fields from","input":"{\"text\":\"a b\"}"}]})
+        );
+        assert_eq!(
+            reject(&m, None, ""),
+            json!({"detail":[{"type":"missing","loc":["body"],"msg":"Field required","input":null}]})
+        );
+        assert_eq!(
+            reject(&m, JSON, r#"{"text":"#),
+            json!({"detail":"Invalid JSON body","reason":"malformed_envelope"})
+        );
+    }
+
+    #[test]
+    fn lax_conversions_defaults_and_extras_match_the_reference() {
+        let m = wordcount();
+        assert_eq!(accept(&m, r#"{"text":"a","repeat":"3"}"#), json!({"text":"a","repeat":3}));
+        assert_eq!(accept(&m, r#"{"text":"a","repeat":2.0}"#), json!({"text":"a","repeat":2}));
+        assert_eq!(accept(&m, r#"{"text":"a","repeat":true}"#), json!({"text":"a","repeat":1}));
+        assert_eq!(accept(&m, r#"{"text":"a","extra":1}"#), json!({"text":"a","repeat":1}));
+    }
+
+    #[test]
+    fn an_all_optional_body_may_be_absent() {
+        let m = InputModel::new(&json!({"type":"object","properties":{"n":{"type":"integer","default":4}}})).unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&m.prepare(None, b"").unwrap()).unwrap(), json!({"n": 4}));
+    }
+
+    #[test]
+    fn deep_nesting_is_a_clean_rejection() {
+        let m = wordcount();
+        let deep = "[".repeat(100_000);
+        assert_eq!(reject(&m, JSON, &deep)["reason"], "malformed_envelope");
+    }
+}
