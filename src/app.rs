@@ -30,8 +30,14 @@ pub mod exit {
 /// A reason etl-serve could not start.
 #[derive(Debug)]
 pub enum Fatal {
-    Plugin { path: String, error: LoadError },
-    Bind { addr: SocketAddr, error: std::io::Error },
+    Plugin {
+        path: String,
+        error: LoadError,
+    },
+    Bind {
+        addr: SocketAddr,
+        error: std::io::Error,
+    },
     Os(String),
 }
 
@@ -60,8 +66,10 @@ impl fmt::Display for Fatal {
 /// A [`Fatal`] when the plugin cannot be loaded or the port bound; nothing
 /// has been served then.
 pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
-    let plugin = Plugin::load(&cli.plugin, &cli.plugin_config)
-        .map_err(|error| Fatal::Plugin { path: cli.plugin.display().to_string(), error })?;
+    let plugin = Plugin::load(&cli.plugin, &cli.plugin_config).map_err(|error| Fatal::Plugin {
+        path: cli.plugin.display().to_string(),
+        error,
+    })?;
     let m = plugin.manifest();
     info!(
         plugin = %m.name, version = %m.version, id = %m.id,
@@ -83,10 +91,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
 }
 
 async fn serve(cli: Cli, app: Arc<App>) -> Result<ExitCode, Fatal> {
-    let mut signals = ShutdownSignals::install().map_err(|e| Fatal::Os(format!("cannot install signal handlers: {e}")))?;
+    let mut signals = ShutdownSignals::install()
+        .map_err(|e| Fatal::Os(format!("cannot install signal handlers: {e}")))?;
     let addr = SocketAddr::new(cli.host, cli.port);
-    let listener = TcpListener::bind(addr).await.map_err(|error| Fatal::Bind { addr, error })?;
-    let local = listener.local_addr().map_err(|error| Fatal::Bind { addr, error })?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|error| Fatal::Bind { addr, error })?;
+    let local = listener
+        .local_addr()
+        .map_err(|error| Fatal::Bind { addr, error })?;
     info!(address = %local, "listening on http://{local}");
 
     let mut signal_name = "";
@@ -96,7 +109,10 @@ async fn serve(cli: Cli, app: Arc<App>) -> Result<ExitCode, Fatal> {
     .await;
 
     let in_flight = invocation::cancel_all();
-    info!(signal = signal_name, in_flight, "shutdown started: cancel flags set, draining");
+    info!(
+        signal = signal_name,
+        in_flight, "shutdown started: cancel flags set, draining"
+    );
     tokio::select! {
         () = graceful.shutdown() => {}
         second = signals.next() => {

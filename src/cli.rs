@@ -15,15 +15,31 @@ pub struct Cli {
     pub plugin: PathBuf,
 
     /// Configuration string handed to the plugin's init hook.
-    #[arg(long, env = "ETL_SERVE_PLUGIN_CONFIG", value_name = "STRING", default_value = "", hide_default_value = true)]
+    #[arg(
+        long,
+        env = "ETL_SERVE_PLUGIN_CONFIG",
+        value_name = "STRING",
+        default_value = "",
+        hide_default_value = true
+    )]
     pub plugin_config: String,
 
     /// Address to listen on.
-    #[arg(long, env = "UVICORN_HOST", default_value = "127.0.0.1", help_heading = "Network")]
+    #[arg(
+        long,
+        env = "UVICORN_HOST",
+        default_value = "127.0.0.1",
+        help_heading = "Network"
+    )]
     pub host: IpAddr,
 
     /// Port to listen on (0 picks a free port and logs it).
-    #[arg(long, env = "UVICORN_PORT", default_value_t = 8000, help_heading = "Network")]
+    #[arg(
+        long,
+        env = "UVICORN_PORT",
+        default_value_t = 8000,
+        help_heading = "Network"
+    )]
     pub port: u16,
 
     /// Largest request body accepted; larger ones get 413 before they are read.
@@ -38,7 +54,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("`{s}` is not a size (expected e.g. 1048576, 512KiB, 16MiB)"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (expected e.g. 1048576, 512KiB, 16MiB)"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1_000,
@@ -47,9 +65,14 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "mib" => 1 << 20,
         "g" | "gb" => 1_000_000_000,
         "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit `{other}` in `{s}` (use B, KB, KiB, MB, MiB, GB, GiB)")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{s}` (use B, KB, KiB, MB, MiB, GB, GiB)"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("`{s}` is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 #[cfg(test)]

@@ -25,7 +25,8 @@ pub struct Usage {
 }
 
 /// The `status_code_text` of a shutdown-abort.
-pub const SHUTDOWN_TEXT: &str = "[PluginShutdown] the server is shutting down; retry the request on another instance";
+pub const SHUTDOWN_TEXT: &str =
+    "[PluginShutdown] the server is shutting down; retry the request on another instance";
 
 /// The `plugin_error` of a shutdown-abort: what a controller keys on.
 const SHUTDOWN_PLUGIN_ERROR: &str = r#"{"error_type":"shutdown","error_reason":"server_shutting_down","dependency":null,"audience":"platform","retryable":true}"#;
@@ -130,7 +131,9 @@ pub fn precheck(collected: &Collected, outcome: &Outcome<'_>) -> Vec<u8> {
 /// Checks and normalises what a plugin passed to `set_filedata_meta`.
 pub fn filedata_meta_from_json(text: &str) -> Result<Value, String> {
     let value: Value = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
-    let Value::Object(mut map) = value else { return Err("not a JSON object".into()) };
+    let Value::Object(mut map) = value else {
+        return Err("not a JSON object".into());
+    };
     let terminate = match map.remove("terminate_current") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => b,
@@ -177,7 +180,10 @@ mod tests {
     #[test]
     fn success_envelope_has_every_key_in_order() {
         let mut c = Collected::default();
-        c.usage.push(Usage { name: "chars".into(), value: 15 });
+        c.usage.push(Usage {
+            name: "chars".into(),
+            value: 15,
+        });
         let out: Box<RawValue> = serde_json::from_str(r#"{"words":3,"chars":15}"#).unwrap();
         let text = String::from_utf8(write(&c, &Outcome::Ok(Some(&out)))).unwrap();
         assert_eq!(
@@ -189,7 +195,10 @@ mod tests {
     #[test]
     fn shutdown_envelope_is_distinct_and_keeps_usage() {
         let mut c = Collected::default();
-        c.usage.push(Usage { name: "units_done".into(), value: 7 });
+        c.usage.push(Usage {
+            name: "units_done".into(),
+            value: 7,
+        });
         c.infos.push("stopped".into());
         let v: Value = serde_json::from_slice(&write(&c, &Outcome::Shutdown)).unwrap();
         assert_eq!(v["status_code"], 503);

@@ -148,10 +148,18 @@ impl Invocation {
     /// Registers a new invocation. `stream` receives a streaming plugin's
     /// lines.
     pub fn start(kind: Kind, stream: Option<mpsc::Sender<Chunk>>) -> Registered {
-        let cancel = lock(&FREE_FLAGS).pop().unwrap_or_else(|| Box::leak(Box::new(AtomicU32::new(0))));
+        let cancel = lock(&FREE_FLAGS)
+            .pop()
+            .unwrap_or_else(|| Box::leak(Box::new(AtomicU32::new(0))));
         cancel.store(0, Ordering::Relaxed);
         let handle = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
-        let inv = Arc::new(Invocation { handle, kind, cancel, state: Mutex::new(Collected::default()), stream });
+        let inv = Arc::new(Invocation {
+            handle,
+            kind,
+            cancel,
+            state: Mutex::new(Collected::default()),
+            stream,
+        });
         lock(&LIVE).insert(handle, inv.clone());
         // Registered after cancel_all took the lock: cancel ourselves.
         if shutting_down() {
@@ -204,7 +212,10 @@ impl Invocation {
                     state.items += 1;
                     envelope::item_line(&state, &raw)
                 };
-                let sent = self.stream.as_ref().is_some_and(|tx| tx.blocking_send(Chunk::Line(line)).is_ok());
+                let sent = self
+                    .stream
+                    .as_ref()
+                    .is_some_and(|tx| tx.blocking_send(Chunk::Line(line)).is_ok());
                 if sent {
                     abi::CB_OK
                 } else {
@@ -239,8 +250,10 @@ impl Drop for Registered {
 
 /// Parses emitted bytes as one JSON value, or says what is wrong with them.
 fn parse_raw(json: &[u8]) -> Result<Box<RawValue>, String> {
-    let text = std::str::from_utf8(json).map_err(|_| "output that is not valid UTF-8".to_owned())?;
-    serde_json::from_str::<Box<RawValue>>(text).map_err(|e| format!("output that is not valid JSON ({e})"))
+    let text =
+        std::str::from_utf8(json).map_err(|_| "output that is not valid UTF-8".to_owned())?;
+    serde_json::from_str::<Box<RawValue>>(text)
+        .map_err(|e| format!("output that is not valid JSON ({e})"))
 }
 
 // ---------------------------------------------------------------------------
@@ -251,7 +264,9 @@ fn parse_raw(json: &[u8]) -> Result<Box<RawValue>, String> {
 /// `ETL_CB_CLOSED` when there is none. Never unwinds.
 fn with_live(handle: *mut abi::EtlInvocation, f: impl FnOnce(&Invocation) -> i32) -> i32 {
     let inv = lock(&LIVE).get(&(handle as u64)).cloned();
-    let Some(inv) = inv else { return abi::CB_CLOSED };
+    let Some(inv) = inv else {
+        return abi::CB_CLOSED;
+    };
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&inv))).unwrap_or(abi::CB_INVALID)
 }
 
@@ -274,17 +289,28 @@ unsafe extern "C" fn cb_emit(handle: *mut abi::EtlInvocation, json: abi::EtlStr)
     with_live(handle, |inv| inv.emit(unsafe { json.as_bytes() }))
 }
 
-unsafe extern "C" fn cb_add_usage(handle: *mut abi::EtlInvocation, name: abi::EtlStr, value: i64) -> i32 {
+unsafe extern "C" fn cb_add_usage(
+    handle: *mut abi::EtlInvocation,
+    name: abi::EtlStr,
+    value: i64,
+) -> i32 {
     with_live(handle, |inv| {
-        let Some(name) = text(inv, "a usage name", name) else { return abi::CB_INVALID };
-        lock(&inv.state).usage.push(Usage { name: name.to_owned(), value });
+        let Some(name) = text(inv, "a usage name", name) else {
+            return abi::CB_INVALID;
+        };
+        lock(&inv.state).usage.push(Usage {
+            name: name.to_owned(),
+            value,
+        });
         abi::CB_OK
     })
 }
 
 unsafe extern "C" fn cb_add_info(handle: *mut abi::EtlInvocation, message: abi::EtlStr) -> i32 {
     with_live(handle, |inv| {
-        let Some(m) = text(inv, "an info message", message) else { return abi::CB_INVALID };
+        let Some(m) = text(inv, "an info message", message) else {
+            return abi::CB_INVALID;
+        };
         lock(&inv.state).infos.push(m.to_owned());
         abi::CB_OK
     })
@@ -292,15 +318,22 @@ unsafe extern "C" fn cb_add_info(handle: *mut abi::EtlInvocation, message: abi::
 
 unsafe extern "C" fn cb_add_warning(handle: *mut abi::EtlInvocation, message: abi::EtlStr) -> i32 {
     with_live(handle, |inv| {
-        let Some(m) = text(inv, "a warning message", message) else { return abi::CB_INVALID };
+        let Some(m) = text(inv, "a warning message", message) else {
+            return abi::CB_INVALID;
+        };
         lock(&inv.state).warnings.push(m.to_owned());
         abi::CB_OK
     })
 }
 
-unsafe extern "C" fn cb_set_filedata_meta(handle: *mut abi::EtlInvocation, json: abi::EtlStr) -> i32 {
+unsafe extern "C" fn cb_set_filedata_meta(
+    handle: *mut abi::EtlInvocation,
+    json: abi::EtlStr,
+) -> i32 {
     with_live(handle, |inv| {
-        let Some(t) = text(inv, "filedata_meta", json) else { return abi::CB_INVALID };
+        let Some(t) = text(inv, "filedata_meta", json) else {
+            return abi::CB_INVALID;
+        };
         match envelope::filedata_meta_from_json(t) {
             Ok(meta) => {
                 lock(&inv.state).filedata_meta = Some(meta);
@@ -324,11 +357,21 @@ unsafe extern "C" fn cb_set_failure(
         // SAFETY: readable for the call. Failure text is shown, not parsed,
         // so bad UTF-8 is replaced rather than rejected.
         let (t, m) = unsafe { (error_type.as_bytes(), message.as_bytes()) };
-        let status = u16::try_from(status).ok().filter(|s| (100..=599).contains(s)).unwrap_or(500);
+        let status = u16::try_from(status)
+            .ok()
+            .filter(|s| (100..=599).contains(s))
+            .unwrap_or(500);
         let error_type = String::from_utf8_lossy(t);
-        let error_type = if error_type.is_empty() { "PluginError".into() } else { error_type.into_owned() };
-        lock(&inv.state).failure =
-            Some(Failure { status, error_type, message: String::from_utf8_lossy(m).into_owned() });
+        let error_type = if error_type.is_empty() {
+            "PluginError".into()
+        } else {
+            error_type.into_owned()
+        };
+        lock(&inv.state).failure = Some(Failure {
+            status,
+            error_type,
+            message: String::from_utf8_lossy(m).into_owned(),
+        });
         abi::CB_OK
     })
 }

@@ -9,10 +9,12 @@ use crate::plugin::Manifest;
 
 /// The OpenAPI 3.1 document for `m`.
 pub fn document(m: &Manifest) -> Value {
-    let body_required = m.inputs().get("required").and_then(Value::as_array).is_some_and(|r| !r.is_empty());
-    let json_response = |description: &str, schema: Value| {
-        json!({"description": description, "content": {"application/json": {"schema": schema}}})
-    };
+    let body_required = m
+        .inputs()
+        .get("required")
+        .and_then(Value::as_array)
+        .is_some_and(|r| !r.is_empty());
+    let json_response = |description: &str, schema: Value| json!({"description": description, "content": {"application/json": {"schema": schema}}});
     let usage = json!({"type": "array", "items": {"type": "object",
         "properties": {"value": {"type": "integer"}, "name": {"type": "string"}}, "required": ["value", "name"]}});
     let nullable_string = json!({"anyOf": [{"type": "string"}, {"type": "null"}]});
@@ -114,5 +116,8 @@ pub fn docs_page(m: &Manifest) -> String {
 }
 
 fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }

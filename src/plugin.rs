@@ -78,7 +78,10 @@ pub enum LoadError {
     /// The entry returned NULL.
     NullTable,
     /// Built for another major version of the ABI.
-    AbiMismatch { plugin: (u16, u16), host: (u16, u16) },
+    AbiMismatch {
+        plugin: (u16, u16),
+        host: (u16, u16),
+    },
     /// The table is smaller than the 1.0 layout, or a required hook is NULL.
     BadTable(String),
     /// A string field is not UTF-8, or a schema is not JSON or not a valid
@@ -133,7 +136,11 @@ impl Plugin {
         std::fs::metadata(path).map_err(LoadError::Missing)?;
         // dlopen searches the library path for a bare name; a relative path
         // with a slash is what the operator means.
-        let path: PathBuf = if path.components().count() == 1 { Path::new(".").join(path) } else { path.into() };
+        let path: PathBuf = if path.components().count() == 1 {
+            Path::new(".").join(path)
+        } else {
+            path.into()
+        };
 
         // SAFETY: loading a library runs its initialisers. Plugins are
         // trusted code (see the header's trust model).
@@ -152,7 +159,11 @@ impl Plugin {
         // u32 size, and the pointer is non-null and points into the library.
         let (major, minor, size) = unsafe {
             let head = table_ptr.cast::<u16>();
-            (*head, *head.add(1), *table_ptr.cast::<u32>().add(1) as usize)
+            (
+                *head,
+                *head.add(1),
+                *table_ptr.cast::<u32>().add(1) as usize,
+            )
         };
         if major != abi::ABI_VERSION_MAJOR {
             return Err(LoadError::AbiMismatch {
@@ -168,21 +179,34 @@ impl Plugin {
         // SAFETY: same major and at least the 1.0 size: the 1.0 fields are
         // there. The table is static in the library, which we keep loaded.
         let table: abi::EtlPlugin = unsafe { *table_ptr };
-        let invoke = table.invoke.ok_or_else(|| LoadError::BadTable("the invoke hook is NULL".into()))?;
+        let invoke = table
+            .invoke
+            .ok_or_else(|| LoadError::BadTable("the invoke hook is NULL".into()))?;
 
         let text = |field: &str, s: abi::EtlStr| -> Result<String, LoadError> {
             // SAFETY: the table's strings live as long as the library.
             let bytes = unsafe { s.as_bytes() };
-            String::from_utf8(bytes.to_vec())
-                .map_err(|_| LoadError::BadTable(format!("the `{field}` string is not valid UTF-8")))
+            String::from_utf8(bytes.to_vec()).map_err(|_| {
+                LoadError::BadTable(format!("the `{field}` string is not valid UTF-8"))
+            })
         };
         let name = text("name", table.name)?;
         let version = text("version", table.version)?;
-        let inputs = parse_schema("inputs_schema", &text("inputs_schema", table.inputs_schema)?)?;
-        let outputs = parse_schema("outputs_schema", &text("outputs_schema", table.outputs_schema)?)?;
+        let inputs = parse_schema(
+            "inputs_schema",
+            &text("inputs_schema", table.inputs_schema)?,
+        )?;
+        let outputs = parse_schema(
+            "outputs_schema",
+            &text("outputs_schema", table.outputs_schema)?,
+        )?;
         let explicit_id = text("id", table.id)?;
         let schema = serde_json::json!({ "inputs": inputs, "outputs": outputs });
-        let id = if explicit_id.is_empty() { crate::plugin_id::derive(&schema) } else { explicit_id };
+        let id = if explicit_id.is_empty() {
+            crate::plugin_id::derive(&schema)
+        } else {
+            explicit_id
+        };
 
         let manifest = Manifest {
             name,
@@ -224,7 +248,9 @@ impl Plugin {
 
     /// Calls `precheck`, or answers OK when the plugin has none.
     pub fn precheck(&self, invocation: &Invocation) -> i32 {
-        let Some(precheck) = self.precheck else { return abi::RESULT_OK };
+        let Some(precheck) = self.precheck else {
+            return abi::RESULT_OK;
+        };
         let ctx = invocation.ctx();
         // SAFETY: as in invoke.
         unsafe { precheck(&ctx) }
@@ -241,18 +267,25 @@ impl Plugin {
 }
 
 fn parse_schema(field: &str, text: &str) -> Result<Value, LoadError> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|e| LoadError::BadSchema(format!("`{field}` is not JSON: {e}")))?;
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| LoadError::BadSchema(format!("`{field}` is not JSON: {e}")))?;
     if !value.is_object() {
-        return Err(LoadError::BadSchema(format!("`{field}` is not a JSON object")));
+        return Err(LoadError::BadSchema(format!(
+            "`{field}` is not a JSON object"
+        )));
     }
     if let Err(e) = jsonschema::meta::validate(&value) {
-        return Err(LoadError::BadSchema(format!("`{field}` is not a valid JSON Schema: {e}")));
+        return Err(LoadError::BadSchema(format!(
+            "`{field}` is not a valid JSON Schema: {e}"
+        )));
     }
     Ok(value)
 }
 
-fn run_init(init: unsafe extern "C" fn(*const abi::EtlInitCtx) -> i32, config: &str) -> Result<(), LoadError> {
+fn run_init(
+    init: unsafe extern "C" fn(*const abi::EtlInitCtx) -> i32,
+    config: &str,
+) -> Result<(), LoadError> {
     unsafe extern "C" fn set_error(host_data: *mut c_void, message: abi::EtlStr) {
         // SAFETY: host_data is the &mut Option<String> below, alive during
         // init; the message is borrowed for this call.
@@ -272,6 +305,8 @@ fn run_init(init: unsafe extern "C" fn(*const abi::EtlInitCtx) -> i32, config: &
     if rc == 0 {
         Ok(())
     } else {
-        Err(LoadError::Init(error.unwrap_or_else(|| format!("init returned {rc} without a message"))))
+        Err(LoadError::Init(error.unwrap_or_else(|| {
+            format!("init returned {rc} without a message")
+        })))
     }
 }

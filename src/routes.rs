@@ -56,7 +56,9 @@ impl App {
     pub fn new(plugin: Plugin, max_body: u64) -> Result<App, String> {
         let m = plugin.manifest();
         let inputs = InputModel::new(m.inputs())?;
-        let json = |v: &serde_json::Value| Bytes::from(serde_json::to_vec(v).expect("a Value always serialises"));
+        let json = |v: &serde_json::Value| {
+            Bytes::from(serde_json::to_vec(v).expect("a Value always serialises"))
+        };
         let openapi = openapi::document(m);
         Ok(App {
             inputs,
@@ -91,17 +93,30 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
         ("/metadata", &Method::GET) => json(StatusCode::OK, app.metadata_body.clone()),
         ("/precheck", &Method::GET) => precheck(&app).await,
         ("/openapi.json", &Method::GET) => json(StatusCode::OK, app.openapi_body.clone()),
-        ("/docs", &Method::GET) => with_type(StatusCode::OK, "text/html; charset=utf-8", app.docs_body.clone()),
+        ("/docs", &Method::GET) => with_type(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            app.docs_body.clone(),
+        ),
         ("/", &Method::GET) => redirect("/docs"),
-        ("/healthz", &Method::GET) => json(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#)),
+        ("/healthz", &Method::GET) => {
+            json(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#))
+        }
         ("/readyz", &Method::GET) => readyz(),
         (path, _) => match allowed_method(path) {
             Some(allow) => {
-                let mut r = json(StatusCode::METHOD_NOT_ALLOWED, Bytes::from_static(br#"{"detail":"Method Not Allowed"}"#));
-                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+                let mut r = json(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    Bytes::from_static(br#"{"detail":"Method Not Allowed"}"#),
+                );
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
                 r
             }
-            None => json(StatusCode::NOT_FOUND, Bytes::from_static(br#"{"detail":"Not Found"}"#)),
+            None => json(
+                StatusCode::NOT_FOUND,
+                Bytes::from_static(br#"{"detail":"Not Found"}"#),
+            ),
         },
     };
     Ok(response)
@@ -110,23 +125,29 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
 fn allowed_method(path: &str) -> Option<&'static str> {
     match path {
         "/invoke" => Some("POST"),
-        "/schema" | "/id" | "/metadata" | "/precheck" | "/openapi.json" | "/docs" | "/" | "/healthz" | "/readyz" => {
-            Some("GET")
-        }
+        "/schema" | "/id" | "/metadata" | "/precheck" | "/openapi.json" | "/docs" | "/"
+        | "/healthz" | "/readyz" => Some("GET"),
         _ => None,
     }
 }
 
 fn readyz() -> Response<Body> {
     if invocation::shutting_down() {
-        json(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(br#"{"status":"shutting down"}"#))
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Bytes::from_static(br#"{"status":"shutting down"}"#),
+        )
     } else {
         json(StatusCode::OK, Bytes::from_static(br#"{"status":"ready"}"#))
     }
 }
 
 async fn invoke(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let body = match read_body(req, app.max_body).await {
         Ok(body) => body,
         Err(response) => return response,
@@ -153,24 +174,38 @@ async fn invoke(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
 async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, Response<Body>> {
     let too_large = |len: Option<u64>| {
         let text = match len {
-            Some(n) => format!("request body is {n} bytes, over the limit of {max} bytes (--max-body-size)"),
+            Some(n) => format!(
+                "request body is {n} bytes, over the limit of {max} bytes (--max-body-size)"
+            ),
             None => format!("request body is over the limit of {max} bytes (--max-body-size)"),
         };
-        let mut r = json(StatusCode::PAYLOAD_TOO_LARGE, Bytes::from(serde_json::to_vec(&serde_json::json!({"detail": text})).unwrap()));
+        let mut r = json(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Bytes::from(serde_json::to_vec(&serde_json::json!({"detail": text})).unwrap()),
+        );
         // The rest of the body is not read, so the connection cannot be reused.
-        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         r
     };
     let declared = req.body().size_hint().exact();
     if let Some(len) = declared.filter(|len| *len > max) {
         return Err(too_large(Some(len)));
     }
-    match http_body_util::Limited::new(req.into_body(), max as usize).collect().await {
+    match http_body_util::Limited::new(req.into_body(), max as usize)
+        .collect()
+        .await
+    {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(None)),
         Err(e) => Err(json(
             StatusCode::BAD_REQUEST,
-            Bytes::from(serde_json::to_vec(&serde_json::json!({"detail": format!("cannot read the request body: {e}")})).unwrap()),
+            Bytes::from(
+                serde_json::to_vec(
+                    &serde_json::json!({"detail": format!("cannot read the request body: {e}")}),
+                )
+                .unwrap(),
+            ),
         )),
     }
 }
@@ -201,7 +236,10 @@ async fn invoke_streaming(app: &Arc<App>, input: Vec<u8>) -> Response<Body> {
     });
     match rx.recv().await {
         Some(Chunk::Line(first)) => {
-            let body = Body::Stream(StreamBody { first: Some(first), rx: Some(rx) });
+            let body = Body::Stream(StreamBody {
+                first: Some(first),
+                rx: Some(rx),
+            });
             with_type_body(StatusCode::OK, "application/x-ndjson", body)
         }
         Some(Chunk::Done(c)) => match outcome_of(&c, Kind::Stream) {
@@ -224,7 +262,10 @@ async fn precheck(app: &Arc<App>) -> Response<Body> {
     }
     if !app.plugin.manifest().has_precheck {
         let c = Collected::default();
-        return json(StatusCode::OK, envelope::precheck(&c, &Outcome::Ok(None)).into());
+        return json(
+            StatusCode::OK,
+            envelope::precheck(&c, &Outcome::Ok(None)).into(),
+        );
     }
     let plugin = app.plugin.clone();
     let registered = Invocation::start(Kind::Precheck, None);
@@ -236,7 +277,11 @@ async fn precheck(app: &Arc<App>) -> Response<Body> {
     match collected {
         Ok(c) => {
             let outcome = outcome_of(&c, Kind::Precheck);
-            let status = if matches!(outcome, Outcome::Shutdown) { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+            let status = if matches!(outcome, Outcome::Shutdown) {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
             let mut r = json(status, envelope::precheck(&c, &outcome).into());
             if status == StatusCode::SERVICE_UNAVAILABLE {
                 add_retry_headers(&mut r);
@@ -250,7 +295,10 @@ async fn precheck(app: &Arc<App>) -> Response<Body> {
 /// How an invocation ended, from what the plugin reported.
 fn outcome_of(c: &Collected, kind: Kind) -> Outcome<'_> {
     if let Some(why) = &c.violation {
-        return Outcome::Failed { status: 500, text: envelope::violation_text(why) };
+        return Outcome::Failed {
+            status: 500,
+            text: envelope::violation_text(why),
+        };
     }
     match c.result {
         etl_abi::RESULT_OK => match (kind, &c.output) {
@@ -262,7 +310,10 @@ fn outcome_of(c: &Collected, kind: Kind) -> Outcome<'_> {
             _ => Outcome::Ok(None),
         },
         etl_abi::RESULT_FAILED => match &c.failure {
-            Some(f) => Outcome::Failed { status: f.status, text: envelope::failure_text(f) },
+            Some(f) => Outcome::Failed {
+                status: f.status,
+                text: envelope::failure_text(f),
+            },
             None => Outcome::Failed {
                 status: 500,
                 text: "[PluginError] the plugin reported a failure without describing it".into(),
@@ -271,7 +322,9 @@ fn outcome_of(c: &Collected, kind: Kind) -> Outcome<'_> {
         etl_abi::RESULT_SHUTDOWN => Outcome::Shutdown,
         other => Outcome::Failed {
             status: 500,
-            text: envelope::violation_text(&format!("the plugin returned the unknown result code {other}")),
+            text: envelope::violation_text(&format!(
+                "the plugin returned the unknown result code {other}"
+            )),
         },
     }
 }
@@ -285,26 +338,35 @@ fn envelope_response(c: &Collected, kind: Kind) -> Response<Body> {
 
 /// The 503 shutdown-abort: retryable elsewhere, and this connection closes.
 fn shutdown_abort(c: &Collected) -> Response<Body> {
-    let mut r = json(StatusCode::SERVICE_UNAVAILABLE, envelope::write(c, &Outcome::Shutdown).into());
+    let mut r = json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        envelope::write(c, &Outcome::Shutdown).into(),
+    );
     add_retry_headers(&mut r);
     r
 }
 
 fn add_retry_headers(r: &mut Response<Body>) {
-    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 fn internal_error(why: &str) -> Response<Body> {
     let c = Collected::default();
-    let outcome = Outcome::Failed { status: 500, text: format!("[HostError] {why}") };
+    let outcome = Outcome::Failed {
+        status: 500,
+        text: format!("[HostError] {why}"),
+    };
     json(StatusCode::OK, envelope::write(&c, &outcome).into())
 }
 
 fn redirect(to: &'static str) -> Response<Body> {
     let mut r = Response::new(Body::Full(None));
     *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-    r.headers_mut().insert(header::LOCATION, HeaderValue::from_static(to));
+    r.headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static(to));
     r
 }
 
@@ -319,7 +381,8 @@ fn with_type(status: StatusCode, content_type: &'static str, body: Bytes) -> Res
 fn with_type_body(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
     let mut r = Response::new(body);
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
 
@@ -342,17 +405,29 @@ impl HttpBody for Body {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
-            Body::Full(bytes) => Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            Body::Full(bytes) => Poll::Ready(
+                bytes
+                    .take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
             Body::Stream(s) => {
                 if let Some(first) = s.first.take() {
                     return Poll::Ready(Some(Ok(Frame::data(first))));
                 }
-                let Some(rx) = s.rx.as_mut() else { return Poll::Ready(None) };
+                let Some(rx) = s.rx.as_mut() else {
+                    return Poll::Ready(None);
+                };
                 match rx.poll_recv(cx) {
                     Poll::Pending => Poll::Pending,
-                    Poll::Ready(Some(Chunk::Line(line))) => Poll::Ready(Some(Ok(Frame::data(line)))),
+                    Poll::Ready(Some(Chunk::Line(line))) => {
+                        Poll::Ready(Some(Ok(Frame::data(line))))
+                    }
                     Poll::Ready(Some(Chunk::Done(c))) => {
                         s.rx = None;
                         match outcome_of(&c, Kind::Stream) {

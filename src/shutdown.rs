@@ -22,7 +22,9 @@ impl ShutdownSignals {
     /// # Errors
     /// The handlers cannot be installed.
     pub fn install() -> std::io::Result<ShutdownSignals> {
-        Ok(ShutdownSignals { signals: Signals::new([SIGTERM, SIGINT])? })
+        Ok(ShutdownSignals {
+            signals: Signals::new([SIGTERM, SIGINT])?,
+        })
     }
 
     /// Waits for the next SIGTERM or SIGINT and returns its name.

@@ -43,8 +43,15 @@ impl InputModel {
             .should_validate_formats(false)
             .build(schema)
             .map_err(|e| format!("cannot compile the inputs schema: {e}"))?;
-        let body_required = schema.get("required").and_then(Value::as_array).is_some_and(|r| !r.is_empty());
-        Ok(InputModel { schema: schema.clone(), validator, body_required })
+        let body_required = schema
+            .get("required")
+            .and_then(Value::as_array)
+            .is_some_and(|r| !r.is_empty());
+        Ok(InputModel {
+            schema: schema.clone(),
+            validator,
+            body_required,
+        })
     }
 
     /// The input for the plugin, as JSON bytes, or the 422 to answer.
@@ -54,7 +61,12 @@ impl InputModel {
     pub fn prepare(&self, content_type: Option<&str>, body: &[u8]) -> Result<Vec<u8>, Rejection> {
         let mut value = if body.is_empty() {
             if self.body_required {
-                return Err(detail(vec![error("missing", &[], "Field required", Value::Null)]));
+                return Err(detail(vec![error(
+                    "missing",
+                    &[],
+                    "Field required",
+                    Value::Null,
+                )]));
             }
             Value::Object(Map::new())
         } else {
@@ -62,15 +74,20 @@ impl InputModel {
                 let text = String::from_utf8_lossy(body).into_owned();
                 return Err(detail(vec![not_a_dict(Value::String(text))]));
             }
-            serde_json::from_slice::<Value>(body)
-                .map_err(|_| Rejection { body: json!({"detail": "Invalid JSON body", "reason": "malformed_envelope"}) })?
+            serde_json::from_slice::<Value>(body).map_err(|_| Rejection {
+                body: json!({"detail": "Invalid JSON body", "reason": "malformed_envelope"}),
+            })?
         };
         if !value.is_object() {
             return Err(detail(vec![not_a_dict(value)]));
         }
 
         coerce(&self.schema, &mut value);
-        let errors: Vec<Value> = self.validator.iter_errors(&value).filter_map(|e| to_fastapi(&e)).collect();
+        let errors: Vec<Value> = self
+            .validator
+            .iter_errors(&value)
+            .filter_map(|e| to_fastapi(&e))
+            .collect();
         if !errors.is_empty() {
             return Err(detail(errors));
         }
@@ -81,9 +98,16 @@ impl InputModel {
     /// Fills in defaults and drops the top-level fields the schema does not
     /// declare (the reference passes only declared parameters).
     fn finish(&self, value: Value) -> Value {
-        let Value::Object(mut given) = value else { return value };
-        let Some(Value::Object(props)) = self.schema.get("properties") else { return Value::Object(given) };
-        let open = self.schema.get("additionalProperties").is_some_and(|a| a != &Value::Bool(false));
+        let Value::Object(mut given) = value else {
+            return value;
+        };
+        let Some(Value::Object(props)) = self.schema.get("properties") else {
+            return Value::Object(given);
+        };
+        let open = self
+            .schema
+            .get("additionalProperties")
+            .is_some_and(|a| a != &Value::Bool(false));
         if !open {
             given.retain(|k, _| props.contains_key(k));
         }
@@ -100,12 +124,19 @@ impl InputModel {
 
 fn is_json_content_type(content_type: Option<&str>) -> bool {
     let Some(ct) = content_type else { return false };
-    let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
 fn detail(errors: Vec<Value>) -> Rejection {
-    Rejection { body: json!({ "detail": errors }) }
+    Rejection {
+        body: json!({ "detail": errors }),
+    }
 }
 
 fn error(kind: &str, path: &[Value], msg: &str, input: Value) -> Value {
@@ -115,7 +146,12 @@ fn error(kind: &str, path: &[Value], msg: &str, input: Value) -> Value {
 }
 
 fn not_a_dict(input: Value) -> Value {
-    error("model_attributes_type", &[], "Input should be a valid dictionary or object to extract fields from", input)
+    error(
+        "model_attributes_type",
+        &[],
+        "Input should be a valid dictionary or object to extract fields from",
+        input,
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -129,7 +165,9 @@ fn slot_type(schema: &Value) -> Option<(&str, &Value)> {
         return Some((t, schema));
     }
     let any = schema.get("anyOf")?.as_array()?;
-    let mut non_null = any.iter().filter(|s| s.get("type").and_then(Value::as_str) != Some("null"));
+    let mut non_null = any
+        .iter()
+        .filter(|s| s.get("type").and_then(Value::as_str) != Some("null"));
     let only = non_null.next()?;
     if non_null.next().is_some() {
         return None;
@@ -139,7 +177,9 @@ fn slot_type(schema: &Value) -> Option<(&str, &Value)> {
 
 /// Converts, in place, the values pydantic would accept in lax mode.
 fn coerce(schema: &Value, value: &mut Value) {
-    let Some((ty, schema)) = slot_type(schema) else { return };
+    let Some((ty, schema)) = slot_type(schema) else {
+        return;
+    };
     match (ty, &mut *value) {
         ("object", Value::Object(map)) => {
             if let Some(Value::Object(props)) = schema.get("properties") {
@@ -171,7 +211,12 @@ fn coerce(schema: &Value, value: &mut Value) {
         }
         ("number", v) => {
             let converted = match v {
-                Value::String(s) => s.trim().parse::<f64>().ok().filter(|f| f.is_finite()).map(Value::from),
+                Value::String(s) => s
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|f| f.is_finite())
+                    .map(Value::from),
                 Value::Bool(b) => Some(Value::from(*b as i64)),
                 _ => None,
             };
@@ -186,11 +231,15 @@ fn coerce(schema: &Value, value: &mut Value) {
                     "false" | "0" | "no" | "n" | "off" | "f" => Some(false),
                     _ => None,
                 },
-                Value::Number(n) => match n.as_f64() {
-                    Some(f) if f == 1.0 => Some(true),
-                    Some(f) if f == 0.0 => Some(false),
-                    _ => None,
-                },
+                Value::Number(n) => n.as_f64().and_then(|f| {
+                    if f == 1.0 {
+                        Some(true)
+                    } else if f == 0.0 {
+                        Some(false)
+                    } else {
+                        None
+                    }
+                }),
                 _ => None,
             };
             if let Some(c) = converted {
@@ -224,41 +273,72 @@ fn to_fastapi(e: &jsonschema::ValidationError<'_>) -> Option<Value> {
         ValidationErrorKind::AdditionalProperties { unexpected } => {
             let mut p = path.clone();
             p.push(Value::from(unexpected.first().cloned().unwrap_or_default()));
-            return Some(error("extra_forbidden", &p, "Extra inputs are not permitted", input));
+            return Some(error(
+                "extra_forbidden",
+                &p,
+                "Extra inputs are not permitted",
+                input,
+            ));
         }
         ValidationErrorKind::Type { kind } => type_error(kind, &input),
-        ValidationErrorKind::AnyOf { .. } => {
-            ("value_error", "Input does not match any of the allowed types".to_owned())
+        ValidationErrorKind::AnyOf { .. } => (
+            "value_error",
+            "Input does not match any of the allowed types".to_owned(),
+        ),
+        ValidationErrorKind::Enum { options } => {
+            ("enum", format!("Input should be {}", one_of(options)))
         }
-        ValidationErrorKind::Enum { options } => ("enum", format!("Input should be {}", one_of(options))),
-        ValidationErrorKind::Constant { expected_value } => {
-            ("literal_error", format!("Input should be {}", py_repr(expected_value)))
+        ValidationErrorKind::Constant { expected_value } => (
+            "literal_error",
+            format!("Input should be {}", py_repr(expected_value)),
+        ),
+        ValidationErrorKind::Minimum { limit } => (
+            "greater_than_equal",
+            format!("Input should be greater than or equal to {limit}"),
+        ),
+        ValidationErrorKind::Maximum { limit } => (
+            "less_than_equal",
+            format!("Input should be less than or equal to {limit}"),
+        ),
+        ValidationErrorKind::ExclusiveMinimum { limit } => (
+            "greater_than",
+            format!("Input should be greater than {limit}"),
+        ),
+        ValidationErrorKind::ExclusiveMaximum { limit } => {
+            ("less_than", format!("Input should be less than {limit}"))
         }
-        ValidationErrorKind::Minimum { limit } => {
-            ("greater_than_equal", format!("Input should be greater than or equal to {limit}"))
-        }
-        ValidationErrorKind::Maximum { limit } => {
-            ("less_than_equal", format!("Input should be less than or equal to {limit}"))
-        }
-        ValidationErrorKind::ExclusiveMinimum { limit } => {
-            ("greater_than", format!("Input should be greater than {limit}"))
-        }
-        ValidationErrorKind::ExclusiveMaximum { limit } => ("less_than", format!("Input should be less than {limit}")),
-        ValidationErrorKind::MinLength { limit } => {
-            ("string_too_short", format!("String should have at least {limit} {}", plural(*limit, "character")))
-        }
-        ValidationErrorKind::MaxLength { limit } => {
-            ("string_too_long", format!("String should have at most {limit} {}", plural(*limit, "character")))
-        }
-        ValidationErrorKind::MinItems { limit } => {
-            ("too_short", format!("List should have at least {limit} {}", plural(*limit, "item")))
-        }
-        ValidationErrorKind::MaxItems { limit } => {
-            ("too_long", format!("List should have at most {limit} {}", plural(*limit, "item")))
-        }
-        ValidationErrorKind::Pattern { pattern } => {
-            ("string_pattern_mismatch", format!("String should match pattern '{pattern}'"))
-        }
+        ValidationErrorKind::MinLength { limit } => (
+            "string_too_short",
+            format!(
+                "String should have at least {limit} {}",
+                plural(*limit, "character")
+            ),
+        ),
+        ValidationErrorKind::MaxLength { limit } => (
+            "string_too_long",
+            format!(
+                "String should have at most {limit} {}",
+                plural(*limit, "character")
+            ),
+        ),
+        ValidationErrorKind::MinItems { limit } => (
+            "too_short",
+            format!(
+                "List should have at least {limit} {}",
+                plural(*limit, "item")
+            ),
+        ),
+        ValidationErrorKind::MaxItems { limit } => (
+            "too_long",
+            format!(
+                "List should have at most {limit} {}",
+                plural(*limit, "item")
+            ),
+        ),
+        ValidationErrorKind::Pattern { pattern } => (
+            "string_pattern_mismatch",
+            format!("String should match pattern '{pattern}'"),
+        ),
         _ => ("value_error", e.to_string()),
     };
     Some(error(kind, &path, &msg, input))
@@ -271,18 +351,24 @@ fn type_error(kind: &TypeKind, input: &Value) -> (&'static str, String) {
     };
     let is_str = input.is_string();
     let (k, m) = match wanted {
-        Some(JsonType::Integer) if is_str => {
-            ("int_parsing", "Input should be a valid integer, unable to parse string as an integer")
-        }
-        Some(JsonType::Integer) if input.as_f64().is_some_and(|f| f.fract() != 0.0) => {
-            ("int_from_float", "Input should be a valid integer, got a number with a fractional part")
-        }
+        Some(JsonType::Integer) if is_str => (
+            "int_parsing",
+            "Input should be a valid integer, unable to parse string as an integer",
+        ),
+        Some(JsonType::Integer) if input.as_f64().is_some_and(|f| f.fract() != 0.0) => (
+            "int_from_float",
+            "Input should be a valid integer, got a number with a fractional part",
+        ),
         Some(JsonType::Integer) => ("int_type", "Input should be a valid integer"),
-        Some(JsonType::Number) if is_str => {
-            ("float_parsing", "Input should be a valid number, unable to parse string as a number")
-        }
+        Some(JsonType::Number) if is_str => (
+            "float_parsing",
+            "Input should be a valid number, unable to parse string as a number",
+        ),
         Some(JsonType::Number) => ("float_type", "Input should be a valid number"),
-        Some(JsonType::Boolean) if is_str => ("bool_parsing", "Input should be a valid boolean, unable to interpret input"),
+        Some(JsonType::Boolean) if is_str => (
+            "bool_parsing",
+            "Input should be a valid boolean, unable to interpret input",
+        ),
         Some(JsonType::Boolean) => ("bool_type", "Input should be a valid boolean"),
         Some(JsonType::String) => ("string_type", "Input should be a valid string"),
         Some(JsonType::Object) => ("dict_type", "Input should be a valid dictionary"),
@@ -302,7 +388,10 @@ fn plural(n: u64, word: &str) -> String {
 
 /// `'a', 'b' or 'c'`, as pydantic lists enum members.
 fn one_of(options: &Value) -> String {
-    let items: Vec<String> = options.as_array().map(|a| a.iter().map(py_repr).collect()).unwrap_or_default();
+    let items: Vec<String> = options
+        .as_array()
+        .map(|a| a.iter().map(py_repr).collect())
+        .unwrap_or_default();
     match items.len() {
         0 => String::new(),
         1 => items[0].clone(),
@@ -388,16 +477,34 @@ mod tests {
     #[test]
     fn lax_conversions_defaults_and_extras_match_the_reference() {
         let m = wordcount();
-        assert_eq!(accept(&m, r#"{"text":"a","repeat":"3"}"#), json!({"text":"a","repeat":3}));
-        assert_eq!(accept(&m, r#"{"text":"a","repeat":2.0}"#), json!({"text":"a","repeat":2}));
-        assert_eq!(accept(&m, r#"{"text":"a","repeat":true}"#), json!({"text":"a","repeat":1}));
-        assert_eq!(accept(&m, r#"{"text":"a","extra":1}"#), json!({"text":"a","repeat":1}));
+        assert_eq!(
+            accept(&m, r#"{"text":"a","repeat":"3"}"#),
+            json!({"text":"a","repeat":3})
+        );
+        assert_eq!(
+            accept(&m, r#"{"text":"a","repeat":2.0}"#),
+            json!({"text":"a","repeat":2})
+        );
+        assert_eq!(
+            accept(&m, r#"{"text":"a","repeat":true}"#),
+            json!({"text":"a","repeat":1})
+        );
+        assert_eq!(
+            accept(&m, r#"{"text":"a","extra":1}"#),
+            json!({"text":"a","repeat":1})
+        );
     }
 
     #[test]
     fn an_all_optional_body_may_be_absent() {
-        let m = InputModel::new(&json!({"type":"object","properties":{"n":{"type":"integer","default":4}}})).unwrap();
-        assert_eq!(serde_json::from_slice::<Value>(&m.prepare(None, b"").unwrap()).unwrap(), json!({"n": 4}));
+        let m = InputModel::new(
+            &json!({"type":"object","properties":{"n":{"type":"integer","default":4}}}),
+        )
+        .unwrap();
+        assert_eq!(
+            serde_json::from_slice::<Value>(&m.prepare(None, b"").unwrap()).unwrap(),
+            json!({"n": 4})
+        );
     }
 
     #[test]

@@ -4,7 +4,10 @@
 fn main() {
     let include = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../include");
     println!("cargo:rerun-if-changed=layout_probe.c");
-    println!("cargo:rerun-if-changed={}", include.join("etl_plugin.h").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        include.join("etl_plugin.h").display()
+    );
     cc::Build::new()
         .file("layout_probe.c")
         .include(&include)

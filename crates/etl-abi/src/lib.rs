@@ -57,16 +57,25 @@ pub struct EtlStr {
 
 impl EtlStr {
     /// The empty string (NULL pointer, zero length).
-    pub const EMPTY: EtlStr = EtlStr { ptr: core::ptr::null(), len: 0 };
+    pub const EMPTY: EtlStr = EtlStr {
+        ptr: core::ptr::null(),
+        len: 0,
+    };
 
     /// Borrows `s`. The result is valid as long as `s` is.
     pub const fn from_str(s: &str) -> EtlStr {
-        EtlStr { ptr: s.as_ptr(), len: s.len() }
+        EtlStr {
+            ptr: s.as_ptr(),
+            len: s.len(),
+        }
     }
 
     /// Borrows `b`. The result is valid as long as `b` is.
     pub const fn from_bytes(b: &[u8]) -> EtlStr {
-        EtlStr { ptr: b.as_ptr(), len: b.len() }
+        EtlStr {
+            ptr: b.as_ptr(),
+            len: b.len(),
+        }
     }
 
     /// The bytes this string points to.

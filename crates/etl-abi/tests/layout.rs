@@ -60,7 +60,11 @@ fn rust_types_match_the_c_header() {
             offset_of!(EtlPlugin, precheck),
         ],
         &[ABI_VERSION_MAJOR as usize, ABI_VERSION_MINOR as usize],
-        &[RESULT_OK as usize, RESULT_FAILED as usize, RESULT_SHUTDOWN as usize],
+        &[
+            RESULT_OK as usize,
+            RESULT_FAILED as usize,
+            RESULT_SHUTDOWN as usize,
+        ],
         &[
             (CB_OK + 8) as usize,
             (CB_INVALID + 8) as usize,

@@ -98,8 +98,12 @@ pub struct Capabilities {
 
 impl Capabilities {
     /// No capabilities.
-    pub const NONE: Capabilities =
-        Capabilities { usage: false, message_channels: false, filedata_meta: false, cancellation: false };
+    pub const NONE: Capabilities = Capabilities {
+        usage: false,
+        message_channels: false,
+        filedata_meta: false,
+        cancellation: false,
+    };
 
     fn bits(self) -> u32 {
         (self.usage as u32 * abi::CAP_USAGE)
@@ -176,7 +180,12 @@ pub trait StreamingPlugin: Send + Sync + Sized + 'static {
     /// # Errors
     /// An error after some items becomes the stream's last line; before any
     /// item, the whole answer. [`Error::shutdown`] is the shutdown-abort.
-    fn invoke(&self, input: Self::Input, ctx: &mut Context, out: &mut Emitter<Self::Item>) -> Result<(), Error>;
+    fn invoke(
+        &self,
+        input: Self::Input,
+        ctx: &mut Context,
+        out: &mut Emitter<Self::Item>,
+    ) -> Result<(), Error>;
 
     /// See [`Plugin::precheck`].
     ///
@@ -201,7 +210,11 @@ pub struct Error {
 }
 
 enum ErrorKind {
-    Failed { status: u16, error_type: Cow<'static, str>, message: String },
+    Failed {
+        status: u16,
+        error_type: Cow<'static, str>,
+        message: String,
+    },
     Shutdown,
 }
 
@@ -214,7 +227,11 @@ impl Error {
     /// A failure with an HTTP status (100..=599; anything else reads as 500).
     pub fn with_status(status: u16, message: impl Into<String>) -> Error {
         Error {
-            kind: ErrorKind::Failed { status, error_type: Cow::Borrowed("PluginError"), message: message.into() },
+            kind: ErrorKind::Failed {
+                status,
+                error_type: Cow::Borrowed("PluginError"),
+                message: message.into(),
+            },
         }
     }
 
@@ -230,7 +247,9 @@ impl Error {
     /// The plugin stopped because it was cancelled: the caller gets the
     /// retryable 503 shutdown-abort, not a failure.
     pub fn shutdown() -> Error {
-        Error { kind: ErrorKind::Shutdown }
+        Error {
+            kind: ErrorKind::Shutdown,
+        }
     }
 
     /// Whether this is [`Error::shutdown`].
@@ -250,7 +269,11 @@ impl<E: std::error::Error> From<E> for Error {
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.kind {
-            ErrorKind::Failed { status, error_type, message } => {
+            ErrorKind::Failed {
+                status,
+                error_type,
+                message,
+            } => {
                 write!(f, "[{error_type}] {message} (status {status})")
             }
             ErrorKind::Shutdown => f.write_str("shutdown"),
@@ -277,7 +300,9 @@ impl CancellationToken {
     unsafe fn from_raw(flag: *const u32) -> CancellationToken {
         // SAFETY: the header guarantees the word stays mapped until exit and
         // is only written atomically; AtomicU32 has the layout of u32.
-        CancellationToken { flag: unsafe { flag.cast::<AtomicU32>().as_ref() } }
+        CancellationToken {
+            flag: unsafe { flag.cast::<AtomicU32>().as_ref() },
+        }
     }
 
     /// Whether the host asked this work to stop. One atomic load.
@@ -302,7 +327,9 @@ impl CancellationToken {
 
 impl fmt::Debug for CancellationToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CancellationToken").field("cancelled", &self.is_cancelled()).finish()
+        f.debug_struct("CancellationToken")
+            .field("cancelled", &self.is_cancelled())
+            .finish()
     }
 }
 
@@ -373,7 +400,9 @@ impl<'a> Context<'a> {
     pub fn set_filedata_meta(&mut self, meta: &FileDataMeta) {
         let json = serde_json::to_string(meta).expect("FileDataMeta always serialises");
         // SAFETY: as in add_usage.
-        unsafe { (self.host().set_filedata_meta)(self.raw.invocation, abi::EtlStr::from_str(&json)) };
+        unsafe {
+            (self.host().set_filedata_meta)(self.raw.invocation, abi::EtlStr::from_str(&json))
+        };
     }
 
     /// This invocation's cancellation token.
@@ -411,13 +440,17 @@ impl<T: Serialize> Emitter<'_, T> {
     /// [`Error::shutdown`] when the client went away or the invocation was
     /// cancelled: stop and return it.
     pub fn emit(&mut self, item: &T) -> Result<(), Error> {
-        let json = serde_json::to_vec(item).map_err(|e| Error::new(format!("cannot serialise item: {e}")))?;
+        let json = serde_json::to_vec(item)
+            .map_err(|e| Error::new(format!("cannot serialise item: {e}")))?;
         // SAFETY: the host table is static; the handle is valid during invoke.
-        let rc = unsafe { ((*self.raw.host).emit)(self.raw.invocation, abi::EtlStr::from_bytes(&json)) };
+        let rc =
+            unsafe { ((*self.raw.host).emit)(self.raw.invocation, abi::EtlStr::from_bytes(&json)) };
         match rc {
             abi::CB_OK => Ok(()),
             abi::CB_CLOSED => Err(Error::shutdown()),
-            other => Err(Error::new(format!("the host refused the item (code {other})"))),
+            other => Err(Error::new(format!(
+                "the host refused the item (code {other})"
+            ))),
         }
     }
 }
@@ -495,14 +528,16 @@ mod runtime {
         }
         fn run(p: &P, input: P::Input, raw: &abi::EtlInvokeCtx) -> Result<(), Error> {
             let output = p.invoke(input, &mut Context { raw })?;
-            let json =
-                serde_json::to_vec(&output).map_err(|e| Error::new(format!("cannot serialise output: {e}")))?;
+            let json = serde_json::to_vec(&output)
+                .map_err(|e| Error::new(format!("cannot serialise output: {e}")))?;
             // SAFETY: static host table, handle valid during invoke.
             let rc = unsafe { ((*raw.host).emit)(raw.invocation, abi::EtlStr::from_bytes(&json)) };
             if rc == abi::CB_OK || rc == abi::CB_CLOSED {
                 Ok(())
             } else {
-                Err(Error::new(format!("the host refused the output (code {rc})")))
+                Err(Error::new(format!(
+                    "the host refused the output (code {rc})"
+                )))
             }
         }
         fn precheck(p: &P, ctx: &mut Context) -> Result<(), Error> {
@@ -526,7 +561,14 @@ mod runtime {
             P::init(config)
         }
         fn run(p: &P, input: P::Input, raw: &abi::EtlInvokeCtx) -> Result<(), Error> {
-            p.invoke(input, &mut Context { raw }, &mut Emitter { raw, _item: PhantomData })
+            p.invoke(
+                input,
+                &mut Context { raw },
+                &mut Emitter {
+                    raw,
+                    _item: PhantomData,
+                },
+            )
         }
         fn precheck(p: &P, ctx: &mut Context) -> Result<(), Error> {
             p.precheck(ctx)
@@ -550,7 +592,11 @@ mod runtime {
     fn report(raw: &abi::EtlInvokeCtx, err: Error) -> i32 {
         match err.kind {
             ErrorKind::Shutdown => abi::RESULT_SHUTDOWN,
-            ErrorKind::Failed { status, error_type, message } => {
+            ErrorKind::Failed {
+                status,
+                error_type,
+                message,
+            } => {
                 // SAFETY: static host table, handle valid during the hook.
                 unsafe {
                     ((*raw.host).set_failure)(
@@ -568,7 +614,10 @@ mod runtime {
     impl<A: Adapter> Runtime<A> {
         #[allow(clippy::new_without_default)]
         pub const fn new() -> Self {
-            Runtime { instance: OnceLock::new(), table: OnceLock::new() }
+            Runtime {
+                instance: OnceLock::new(),
+                table: OnceLock::new(),
+            }
         }
 
         /// The table; built on first use.
@@ -598,7 +647,10 @@ mod runtime {
                     invoke: Some(hooks.invoke),
                     precheck: Some(hooks.precheck),
                 };
-                Table { plugin, _strings: strings }
+                Table {
+                    plugin,
+                    _strings: strings,
+                }
             });
             &t.plugin
         }
@@ -645,7 +697,11 @@ mod runtime {
         /// # Safety
         /// `ctx` is a valid `etl_invoke_ctx` and `request` a valid `etl_str`
         /// for the duration of the call.
-        pub unsafe fn invoke(&'static self, ctx: *const abi::EtlInvokeCtx, request: abi::EtlStr) -> i32 {
+        pub unsafe fn invoke(
+            &'static self,
+            ctx: *const abi::EtlInvokeCtx,
+            request: abi::EtlStr,
+        ) -> i32 {
             // SAFETY: the caller passes a valid context for this call.
             let raw = unsafe { &*ctx };
             let Some(p) = self.instance.get() else {
@@ -654,14 +710,18 @@ mod runtime {
             // SAFETY: the request is borrowed for the duration of invoke.
             let bytes = unsafe { request.as_bytes() };
             let outcome = catch_unwind(AssertUnwindSafe(|| {
-                let input: A::Input = serde_json::from_slice(bytes)
-                    .map_err(|e| Error::with_status(422, format!("invalid input: {e}")).with_type("InputError"))?;
+                let input: A::Input = serde_json::from_slice(bytes).map_err(|e| {
+                    Error::with_status(422, format!("invalid input: {e}")).with_type("InputError")
+                })?;
                 A::run(p, input, raw)
             }));
             match outcome {
                 Ok(Ok(())) => abi::RESULT_OK,
                 Ok(Err(e)) => report(raw, e),
-                Err(panic) => report(raw, Error::new(panic_message(&*panic)).with_type("PluginPanic")),
+                Err(panic) => report(
+                    raw,
+                    Error::new(panic_message(&*panic)).with_type("PluginPanic"),
+                ),
             }
         }
 
@@ -678,7 +738,10 @@ mod runtime {
             match catch_unwind(AssertUnwindSafe(|| A::precheck(p, &mut Context { raw }))) {
                 Ok(Ok(())) => abi::RESULT_OK,
                 Ok(Err(e)) => report(raw, e),
-                Err(panic) => report(raw, Error::new(panic_message(&*panic)).with_type("PluginPanic")),
+                Err(panic) => report(
+                    raw,
+                    Error::new(panic_message(&*panic)).with_type("PluginPanic"),
+                ),
             }
         }
     }

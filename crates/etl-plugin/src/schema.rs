@@ -26,7 +26,8 @@ pub fn schema_for<T: JsonSchema>() -> Value {
 }
 
 const NUMERIC_FORMATS: &[&str] = &[
-    "int8", "int16", "int32", "int64", "int", "uint8", "uint16", "uint32", "uint64", "uint", "float", "double",
+    "int8", "int16", "int32", "int64", "int", "uint8", "uint16", "uint32", "uint64", "uint",
+    "float", "double",
 ];
 
 fn normalise(v: &mut Value) {
@@ -34,7 +35,11 @@ fn normalise(v: &mut Value) {
         Value::Object(map) => {
             map.remove("$schema");
             map.remove("title");
-            if map.get("format").and_then(Value::as_str).is_some_and(|f| NUMERIC_FORMATS.contains(&f)) {
+            if map
+                .get("format")
+                .and_then(Value::as_str)
+                .is_some_and(|f| NUMERIC_FORMATS.contains(&f))
+            {
                 map.remove("format");
             }
             nullable_type_to_any_of(map);
@@ -50,16 +55,24 @@ fn normalise(v: &mut Value) {
 /// `{"type": ["string", "null"], ...}` becomes
 /// `{"anyOf": [{"type": "string", ...}, {"type": "null"}]}`.
 fn nullable_type_to_any_of(map: &mut Map<String, Value>) {
-    let Some(Value::Array(types)) = map.get("type") else { return };
+    let Some(Value::Array(types)) = map.get("type") else {
+        return;
+    };
     if types.len() != 2 || !types.contains(&Value::from("null")) {
         return;
     }
-    let Some(inner) = types.iter().find(|t| *t != "null").cloned() else { return };
+    let Some(inner) = types.iter().find(|t| *t != "null").cloned() else {
+        return;
+    };
     // Keywords that describe the value, not the schema slot, move inside.
     let outer_keys = ["default", "description"];
     let mut inner_schema = Map::new();
     inner_schema.insert("type".into(), inner);
-    let keys: Vec<String> = map.keys().filter(|k| *k != "type" && !outer_keys.contains(&k.as_str())).cloned().collect();
+    let keys: Vec<String> = map
+        .keys()
+        .filter(|k| *k != "type" && !outer_keys.contains(&k.as_str()))
+        .cloned()
+        .collect();
     for k in keys {
         if let Some(val) = map.remove(&k) {
             inner_schema.insert(k, val);
@@ -68,7 +81,10 @@ fn nullable_type_to_any_of(map: &mut Map<String, Value>) {
     map.remove("type");
     let mut null = Map::new();
     null.insert("type".into(), Value::from("null"));
-    map.insert("anyOf".into(), Value::Array(vec![Value::Object(inner_schema), Value::Object(null)]));
+    map.insert(
+        "anyOf".into(),
+        Value::Array(vec![Value::Object(inner_schema), Value::Object(null)]),
+    );
 }
 
 #[cfg(test)]

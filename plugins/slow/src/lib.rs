@@ -40,7 +40,11 @@ impl Plugin for Slow {
     type Output = Output;
     const NAME: &'static str = "slow";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const CAPABILITIES: Capabilities = Capabilities { usage: true, cancellation: true, ..Capabilities::NONE };
+    const CAPABILITIES: Capabilities = Capabilities {
+        usage: true,
+        cancellation: true,
+        ..Capabilities::NONE
+    };
 
     fn init(_config: &str) -> Result<Self, Error> {
         Ok(Slow)

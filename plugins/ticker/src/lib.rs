@@ -5,7 +5,9 @@
 
 use std::time::Duration;
 
-use etl_plugin::{export_plugin, Capabilities, Context, Emitter, Error, JsonSchema, StreamingPlugin};
+use etl_plugin::{
+    export_plugin, Capabilities, Context, Emitter, Error, JsonSchema, StreamingPlugin,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize, JsonSchema)]
@@ -33,13 +35,21 @@ impl StreamingPlugin for Ticker {
     type Item = Item;
     const NAME: &'static str = "ticker";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const CAPABILITIES: Capabilities = Capabilities { cancellation: true, ..Capabilities::NONE };
+    const CAPABILITIES: Capabilities = Capabilities {
+        cancellation: true,
+        ..Capabilities::NONE
+    };
 
     fn init(_config: &str) -> Result<Self, Error> {
         Ok(Ticker)
     }
 
-    fn invoke(&self, input: Input, ctx: &mut Context, out: &mut Emitter<Item>) -> Result<(), Error> {
+    fn invoke(
+        &self,
+        input: Input,
+        ctx: &mut Context,
+        out: &mut Emitter<Item>,
+    ) -> Result<(), Error> {
         let interval = Duration::from_millis(input.interval_ms.max(0) as u64);
         for i in 0..input.count {
             ctx.raise_if_cancelled()?;

@@ -32,7 +32,10 @@ impl Plugin for Wordcount {
     type Output = Output;
     const NAME: &'static str = "wordcount";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const CAPABILITIES: Capabilities = Capabilities { usage: true, ..Capabilities::NONE };
+    const CAPABILITIES: Capabilities = Capabilities {
+        usage: true,
+        ..Capabilities::NONE
+    };
 
     fn init(_config: &str) -> Result<Self, Error> {
         Ok(Wordcount)

@@ -1,0 +1,441 @@
+//! The etl plugin contract, checked against the real binary serving real
+//! plugin libraries over loopback: every route, every error case, for the
+//! Rust and the C `wordcount` alike.
+
+mod support;
+
+use serde_json::{json, Value};
+use support::{fixture, plugin, Server};
+
+/// The id the reference host gives `wordcount(usage: list, text: str, repeat: int = 1)`.
+const WORDCOUNT_ID: &str = "995355281551620c1e2a7cab3da49c91";
+
+fn wordcounts() -> [Server; 2] {
+    [
+        Server::start(&plugin("wordcount"), &[]),
+        Server::start(&plugin("wordcount_c"), &[]),
+    ]
+}
+
+fn envelope(usage: Value, output: Value) -> Value {
+    json!({
+        "usage": usage, "status_code": 200, "file_data": null,
+        "filedata_meta": {"terminate_current": false, "new_records": []},
+        "status_code_text": null, "failure_category": null, "plugin_error": null,
+        "output": output, "message_channels": {"infos": [], "warnings": []}
+    })
+}
+
+#[test]
+fn invoke_answers_the_envelope_in_the_reference_key_order() {
+    for s in wordcounts() {
+        let r = s.post_json("/invoke", r#"{"text":"hello big world"}"#);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        // Byte for byte what the reference host answers.
+        assert_eq!(
+            r.text(),
+            r#"{"usage":[{"value":15,"name":"chars"}],"status_code":200,"file_data":null,"filedata_meta":{"terminate_current":false,"new_records":[]},"status_code_text":null,"failure_category":null,"plugin_error":null,"output":{"words":3,"chars":15},"message_channels":{"infos":[],"warnings":[]}}"#
+        );
+    }
+}
+
+#[test]
+fn rust_and_c_wordcount_agree_on_every_input() {
+    let [rust, c] = wordcounts();
+    let bodies = [
+        r#"{"text":"hello big world","repeat":3}"#,
+        r#"{"text":""}"#,
+        r#"{"text":"  leading and   trailing  ","repeat":"2"}"#,
+        r#"{"text":"tab\there\nnewline\u00a0nbsp\u3000ideographic"}"#,
+        r#"{"text":"é😀 \ud83d\ude00 \"quoted\" back\\slash","repeat":2.0}"#,
+        r#"{"repeat":0,"text":"ignored","extra":{"nested":[1,"two"]}}"#,
+        r#"{"text":"negative","repeat":-2}"#,
+        r#"{"text":"nul\u0000inside"}"#,
+    ];
+    for body in bodies {
+        let a = rust.post_json("/invoke", body);
+        let b = c.post_json("/invoke", body);
+        assert_eq!(a.status, 200, "{body}");
+        assert_eq!(a.json(), b.json(), "rust and C differ on {body}");
+    }
+    let r = rust.post_json("/invoke", bodies[3]).json();
+    // tab here newline nbsp ideographic: Unicode whitespace splits words.
+    assert_eq!(r["output"], json!({"words": 5, "chars": 36}));
+    assert_eq!(r["usage"], json!([{"value": 36, "name": "chars"}]));
+}
+
+#[test]
+fn schema_id_and_metadata_are_identical_for_rust_and_c() {
+    let [rust, c] = wordcounts();
+    for s in [&rust, &c] {
+        let schema = s.get("/schema").json();
+        assert_eq!(
+            schema,
+            json!({
+                "inputs": {"type": "object", "required": ["text"],
+                           "properties": {"text": {"type": "string"}, "repeat": {"type": "integer", "default": 1}}},
+                "outputs": {"type": "object", "properties": {"words": {"type": "integer"}, "chars": {"type": "integer"}},
+                            "required": ["words", "chars"]}
+            })
+        );
+        assert_eq!(s.get("/id").json(), json!(WORDCOUNT_ID));
+        let meta = s.get("/metadata");
+        assert_eq!(
+            meta.text(),
+            format!(r#"{{"api_version":"3","identifier":"{WORDCOUNT_ID}","capabilities":[]}}"#)
+        );
+    }
+}
+
+#[test]
+fn validation_errors_are_fastapi_shaped() {
+    for s in wordcounts() {
+        let cases: [(&str, Value); 5] = [
+            (
+                r#"{"text":"a","repeat":"abc"}"#,
+                json!([{"type":"int_parsing","loc":["body","repeat"],"msg":"Input should be a valid integer, unable to parse string as an integer","input":"abc"}]),
+            ),
+            (
+                r#"{"text":"a","repeat":2.5}"#,
+                json!([{"type":"int_from_float","loc":["body","repeat"],"msg":"Input should be a valid integer, got a number with a fractional part","input":2.5}]),
+            ),
+            (
+                r#"{}"#,
+                json!([{"type":"missing","loc":["body","text"],"msg":"Field required","input":{}}]),
+            ),
+            (
+                r#"{"text":5}"#,
+                json!([{"type":"string_type","loc":["body","text"],"msg":"Input should be a valid string","input":5}]),
+            ),
+            (
+                r#"[1,2]"#,
+                json!([{"type":"model_attributes_type","loc":["body"],"msg":"Input should be a valid dictionary or object to extract fields from","input":[1,2]}]),
+            ),
+        ];
+        for (body, detail) in cases {
+            let r = s.post_json("/invoke", body);
+            assert_eq!(r.status, 422, "{body}");
+            assert_eq!(r.json(), json!({ "detail": detail }), "{body}");
+        }
+    }
+}
+
+#[test]
+fn malformed_json_missing_body_and_wrong_content_type() {
+    let s = Server::start(&plugin("wordcount"), &[]);
+    let r = s.post_json("/invoke", r#"{"text":"#);
+    assert_eq!(
+        (r.status, r.json()),
+        (
+            422,
+            json!({"detail":"Invalid JSON body","reason":"malformed_envelope"})
+        )
+    );
+
+    let r = s.post_json("/invoke", "");
+    assert_eq!(
+        (r.status, r.json()),
+        (
+            422,
+            json!({"detail":[{"type":"missing","loc":["body"],"msg":"Field required","input":null}]})
+        )
+    );
+
+    // As with FastAPI, a body that is not declared JSON is not parsed.
+    let r = s.post(
+        "/invoke",
+        Some("application/x-www-form-urlencoded"),
+        br#"{"text":"a b"}"#,
+    );
+    assert_eq!(r.status, 422);
+    assert_eq!(r.json()["detail"][0]["type"], "model_attributes_type");
+    assert_eq!(r.json()["detail"][0]["input"], r#"{"text":"a b"}"#);
+
+    // A raw control character, and bytes that are not UTF-8: clean 422s.
+    let r = s.post_json("/invoke", "{\"text\":\"\u{0}\"}");
+    assert_eq!(
+        (r.status, r.json()["reason"].clone()),
+        (422, json!("malformed_envelope"))
+    );
+    let r = s.post(
+        "/invoke",
+        Some("application/json"),
+        b"{\"text\":\"\xff\xfe\"}",
+    );
+    assert_eq!(
+        (r.status, r.json()["reason"].clone()),
+        (422, json!("malformed_envelope"))
+    );
+}
+
+#[test]
+fn an_all_optional_body_may_be_absent_and_defaults_apply() {
+    let s = Server::start(&fixture(None), &["--plugin-config", "cfg-value"]);
+    for body in ["", "{}"] {
+        let r = s.post_json("/invoke", body);
+        assert_eq!(r.status, 200, "{body:?}: {}", r.text());
+        // mode defaulted to "ok": the fixture echoes its configuration.
+        assert_eq!(r.json()["output"]["config"], "cfg-value");
+    }
+}
+
+#[test]
+fn static_routes_and_errors() {
+    let s = Server::start(&plugin("wordcount"), &[]);
+    let r = s.get("/");
+    assert_eq!((r.status, r.header("location")), (307, Some("/docs")));
+    let r = s.get("/docs");
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/html"));
+    assert!(r.text().contains("wordcount") && r.text().contains(WORDCOUNT_ID));
+
+    let r = s.get("/nope");
+    assert_eq!((r.status, r.json()), (404, json!({"detail": "Not Found"})));
+    let r = s.get("/invoke");
+    assert_eq!(
+        (r.status, r.json()),
+        (405, json!({"detail": "Method Not Allowed"}))
+    );
+    assert_eq!(r.header("allow"), Some("POST"));
+    let r = s.post_json("/schema", "{}");
+    assert_eq!(r.status, 405);
+
+    let p = s.get("/precheck");
+    assert_eq!(
+        (p.status, p.json()),
+        (
+            200,
+            json!({"usage": [], "status_code": 200, "status_code_text": null, "failure_category": null, "plugin_error": null})
+        )
+    );
+    assert_eq!(s.get("/healthz").status, 200);
+    assert_eq!(s.get("/readyz").status, 200);
+}
+
+#[test]
+fn openapi_describes_the_plugin() {
+    let s = Server::start(&plugin("wordcount"), &[]);
+    let doc = s.get("/openapi.json").json();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert_eq!(doc["info"]["title"], "wordcount");
+    assert_eq!(
+        doc["components"]["schemas"]["Inputs"],
+        s.get("/schema").json()["inputs"]
+    );
+    assert_eq!(
+        doc["paths"]["/invoke"]["post"]["requestBody"]["required"],
+        true
+    );
+    for path in ["/invoke", "/schema", "/id", "/precheck", "/metadata"] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    for probe in ["/healthz", "/readyz"] {
+        assert!(
+            doc["paths"][probe].is_null(),
+            "{probe} must not be in the OpenAPI document"
+        );
+    }
+}
+
+#[test]
+fn streaming_sends_one_envelope_per_item_then_the_failure_line() {
+    let s = Server::start(&plugin("ticker"), &[]);
+    let r = s.post_json("/invoke", r#"{"count":3,"interval_ms":0}"#);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"));
+    let lines = r.lines();
+    assert_eq!(lines.len(), 3);
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line, &envelope(json!([]), json!({"i": i})));
+    }
+
+    let lines = s
+        .post_json("/invoke", r#"{"count":5,"fail_at":2,"interval_ms":0}"#)
+        .lines();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[1]["output"], json!({"i": 1}));
+    assert_eq!(lines[2]["status_code"], 500);
+    assert_eq!(
+        lines[2]["status_code_text"],
+        "[TickerError] failed after 2 items"
+    );
+    assert_eq!(lines[2]["output"], Value::Null);
+
+    // A failure before the first item is still a stream of one line.
+    let r = s.post_json("/invoke", r#"{"count":5,"fail_at":0}"#);
+    assert_eq!((r.status, r.lines().len()), (200, 1));
+    assert_eq!(r.lines()[0]["status_code"], 500);
+}
+
+#[test]
+fn plugin_failures_are_reported_inside_the_envelope() {
+    let s = Server::start(&fixture(None), &[]);
+    let r = s.post_json("/invoke", r#"{"mode":"fail_status"}"#);
+    assert_eq!(r.status, 200);
+    let e = r.json();
+    assert_eq!(e["status_code"], 418);
+    assert_eq!(e["status_code_text"], "[TeapotError] short and stout");
+    assert_eq!(e["usage"], json!([{"value": 2, "name": "attempts"}]));
+    assert_eq!(e["message_channels"]["warnings"], json!(["kettle is hot"]));
+    assert_eq!(e["output"], Value::Null);
+
+    let e = s.post_json("/invoke", r#"{"mode":"fail_silent"}"#).json();
+    assert_eq!(e["status_code"], 500);
+    assert_eq!(
+        e["status_code_text"],
+        "[PluginError] the plugin reported a failure without describing it"
+    );
+
+    let e = s.post_json("/invoke", r#"{"mode":"meta"}"#).json();
+    assert_eq!(
+        e["filedata_meta"],
+        json!({"terminate_current": true, "new_records": [{"k": 1}]})
+    );
+    assert_eq!(e["message_channels"]["infos"], json!(["hello"]));
+}
+
+#[test]
+fn contract_violations_get_a_clean_500_envelope() {
+    let s = Server::start(&fixture(None), &[]);
+    let cases = [
+        (
+            "invalid_json",
+            "[PluginContractError] the plugin emitted output that is not valid JSON",
+        ),
+        (
+            "invalid_utf8",
+            "[PluginContractError] the plugin emitted output that is not valid UTF-8",
+        ),
+        (
+            "emit_twice",
+            "[PluginContractError] the plugin emitted more than one output but does not stream",
+        ),
+        (
+            "no_emit",
+            "[PluginContractError] the plugin returned ok without emitting an output",
+        ),
+        (
+            "bad_code",
+            "[PluginContractError] the plugin returned the unknown result code 7",
+        ),
+    ];
+    for (mode, text) in cases {
+        let r = s.post_json("/invoke", &format!(r#"{{"mode":"{mode}"}}"#));
+        assert_eq!(r.status, 200, "{mode}");
+        let e = r.json();
+        assert_eq!(e["status_code"], 500, "{mode}");
+        assert!(
+            e["status_code_text"].as_str().unwrap().starts_with(text),
+            "{mode}: {}",
+            e["status_code_text"]
+        );
+    }
+    // And the server keeps serving.
+    assert_eq!(s.post_json("/invoke", "{}").json()["status_code"], 200);
+}
+
+#[test]
+fn a_callback_after_invoke_returned_is_refused_harmlessly() {
+    let s = Server::start(&fixture(None), &[]);
+    assert_eq!(
+        s.post_json("/invoke", r#"{"mode":"late"}"#).json()["status_code"],
+        200
+    );
+    // The fixture's thread calls add_info with the stale handle after 200 ms.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let rc = s.post_json("/invoke", "{}").json()["output"]["late_rc"].clone();
+        if rc != 1 {
+            assert_eq!(rc, -3, "a late callback answers ETL_CB_CLOSED");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the late call never happened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_plugin_bailing_out_answers_the_shutdown_abort() {
+    let s = Server::start(&fixture(None), &[]);
+    let r = s.post_json("/invoke", r#"{"mode":"shutdown"}"#);
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.header("connection"), Some("close"));
+    let e = r.json();
+    assert_eq!(e["status_code"], 503);
+    assert_eq!(e["plugin_error"]["error_type"], "shutdown");
+    assert_eq!(e["plugin_error"]["retryable"], true);
+    assert_eq!(e["usage"], json!([{"value": 3, "name": "pages"}]));
+}
+
+#[test]
+fn precheck_runs_the_plugins_hook() {
+    let ok = Server::start(&fixture(None), &[]);
+    let p = ok.get("/precheck").json();
+    assert_eq!(p["status_code"], 200);
+    assert_eq!(p["usage"], json!([{"value": 1, "name": "probes"}]));
+
+    let failing = Server::start(&fixture(None), &["--plugin-config", "precheck_fails"]);
+    let r = failing.get("/precheck");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json(),
+        json!({"usage": [{"value": 1, "name": "probes"}], "status_code": 424,
+               "status_code_text": "[DependencyError] upstream is down", "failure_category": null, "plugin_error": null})
+    );
+}
+
+#[test]
+fn a_panicking_rust_plugin_answers_a_500_envelope_and_keeps_serving() {
+    let s = Server::start(&plugin("panicky"), &[]);
+    for _ in 0..3 {
+        let e = s.post_json("/invoke", r#"{"panic":true}"#).json();
+        assert_eq!(e["status_code"], 500);
+        assert_eq!(
+            e["status_code_text"],
+            "[PluginPanic] the plugin lost its temper"
+        );
+        assert_eq!(e["usage"], json!([{"value": 1, "name": "before_panic"}]));
+    }
+    let p = s.get("/precheck").json();
+    assert_eq!(p["status_code"], 500);
+    assert_eq!(p["status_code_text"], "[PluginPanic] precheck panicked too");
+    assert_eq!(
+        s.post_json("/invoke", r#"{"panic":false}"#).json()["output"],
+        json!({"calm": true})
+    );
+}
+
+#[test]
+fn an_explicit_id_is_served_as_is() {
+    let s = Server::start(&fixture(None), &[]);
+    assert_eq!(s.get("/id").json(), json!("faulty-explicit-id"));
+}
+
+#[test]
+fn bodies_over_the_cap_are_refused_before_they_are_read() {
+    let s = Server::start(&plugin("wordcount"), &["--max-body-size", "1KiB"]);
+    let big = format!(r#"{{"text":"{}"}}"#, "x".repeat(2000));
+    let r = s.post_json("/invoke", &big);
+    assert_eq!(r.status, 413);
+    assert!(r.json()["detail"]
+        .as_str()
+        .unwrap()
+        .contains("over the limit of 1024 bytes"));
+
+    // Chunked, so the size is only known while reading.
+    let mut raw = b"POST /invoke HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    raw.extend_from_slice(format!("{:x}\r\n{big}\r\n0\r\n\r\n", big.len()).as_bytes());
+    assert_eq!(support::request(s.addr, &raw).status, 413);
+
+    // Under the cap is fine.
+    assert_eq!(s.post_json("/invoke", r#"{"text":"small"}"#).status, 200);
+}

@@ -1,0 +1,156 @@
+//! A plugin that cannot be loaded stops etl-serve before it binds a port,
+//! with exit code 65 and one line naming the file and the reason.
+
+mod support;
+
+use std::path::Path;
+
+use support::{fixture, plugin, Server};
+
+/// Starts etl-serve on `path`, expects it to refuse, and returns its one
+/// error line.
+fn refusal(path: &Path) -> String {
+    let failed = Server::start_with(path, &[], &[])
+        .err()
+        .expect("etl-serve should refuse this plugin");
+    assert_eq!(
+        failed.status.code(),
+        Some(65),
+        "exit code for {}: {}",
+        path.display(),
+        failed.stderr
+    );
+    assert!(
+        !failed.stderr.contains("listening on"),
+        "it must not bind: {}",
+        failed.stderr
+    );
+    let lines: Vec<&str> = failed
+        .stderr
+        .lines()
+        .filter(|l| l.contains("error"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one error line, got: {}", failed.stderr);
+    lines[0].to_owned()
+}
+
+#[test]
+fn a_missing_file() {
+    let line = refusal(Path::new("/nonexistent/libnothing.so"));
+    assert_eq!(
+        line,
+        "etl-serve: error: cannot load plugin /nonexistent/libnothing.so: cannot read the plugin file: No such file or directory (os error 2)"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_shared_library() {
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("libnot_a_library.so");
+    std::fs::write(&path, "this is text, not ELF\n").unwrap();
+    let line = refusal(&path);
+    assert!(
+        line.starts_with(&format!(
+            "etl-serve: error: cannot load plugin {}: not a loadable shared library: ",
+            path.display()
+        )),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_library_without_the_entry_symbol() {
+    let path = fixture(Some("NO_ENTRY"));
+    assert_eq!(
+        refusal(&path),
+        format!(
+            "etl-serve: error: cannot load plugin {}: the library does not export the entry symbol `etl_plugin_entry` (is it an etl-serve plugin?)",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn an_unknown_abi_major_version() {
+    let path = fixture(Some("WRONG_ABI"));
+    assert_eq!(
+        refusal(&path),
+        format!(
+            "etl-serve: error: cannot load plugin {}: the plugin was built for plugin ABI 99.0 but this etl-serve speaks ABI 1.0; rebuild the plugin against this etl-serve's include/etl_plugin.h",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn an_init_that_fails() {
+    let path = fixture(Some("INIT_FAILS"));
+    assert_eq!(
+        refusal(&path),
+        format!(
+            "etl-serve: error: cannot load plugin {}: the plugin's init failed: missing API key (set FAULTY_KEY)",
+            path.display()
+        )
+    );
+}
+
+#[test]
+fn a_schema_that_is_not_json() {
+    let path = fixture(Some("SCHEMA_NOT_JSON"));
+    let line = refusal(&path);
+    assert!(
+        line.starts_with(&format!(
+            "etl-serve: error: cannot load plugin {}: invalid plugin schema: `inputs_schema` is not JSON: ",
+            path.display()
+        )),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_schema_that_is_not_a_json_schema() {
+    let path = fixture(Some("SCHEMA_INVALID"));
+    let line = refusal(&path);
+    assert!(
+        line.starts_with(&format!(
+            "etl-serve: error: cannot load plugin {}: invalid plugin schema: `inputs_schema` is not a valid JSON Schema: ",
+            path.display()
+        )),
+        "{line}"
+    );
+}
+
+#[test]
+fn the_plugin_can_come_from_the_environment() {
+    let mut cmd = support::etl_serve();
+    cmd.env("ETL_SERVE_PLUGIN", "/nonexistent/from-env.so");
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("cannot load plugin /nonexistent/from-env.so"));
+}
+
+#[test]
+fn a_bad_flag_is_a_usage_error() {
+    let out = support::etl_serve()
+        .args(["--plugin", "x.so", "--max-body-size", "lots"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--max-body-size") && err.contains("`lots` is not a size"),
+        "{err}"
+    );
+
+    let out = support::etl_serve().output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--plugin <PATH>"));
+}
+
+#[test]
+fn the_example_plugins_load() {
+    for name in ["wordcount", "wordcount_c", "slow", "ticker"] {
+        let s = Server::start(&plugin(name), &[]);
+        assert_eq!(s.get("/healthz").status, 200, "{name}");
+    }
+}

@@ -1,0 +1,364 @@
+//! What the integration tests share: building the plugins, starting the
+//! real `etl-serve` binary on a free loopback port, and a small HTTP/1.1
+//! client over a raw socket (so tests control exactly what is sent).
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const WORKSPACE: &str = env!("CARGO_MANIFEST_DIR");
+
+/// target/<profile>, where cargo put this test binary (…/deps/<test>).
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test binary lies in <profile>/deps")
+        .to_path_buf()
+}
+
+/// The path of an example or fixture plugin library, building all of them
+/// the first time (one `cargo build` for the whole run).
+pub fn plugin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let mut cmd = Command::new(env!("CARGO"));
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "wordcount",
+            "-p",
+            "wordcount_c",
+            "-p",
+            "slow",
+            "-p",
+            "ticker",
+        ])
+        .args(["-p", "panicky"])
+        .current_dir(WORKSPACE);
+        if profile_dir().file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for the plugins");
+        assert!(status.success(), "building the plugins failed");
+    });
+    let path = profile_dir().join(format!("lib{name}.so"));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// The `faulty.c` fixture compiled with `-D<variant>` (or none), once.
+pub fn fixture(variant: Option<&str>) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let name = variant.unwrap_or("default").to_ascii_lowercase();
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("libfaulty_{name}.so"));
+    let mut built = BUILT.lock().unwrap();
+    if !built.contains(&name) {
+        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+        let mut cmd = Command::new(&cc);
+        cmd.args([
+            "-shared",
+            "-fPIC",
+            "-fvisibility=hidden",
+            "-std=c11",
+            "-D_POSIX_C_SOURCE=200809L",
+            "-Wall",
+        ])
+        .arg("-I")
+        .arg(Path::new(WORKSPACE).join("include"))
+        .arg(Path::new(WORKSPACE).join("tests/fixtures/faulty.c"))
+        .arg("-o")
+        .arg(&out)
+        .arg("-lpthread");
+        if let Some(v) = variant {
+            cmd.arg(format!("-D{v}"));
+        }
+        let status = cmd
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}`: {e}"));
+        assert!(
+            status.success(),
+            "compiling the faulty fixture ({name}) failed"
+        );
+        built.push(name);
+    }
+    out
+}
+
+/// A running `etl-serve`, killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    logs: Arc<Mutex<String>>,
+}
+
+/// How a server that should not have started ended.
+#[derive(Debug)]
+pub struct Failed {
+    pub status: ExitStatus,
+    pub stderr: String,
+}
+
+pub fn etl_serve() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etl-serve"));
+    cmd.env_remove("RUST_LOG");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("UVICORN_") || k.starts_with("ETL_SERVE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
+impl Server {
+    /// Starts etl-serve on `plugin` with extra `args`, and waits until it
+    /// listens.
+    pub fn start(plugin: &Path, args: &[&str]) -> Server {
+        Server::start_with(plugin, args, &[])
+            .unwrap_or_else(|f| panic!("etl-serve did not start: {f:?}"))
+    }
+
+    /// Like `start`, with environment variables, returning how it ended if
+    /// it exits instead of listening.
+    pub fn start_with(
+        plugin: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server, Failed> {
+        let mut cmd = etl_serve();
+        cmd.arg("--plugin")
+            .arg(plugin)
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(args);
+        cmd.envs(env.iter().copied());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn etl-serve");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(addr) = rx.recv_timeout(Duration::from_millis(20)) {
+                let addr = addr
+                    .parse()
+                    .expect("a socket address in the listening line");
+                return Ok(Server {
+                    child: Some(child),
+                    addr,
+                    logs,
+                });
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                // Let the reader thread drain what is left.
+                std::thread::sleep(Duration::from_millis(100));
+                return Err(Failed {
+                    status,
+                    stderr: logs.lock().unwrap().clone(),
+                });
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etl-serve did not listen within 30 s"
+            );
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Everything the server logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits up to `timeout` for a log line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn get(&self, path: &str) -> Response {
+        request(
+            self.addr,
+            &format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").into_bytes(),
+        )
+    }
+
+    pub fn post_json(&self, path: &str, body: &str) -> Response {
+        self.post(path, Some("application/json"), body.as_bytes())
+    }
+
+    pub fn post(&self, path: &str, content_type: Option<&str>, body: &[u8]) -> Response {
+        let mut req = format!(
+            "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if let Some(ct) = content_type {
+            req.push_str(&format!("Content-Type: {ct}\r\n"));
+        }
+        req.push_str("\r\n");
+        let mut raw = req.into_bytes();
+        raw.extend_from_slice(body);
+        request(self.addr, &raw)
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().unwrap();
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An HTTP response as read off the socket.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+
+    /// The body's NDJSON lines, each parsed.
+    pub fn lines(&self) -> Vec<Value> {
+        self.text()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect()
+    }
+}
+
+/// Sends `raw` on a new connection and reads one response (the request
+/// should say `Connection: close`).
+pub fn request(addr: SocketAddr, raw: &[u8]) -> Response {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream.write_all(raw).expect("write request");
+    read_response(&mut BufReader::new(stream)).expect("a complete response")
+}
+
+/// Reads one response from `r`: status line, headers, and a body framed by
+/// Content-Length, chunked encoding, or the end of the connection.
+pub fn read_response(r: &mut impl BufRead) -> std::io::Result<Response> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "no response",
+        ));
+    }
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut headers = HashMap::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+        }
+    }
+    let mut body = Vec::new();
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            let size = usize::from_str_radix(line.trim(), 16)
+                .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
+            let mut chunk = vec![0; size + 2];
+            r.read_exact(&mut chunk)?;
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..size]);
+        }
+    } else if let Some(len) = headers.get("content-length") {
+        let len: usize = len
+            .parse()
+            .map_err(|_| std::io::Error::other("bad content-length"))?;
+        body.resize(len, 0);
+        r.read_exact(&mut body)?;
+    } else if status != 204 && status != 304 && !(100..200).contains(&status) {
+        r.read_to_end(&mut body)?;
+    }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
