@@ -620,8 +620,16 @@ mod runtime {
             }
         }
 
-        /// The table; built on first use.
+        /// The table, built on first use; NULL if building it panicked
+        /// (the host then refuses the plugin with "returned NULL").
         pub fn table(&'static self, hooks: Hooks) -> *const abi::EtlPlugin {
+            match catch_unwind(AssertUnwindSafe(|| self.build_table(hooks))) {
+                Ok(table) => table,
+                Err(_) => std::ptr::null(),
+            }
+        }
+
+        fn build_table(&'static self, hooks: Hooks) -> *const abi::EtlPlugin {
             let t = self.table.get_or_init(|| {
                 let strings: [Box<str>; 5] = [
                     A::NAME.into(),
