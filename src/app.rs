@@ -8,16 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::cli::Cli;
-use crate::invocation;
 use crate::plugin::{LoadError, Plugin};
+use crate::reaper;
 use crate::routes::App;
 use crate::server;
-use crate::shutdown::ShutdownSignals;
+use crate::shutdown::{self, Drain, ShutdownSignals};
 
-/// Exit codes (also in docs/operations.md).
+/// Exit codes of a failed start (those of a shutdown are in
+/// [`crate::shutdown::exit`]).
 pub mod exit {
     /// Bad flags or environment variables (EX_USAGE).
     pub const USAGE: u8 = 64;
@@ -30,6 +31,8 @@ pub mod exit {
 /// A reason etl-serve could not start.
 #[derive(Debug)]
 pub enum Fatal {
+    /// A bad flag or environment variable that clap does not check.
+    Config(String),
     Plugin {
         path: String,
         error: LoadError,
@@ -44,6 +47,7 @@ pub enum Fatal {
 impl Fatal {
     pub fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
+            Fatal::Config(_) => exit::USAGE,
             Fatal::Plugin { .. } => exit::PLUGIN,
             Fatal::Bind { .. } | Fatal::Os(_) => exit::OS,
         })
@@ -53,6 +57,7 @@ impl Fatal {
 impl fmt::Display for Fatal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Fatal::Config(why) => f.write_str(why),
             Fatal::Plugin { path, error } => write!(f, "cannot load plugin {path}: {error}"),
             Fatal::Bind { addr, error } => write!(f, "cannot listen on {addr}: {error}"),
             Fatal::Os(why) => f.write_str(why),
@@ -66,6 +71,7 @@ impl fmt::Display for Fatal {
 /// A [`Fatal`] when the plugin cannot be loaded or the port bound; nothing
 /// has been served then.
 pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
+    let graceful_timeout = cli.graceful_timeout().map_err(Fatal::Config)?;
     let plugin = Plugin::load(&cli.plugin, &cli.plugin_config).map_err(|error| Fatal::Plugin {
         path: cli.plugin.display().to_string(),
         error,
@@ -77,7 +83,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
         streaming = m.streaming, capabilities = ?m.capability_names(),
         "plugin loaded"
     );
-    let app = App::new(plugin, cli.max_body_size).map_err(|why| Fatal::Plugin {
+    let drain = Drain::default();
+    let app = App::new(plugin, cli.max_body_size, drain.clone()).map_err(|why| Fatal::Plugin {
         path: cli.plugin.display().to_string(),
         error: LoadError::BadSchema(why),
     })?;
@@ -87,10 +94,18 @@ pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
         .thread_name("etl-serve")
         .build()
         .map_err(|e| Fatal::Os(format!("cannot start the async runtime: {e}")))?;
-    runtime.block_on(serve(cli, Arc::new(app)))
+    let code = runtime.block_on(serve(&cli, Arc::new(app), drain, graceful_timeout));
+    // Do not wait for blocking threads: an abandoned plugin call never ends.
+    runtime.shutdown_background();
+    code
 }
 
-async fn serve(cli: Cli, app: Arc<App>) -> Result<ExitCode, Fatal> {
+async fn serve(
+    cli: &Cli,
+    app: Arc<App>,
+    drain: Drain,
+    graceful_timeout: Duration,
+) -> Result<ExitCode, Fatal> {
     let mut signals = ShutdownSignals::install()
         .map_err(|e| Fatal::Os(format!("cannot install signal handlers: {e}")))?;
     let addr = SocketAddr::new(cli.host, cli.port);
@@ -100,33 +115,30 @@ async fn serve(cli: Cli, app: Arc<App>) -> Result<ExitCode, Fatal> {
     let local = listener
         .local_addr()
         .map_err(|error| Fatal::Bind { addr, error })?;
-    info!(address = %local, "listening on http://{local}");
-
-    let mut signal_name = "";
-    let graceful = server::accept_until(listener, app.clone(), async {
-        signal_name = signals.next().await;
-    })
-    .await;
-
-    let in_flight = invocation::cancel_all();
-    info!(
-        signal = signal_name,
-        in_flight, "shutdown started: cancel flags set, draining"
-    );
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        second = signals.next() => {
-            warn!(signal = second, "second signal: exiting at once");
-            return Ok(ExitCode::from(130));
-        }
-        () = tokio::time::sleep(Duration::from_secs(30)) => {
-            warn!(abandoned = invocation::live_count(), "drain timed out after 30 s");
-            return Ok(ExitCode::from(1));
-        }
+    if std::process::id() == 1 {
+        reaper::spawn();
     }
-    if invocation::live_count() == 0 {
-        app.plugin().shutdown();
-    }
-    info!("drained; exiting");
-    Ok(ExitCode::SUCCESS)
+    info!(address = %local, graceful_timeout = %humantime::format_duration(graceful_timeout), "listening on http://{local}");
+
+    // The listener accepts until the very end of the drain.
+    let (close_listener, closed) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(server::accept_until(listener, app.clone(), async {
+        let _ = closed.await;
+    }));
+
+    let signal = signals.next().await;
+    let code = shutdown::drain(&drain, &mut signals, signal, graceful_timeout).await;
+
+    let _ = close_listener.send(());
+    let connections = server
+        .await
+        .map_err(|e| Fatal::Os(format!("the accept loop failed: {e}")))?;
+    let plugin = app.plugin();
+    Ok(shutdown::finish(
+        connections.shutdown(),
+        &mut signals,
+        || plugin.shutdown(),
+        code,
+    )
+    .await)
 }

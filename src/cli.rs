@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 
@@ -47,6 +48,51 @@ pub struct Cli {
     #[arg(long, env = "ETL_SERVE_MAX_BODY_SIZE", value_name = "SIZE", default_value = "16MiB",
           value_parser = parse_size, help_heading = "Limits")]
     pub max_body_size: u64,
+
+    /// How long a shutdown waits for invocations to finish before answering
+    /// them with the 503 shutdown-abort and exiting: 30s, 1m30s, 500ms, or
+    /// seconds (2.5). 0 cancels and exits at once.
+    /// [env: UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=] [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = "Shutdown")]
+    pub graceful_timeout: Option<Duration>,
+}
+
+/// The environment variable for `--graceful-timeout`, uvicorn's name.
+pub const GRACEFUL_TIMEOUT_ENV: &str = "UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN";
+const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Cli {
+    /// The graceful timeout: the flag, else the environment variable, else
+    /// 30 s.
+    ///
+    /// # Errors
+    /// The variable is set to something that is not a duration; the message
+    /// names it and its value.
+    pub fn graceful_timeout(&self) -> Result<Duration, String> {
+        if let Some(d) = self.graceful_timeout {
+            return Ok(d);
+        }
+        match std::env::var(GRACEFUL_TIMEOUT_ENV) {
+            Ok(v) => parse_duration(&v)
+                .map_err(|why| format!("invalid {GRACEFUL_TIMEOUT_ENV}={v:?}: {why}")),
+            Err(std::env::VarError::NotPresent) => Ok(DEFAULT_GRACEFUL_TIMEOUT),
+            Err(std::env::VarError::NotUnicode(v)) => Err(format!(
+                "invalid {GRACEFUL_TIMEOUT_ENV}={v:?}: not valid UTF-8"
+            )),
+        }
+    }
+}
+
+/// Seconds as uvicorn reads them (`30`, `2.5`), or a humantime duration
+/// (`30s`, `1m30s`, `500ms`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let expected = "expected seconds (30, 2.5) or a duration (30s, 1m30s, 500ms)";
+    if let Ok(secs) = t.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("`{s}` is not a duration: {expected}"));
+    }
+    humantime::parse_duration(t).map_err(|_| format!("`{s}` is not a duration: {expected}"))
 }
 
 /// Parses `16MiB`, `512KiB`, `10MB`, `1024`.
@@ -77,7 +123,19 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_duration, parse_size};
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2.5"), Ok(Duration::from_millis(2500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
 
     #[test]
     fn sizes() {

@@ -9,7 +9,7 @@
 //! that reads its flag late reads a valid word.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -102,7 +102,7 @@ pub struct Failure {
 }
 
 /// Everything the plugin reported, taken once `invoke` returned.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Collected {
     /// The result code `invoke` returned (set by the caller).
     pub result: i32,
@@ -135,6 +135,16 @@ pub struct Invocation {
     cancel: &'static AtomicU32,
     state: Mutex<Collected>,
     stream: Option<mpsc::Sender<Chunk>>,
+    started: std::time::Instant,
+    client_gone: AtomicBool,
+}
+
+/// Invocations cancelled because their client went away.
+static CLIENT_GONE: AtomicU64 = AtomicU64::new(0);
+
+/// How many invocations were cancelled because their client went away.
+pub fn client_gone_count() -> u64 {
+    CLIENT_GONE.load(Ordering::Relaxed)
 }
 
 /// Keeps an invocation registered; unregisters it and recycles its flag on
@@ -159,6 +169,8 @@ impl Invocation {
             cancel,
             state: Mutex::new(Collected::default()),
             stream,
+            started: std::time::Instant::now(),
+            client_gone: AtomicBool::new(false),
         });
         lock(&LIVE).insert(handle, inv.clone());
         // Registered after cancel_all took the lock: cancel ourselves.
@@ -182,6 +194,26 @@ impl Invocation {
     /// Asks the plugin to stop this invocation (client gone, shutdown).
     pub fn cancel(&self) {
         self.cancel.store(1, Ordering::Release);
+    }
+
+    /// The client of this invocation went away: stop the plugin's work,
+    /// and count and log it.
+    pub fn cancel_for_client(&self) {
+        if !self.client_gone.swap(true, Ordering::AcqRel) {
+            self.cancel();
+            let total = CLIENT_GONE.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::info!(
+                invocation = self.handle,
+                client_disconnect_cancels = total,
+                "client went away: invocation cancelled"
+            );
+        }
+    }
+
+    /// A copy of what the plugin reported so far, for an invocation that is
+    /// answered without waiting for the plugin.
+    pub fn snapshot(&self) -> Collected {
+        lock(&self.state).clone()
     }
 
     fn emit(&self, json: &[u8]) -> i32 {
@@ -233,10 +265,23 @@ impl Registered {
         &self.inv
     }
 
+    /// A shared handle, to cancel the invocation from another task.
+    pub fn shared(&self) -> Arc<Invocation> {
+        self.inv.clone()
+    }
+
     /// Unregisters the invocation and takes what the plugin reported.
     pub fn finish(self, result: i32) -> Collected {
         let mut collected = std::mem::take(&mut *lock(&self.inv.state));
         collected.result = result;
+        if self.inv.client_gone.load(Ordering::Acquire) {
+            tracing::info!(
+                invocation = self.inv.handle,
+                result,
+                elapsed_ms = self.inv.started.elapsed().as_millis() as u64,
+                "plugin returned after its client went away"
+            );
+        }
         collected
     }
 }

@@ -2,7 +2,8 @@
 //! plugin HTTP contract.
 //!
 //! Where things are: `app` (startup and the top-level flow), `shutdown`
-//! (signals and the drain), `server` (the accept loop), `routes` (every HTTP
+//! (signals and the drain), `reaper` (orphans, when PID 1), `server` (the
+//! accept loop), `routes` (every HTTP
 //! route), `plugin` (loading a library through the C ABI), `invocation`
 //! (the host side of one call into the plugin), `envelope`, `validate`,
 //! `plugin_id` and `openapi` (what the routes answer).
@@ -19,6 +20,7 @@ mod invocation;
 mod openapi;
 mod plugin;
 mod plugin_id;
+mod reaper;
 mod routes;
 mod server;
 mod shutdown;

@@ -18,6 +18,7 @@
 //! goes to a blocking thread.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -30,14 +31,18 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
 use crate::envelope::{self, Outcome};
-use crate::invocation::{self, Chunk, Collected, Invocation, Kind};
+use crate::invocation::{Chunk, Collected, Invocation, Kind};
 use crate::openapi;
 use crate::plugin::Plugin;
+use crate::shutdown::{Drain, InFlightGuard};
 use crate::validate::InputModel;
 
 /// Everything the routes need, built once at startup.
 pub struct App {
-    plugin: Arc<Plugin>,
+    /// Never unloaded: a thread abandoned at the drain timeout may still be
+    /// running its code when the process exits.
+    plugin: &'static Plugin,
+    drain: Drain,
     inputs: InputModel,
     max_body: u64,
     schema_body: Bytes,
@@ -53,7 +58,7 @@ impl App {
     ///
     /// # Errors
     /// The inputs schema cannot be compiled into a validator.
-    pub fn new(plugin: Plugin, max_body: u64) -> Result<App, String> {
+    pub fn new(plugin: Plugin, max_body: u64, drain: Drain) -> Result<App, String> {
         let m = plugin.manifest();
         let inputs = InputModel::new(m.inputs())?;
         let json = |v: &serde_json::Value| {
@@ -74,12 +79,13 @@ impl App {
             )),
             docs_body: Bytes::from(openapi::docs_page(m)),
             openapi_body: json(&openapi),
-            plugin: Arc::new(plugin),
+            plugin: Box::leak(Box::new(plugin)),
+            drain,
         })
     }
 
-    pub fn plugin(&self) -> &Plugin {
-        &self.plugin
+    pub fn plugin(&self) -> &'static Plugin {
+        self.plugin
     }
 }
 
@@ -102,7 +108,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
         ("/healthz", &Method::GET) => {
             json(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#))
         }
-        ("/readyz", &Method::GET) => readyz(),
+        ("/readyz", &Method::GET) => readyz(&app.drain),
         (path, _) => match allowed_method(path) {
             Some(allow) => {
                 let mut r = json(
@@ -131,8 +137,8 @@ fn allowed_method(path: &str) -> Option<&'static str> {
     }
 }
 
-fn readyz() -> Response<Body> {
-    if invocation::shutting_down() {
+fn readyz(drain: &Drain) -> Response<Body> {
+    if drain.is_draining() {
         json(
             StatusCode::SERVICE_UNAVAILABLE,
             Bytes::from_static(br#"{"status":"shutting down"}"#),
@@ -152,7 +158,7 @@ async fn invoke(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
         Ok(body) => body,
         Err(response) => return response,
     };
-    if invocation::shutting_down() {
+    if app.drain.is_draining() {
         return shutdown_abort(&Collected::default());
     }
     let input = match app.inputs.prepare(content_type.as_deref(), &body) {
@@ -211,53 +217,112 @@ async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, Response<B
 }
 
 async fn invoke_plain(app: &Arc<App>, input: Vec<u8>) -> Response<Body> {
-    let plugin = app.plugin.clone();
+    let _in_flight = app.drain.track();
+    let plugin = app.plugin;
     let registered = Invocation::start(Kind::Invoke, None);
-    let collected = tokio::task::spawn_blocking(move || {
+    let watch = ClientWatch::new(registered.shared());
+    let call = tokio::task::spawn_blocking(move || {
         let rc = plugin.invoke(registered.invocation(), &input);
         registered.finish(rc)
-    })
-    .await;
-    match collected {
-        Ok(c) => envelope_response(&c, Kind::Invoke),
-        Err(e) => internal_error(&e.to_string()),
+    });
+    tokio::select! {
+        biased;
+        collected = call => {
+            let collected = watch.finished(collected);
+            match collected {
+                Ok(c) => envelope_response(&c, Kind::Invoke),
+                Err(e) => internal_error(&e.to_string()),
+            }
+        }
+        // The plugin ignored its flag past the graceful timeout: answer for
+        // it with what it reported so far, and abandon its thread.
+        () = app.drain.expired() => shutdown_abort(&watch.abandon()),
     }
 }
 
 async fn invoke_streaming(app: &Arc<App>, input: Vec<u8>) -> Response<Body> {
-    let plugin = app.plugin.clone();
+    let in_flight = app.drain.track();
+    let plugin = app.plugin;
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
     let registered = Invocation::start(Kind::Stream, Some(tx.clone()));
+    let watch = ClientWatch::new(registered.shared());
     tokio::task::spawn_blocking(move || {
         let rc = plugin.invoke(registered.invocation(), &input);
         let collected = registered.finish(rc);
         // The receiver is gone only when the client is; nothing to tell then.
         let _ = tx.blocking_send(Chunk::Done(collected));
     });
-    match rx.recv().await {
+    let first = tokio::select! {
+        biased;
+        first = rx.recv() => first,
+        () = app.drain.expired() => return shutdown_abort(&watch.abandon()),
+    };
+    match first {
         Some(Chunk::Line(first)) => {
+            let drain = app.drain.clone();
             let body = Body::Stream(StreamBody {
                 first: Some(first),
                 rx: Some(rx),
+                expired: Box::pin(async move { drain.expired().await }),
+                watch: Some(watch),
+                _in_flight: in_flight,
             });
             with_type_body(StatusCode::OK, "application/x-ndjson", body)
         }
-        Some(Chunk::Done(c)) => match outcome_of(&c, Kind::Stream) {
-            // Nothing sent yet: the shutdown-abort is a plain 503.
-            Outcome::Shutdown => shutdown_abort(&c),
-            Outcome::Ok(_) => with_type(StatusCode::OK, "application/x-ndjson", Bytes::new()),
-            failed => {
-                let mut line = envelope::write(&c, &failed);
-                line.push(b'\n');
-                with_type(StatusCode::OK, "application/x-ndjson", line.into())
+        Some(Chunk::Done(c)) => {
+            watch.finished(());
+            match outcome_of(&c, Kind::Stream) {
+                // Nothing sent yet: the shutdown-abort is a plain 503.
+                Outcome::Shutdown => shutdown_abort(&c),
+                Outcome::Ok(_) => with_type(StatusCode::OK, "application/x-ndjson", Bytes::new()),
+                failed => {
+                    let mut line = envelope::write(&c, &failed);
+                    line.push(b'\n');
+                    with_type(StatusCode::OK, "application/x-ndjson", line.into())
+                }
             }
-        },
+        }
         None => internal_error("the plugin thread ended without a result"),
     }
 }
 
+/// Cancels an invocation whose client went away: hyper drops the request's
+/// future (or the response body) when the connection closes, and with it
+/// this watch, unless the invocation finished or was abandoned first.
+struct ClientWatch {
+    inv: Option<Arc<Invocation>>,
+}
+
+impl ClientWatch {
+    fn new(inv: Arc<Invocation>) -> ClientWatch {
+        ClientWatch { inv: Some(inv) }
+    }
+
+    /// The plugin returned: nothing to cancel any more.
+    fn finished<T>(mut self, result: T) -> T {
+        self.inv = None;
+        result
+    }
+
+    /// The drain timed out: what the plugin reported so far.
+    fn abandon(mut self) -> Collected {
+        self.inv
+            .take()
+            .map(|inv| inv.snapshot())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ClientWatch {
+    fn drop(&mut self) {
+        if let Some(inv) = self.inv.take() {
+            inv.cancel_for_client();
+        }
+    }
+}
+
 async fn precheck(app: &Arc<App>) -> Response<Body> {
-    if invocation::shutting_down() {
+    if app.drain.is_draining() {
         return shutdown_abort(&Collected::default());
     }
     if !app.plugin.manifest().has_precheck {
@@ -267,13 +332,19 @@ async fn precheck(app: &Arc<App>) -> Response<Body> {
             envelope::precheck(&c, &Outcome::Ok(None)).into(),
         );
     }
-    let plugin = app.plugin.clone();
+    let _in_flight = app.drain.track();
+    let plugin = app.plugin;
     let registered = Invocation::start(Kind::Precheck, None);
-    let collected = tokio::task::spawn_blocking(move || {
+    let watch = ClientWatch::new(registered.shared());
+    let call = tokio::task::spawn_blocking(move || {
         let rc = plugin.precheck(registered.invocation());
         registered.finish(rc)
-    })
-    .await;
+    });
+    let collected = tokio::select! {
+        biased;
+        collected = call => watch.finished(collected),
+        () = app.drain.expired() => return shutdown_abort(&watch.abandon()),
+    };
     match collected {
         Ok(c) => {
             let outcome = outcome_of(&c, Kind::Precheck);
@@ -399,6 +470,10 @@ pub enum Body {
 pub struct StreamBody {
     first: Option<Bytes>,
     rx: Option<mpsc::Receiver<Chunk>>,
+    /// Resolves when the graceful timeout expires.
+    expired: Pin<Box<dyn Future<Output = ()> + Send>>,
+    watch: Option<ClientWatch>,
+    _in_flight: InFlightGuard,
 }
 
 impl HttpBody for Body {
@@ -424,12 +499,26 @@ impl HttpBody for Body {
                     return Poll::Ready(None);
                 };
                 match rx.poll_recv(cx) {
-                    Poll::Pending => Poll::Pending,
+                    Poll::Pending => {
+                        if s.expired.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                        // The graceful timeout expired mid-stream: the last
+                        // line is the shutdown-abort.
+                        s.rx = None;
+                        let c = s.watch.take().map(ClientWatch::abandon).unwrap_or_default();
+                        let mut line = envelope::write(&c, &Outcome::Shutdown);
+                        line.push(b'\n');
+                        Poll::Ready(Some(Ok(Frame::data(line.into()))))
+                    }
                     Poll::Ready(Some(Chunk::Line(line))) => {
                         Poll::Ready(Some(Ok(Frame::data(line))))
                     }
                     Poll::Ready(Some(Chunk::Done(c))) => {
                         s.rx = None;
+                        if let Some(w) = s.watch.take() {
+                            w.finished(());
+                        }
                         match outcome_of(&c, Kind::Stream) {
                             Outcome::Ok(_) => Poll::Ready(None),
                             last => {

@@ -1,17 +1,151 @@
-//! The shutdown sequence, from the first signal to the exit code.
+//! The shutdown sequence, from the first signal to the exit code. The
+//! timeline (also in docs/shutdown.md):
 //!
-//! Kubernetes sends SIGTERM to start a graceful shutdown; an operator's
-//! Ctrl-C sends SIGINT, which is treated the same way. The first thing done
-//! on either is to set the cancel flags, the process-wide one and every
-//! in-flight invocation's, so cooperative plugins stop at once. Then the
-//! listener stops accepting and open connections are drained.
+//! 1. SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C) arrives. The
+//!    very first thing done is to set the cancel flags, the process-wide one
+//!    and every in-flight invocation's, so cooperative plugins stop at once.
+//! 2. The drain: `/readyz` answers 503, every response carries
+//!    `Connection: close`, and a new `/invoke` or `/precheck` is answered at
+//!    once with the 503 shutdown-abort without calling the plugin. The
+//!    listener keeps accepting, so nothing that reaches the server goes
+//!    unanswered.
+//! 3. The moment no invocation is left, the drain is over. If the graceful
+//!    timeout expires first, every request still waiting on the plugin is
+//!    answered with the 503 shutdown-abort and its plugin thread is
+//!    abandoned.
+//! 4. The listener closes, open connections finish writing, the plugin's
+//!    shutdown hook runs if no invocation is still inside the plugin, and
+//!    the process exits: 0 when drained, 75 when the timeout cut the drain.
+//!    A second signal at any point exits at once with 130.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
 
-/// The signals that start a shutdown, installed at startup so that none is
-/// missed between binding and serving.
+use crate::invocation;
+
+/// Exit codes of a shutdown (also in docs/shutdown.md).
+pub mod exit {
+    /// Every invocation finished (or bailed out) within the graceful timeout.
+    pub const DRAINED: u8 = 0;
+    /// The graceful timeout expired with invocations still inside the plugin
+    /// (EX_TEMPFAIL).
+    pub const DRAIN_TIMED_OUT: u8 = 75;
+    /// A second SIGTERM or SIGINT forced the exit during the drain.
+    pub const FORCED: u8 = 130;
+}
+
+/// Where the server is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Serving,
+    /// A shutdown signal arrived: answer new work with the shutdown-abort.
+    Draining,
+    /// The graceful timeout expired: stop waiting for the plugin.
+    Expired,
+}
+
+/// The drain primitive: a phase everyone can watch, and a count of the
+/// requests that still wait on the plugin. Cheap to clone.
+#[derive(Clone)]
+pub struct Drain {
+    phase: watch::Sender<Phase>,
+    in_flight: Arc<InFlight>,
+}
+
+struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts one request as in flight until dropped.
+#[must_use = "the request stops counting as in flight when the guard drops"]
+pub struct InFlightGuard {
+    in_flight: Arc<InFlight>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.in_flight.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.in_flight.idle.notify_waiters();
+        }
+    }
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            phase: watch::Sender::new(Phase::Serving),
+            in_flight: Arc::new(InFlight {
+                count: AtomicUsize::new(0),
+                idle: Notify::new(),
+            }),
+        }
+    }
+}
+
+impl Drain {
+    /// Whether shutdown has started.
+    pub fn is_draining(&self) -> bool {
+        *self.phase.borrow() >= Phase::Draining
+    }
+
+    /// Counts a request that is about to wait on the plugin.
+    pub fn track(&self) -> InFlightGuard {
+        self.in_flight.count.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard {
+            in_flight: self.in_flight.clone(),
+        }
+    }
+
+    /// How many requests wait on the plugin.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.count.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the graceful timeout expired. Cancellation safe.
+    pub async fn expired(&self) {
+        let mut rx = self.phase.subscribe();
+        // The sender lives as long as `self`, so this cannot fail.
+        let _ = rx.wait_for(|p| *p == Phase::Expired).await;
+    }
+
+    /// Resolves once no request waits on the plugin. Cancellation safe.
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.in_flight.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Starts the drain: cancel flags first, then the phase. Returns how
+    /// many invocations were inside the plugin.
+    fn begin(&self) -> usize {
+        let cancelled = invocation::cancel_all();
+        self.phase.send_replace(Phase::Draining);
+        cancelled
+    }
+
+    fn expire(&self) {
+        self.phase.send_replace(Phase::Expired);
+    }
+}
+
+/// The signals that start a shutdown, installed before the port is bound so
+/// that none is missed.
 pub struct ShutdownSignals {
     signals: Signals,
 }
@@ -27,7 +161,8 @@ impl ShutdownSignals {
         })
     }
 
-    /// Waits for the next SIGTERM or SIGINT and returns its name.
+    /// Waits for the next SIGTERM (Kubernetes stopping the pod) or SIGINT
+    /// (an operator's Ctrl-C) and returns its name.
     pub async fn next(&mut self) -> &'static str {
         match self.signals.next().await {
             Some(SIGTERM) => "SIGTERM",
@@ -36,5 +171,137 @@ impl ShutdownSignals {
             // The stream never ends while the handle lives.
             None => std::future::pending().await,
         }
+    }
+}
+
+/// How long to wait for open connections to finish writing their last
+/// response once no invocation is left.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs steps 1 to 3 of the timeline after `signal` arrived and returns the
+/// exit code; the caller then closes the listener and calls [`finish`].
+pub async fn drain(
+    drain: &Drain,
+    signals: &mut ShutdownSignals,
+    signal: &str,
+    timeout: Duration,
+) -> u8 {
+    let started = Instant::now();
+    let inside = drain.begin();
+    info!(
+        signal,
+        in_flight = drain.in_flight(),
+        inside_plugin = inside,
+        graceful_timeout = %humantime::format_duration(timeout),
+        "{signal} received: cancel flags set, draining"
+    );
+    let deadline = tokio::time::sleep(timeout);
+    tokio::select! {
+        biased;
+        () = drain.idle() => {
+            info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
+            exit::DRAINED
+        }
+        second = signals.next() => forced(second),
+        () = deadline => {
+            drain.expire();
+            // Every waiting request now answers the shutdown-abort at once.
+            tokio::select! {
+                () = drain.idle() => {}
+                second = signals.next() => forced(second),
+            }
+            let abandoned = invocation::live_count();
+            warn!(
+                abandoned,
+                "timed out after {}, {abandoned} invocations abandoned",
+                humantime::format_duration(timeout)
+            );
+            exit::DRAIN_TIMED_OUT
+        }
+    }
+}
+
+/// Step 4: waits (briefly) for connections to finish writing, runs the
+/// plugin's shutdown hook when no invocation is inside the plugin, logs the
+/// exit code and returns it.
+pub async fn finish(
+    flush: impl std::future::Future<Output = ()>,
+    signals: &mut ShutdownSignals,
+    plugin_shutdown: impl FnOnce(),
+    code: u8,
+) -> ExitCode {
+    tokio::select! {
+        () = flush => {}
+        () = tokio::time::sleep(FLUSH_TIMEOUT) => warn!("connections still open after {FLUSH_TIMEOUT:?}; closing them"),
+        second = signals.next() => forced(second),
+    }
+    let inside = invocation::live_count();
+    if inside == 0 {
+        plugin_shutdown();
+    } else {
+        info!(
+            inside,
+            "not running the plugin's shutdown hook: invocations are still inside the plugin"
+        );
+    }
+    info!(
+        exit_code = code,
+        client_disconnect_cancels = invocation::client_gone_count(),
+        "exiting with code {code}"
+    );
+    if inside > 0 {
+        // Threads are still running plugin code: do not run the library's
+        // destructors under them.
+        exit_now(code)
+    }
+    ExitCode::from(code)
+}
+
+fn forced(signal: &str) -> ! {
+    warn!(
+        signal,
+        exit_code = exit::FORCED,
+        "second {signal} during the drain: forced exit"
+    );
+    exit_now(exit::FORCED)
+}
+
+/// Exits at once, without atexit handlers or destructors, which could run
+/// under threads that are still inside the plugin.
+fn exit_now(code: u8) -> ! {
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit only ends the process.
+    unsafe { nix::libc::_exit(i32::from(code)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn idle_waits_for_every_guard() {
+        let drain = Drain::default();
+        let a = drain.track();
+        let b = drain.track();
+        let idle = drain.idle();
+        tokio::pin!(idle);
+        assert!(futures_util::poll!(idle.as_mut()).is_pending());
+        drop(a);
+        assert!(futures_util::poll!(idle.as_mut()).is_pending());
+        drop(b);
+        assert!(futures_util::poll!(idle.as_mut()).is_ready());
+    }
+
+    #[tokio::test]
+    async fn expired_resolves_only_after_expire() {
+        let drain = Drain::default();
+        let expired = drain.expired();
+        tokio::pin!(expired);
+        assert!(futures_util::poll!(expired.as_mut()).is_pending());
+        drain.begin();
+        assert!(drain.is_draining());
+        assert!(futures_util::poll!(expired.as_mut()).is_pending());
+        drain.expire();
+        assert!(futures_util::poll!(expired.as_mut()).is_ready());
     }
 }

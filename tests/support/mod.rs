@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -150,12 +150,16 @@ impl Server {
         let sink = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut l = sink.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+                // Announced after it is in the logs, so a test that starts
+                // the server sees the listening line.
                 if let Some(addr) = line.split("listening on http://").nth(1) {
                     let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
                 }
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -187,6 +191,33 @@ impl Server {
 
     pub fn pid(&self) -> i32 {
         self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// Sends `signal` to the process we started.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        signal_pid(self.pid(), signal);
+    }
+
+    /// Sends a request on a new connection from another thread; join the
+    /// handle for the response and when it arrived.
+    pub fn send_in_background(&self, raw: String) -> std::thread::JoinHandle<(Response, Instant)> {
+        let addr = self.addr;
+        std::thread::spawn(move || {
+            let r = request(addr, raw.as_bytes());
+            (r, Instant::now())
+        })
+    }
+
+    /// A keep-alive connection to the server.
+    pub fn connect(&self) -> Conn {
+        let stream = TcpStream::connect(self.addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        Conn {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            stream,
+        }
     }
 
     /// Everything the server logged so far.
@@ -251,6 +282,56 @@ impl Drop for Server {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+pub fn signal_pid(pid: i32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("send signal");
+}
+
+/// A `POST /invoke` request with a JSON body, closing the connection.
+pub fn invoke_request(body: &str) -> String {
+    format!(
+        "POST /invoke HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A connection that stays open between requests.
+pub struct Conn {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    /// Sends one request (keep-alive) and reads its response.
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<Response> {
+        let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: t\r\n");
+        if let Some(b) = body {
+            raw.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                b.len()
+            ));
+        } else {
+            raw.push_str("\r\n");
+        }
+        self.stream.write_all(raw.as_bytes())?;
+        read_response(&mut self.reader)
+    }
+
+    pub fn stream_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+
+    /// Whether the server closed the connection (reads EOF).
+    pub fn closed_by_server(&mut self) -> bool {
+        let mut buf = [0u8; 1];
+        matches!(self.reader.read(&mut buf), Ok(0))
     }
 }
 

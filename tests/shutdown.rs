@@ -1,0 +1,435 @@
+//! The shutdown sequence, driven with real signals against the real binary.
+//! Time bounds are generous (a noisy 2-core machine); the tight figures are
+//! the benchmark's business.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal::{SIGINT, SIGTERM};
+use serde_json::json;
+use support::{fixture, invoke_request, plugin, Server};
+
+/// Gives a request sent from another thread time to reach the plugin over
+/// loopback. (The cooperative test checks, from the drain's log line, that
+/// this is enough for the request to be in flight when the signal lands.)
+fn wait_inside_plugin(_s: &Server) {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+fn assert_shutdown_abort(r: &support::Response) {
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.header("connection"), Some("close"));
+    let e = r.json();
+    assert_eq!(e["status_code"], 503);
+    assert_eq!(
+        e["status_code_text"],
+        "[PluginShutdown] the server is shutting down; retry the request on another instance"
+    );
+    assert_eq!(
+        e["plugin_error"],
+        json!({"error_type": "shutdown", "error_reason": "server_shutting_down", "dependency": null,
+               "audience": "platform", "retryable": true})
+    );
+}
+
+#[test]
+fn a_cooperative_plugin_stops_at_once_and_its_caller_gets_the_shutdown_abort() {
+    let mut s = Server::start(&plugin("slow"), &[]);
+    let call = s.send_in_background(invoke_request(r#"{"units":100000}"#));
+    wait_inside_plugin(&s);
+    let sent = Instant::now();
+    s.signal(SIGTERM);
+    let (r, answered) = call.join().unwrap();
+    assert_shutdown_abort(&r);
+    // What the plugin recorded before bailing out is kept.
+    let e = r.json();
+    assert_eq!(e["usage"][0]["name"], "units_done");
+    assert!(e["message_channels"]["infos"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("cancelled after"));
+    assert!(
+        answered - sent < Duration::from_secs(5),
+        "answered after {:?}",
+        answered - sent
+    );
+
+    let status = s
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits long before the 30 s timeout");
+    assert_eq!(status.code(), Some(0));
+    assert!(sent.elapsed() < Duration::from_secs(10));
+    let logs = s.logs();
+    assert!(
+        logs.contains("SIGTERM received: cancel flags set, draining"),
+        "{logs}"
+    );
+    assert!(logs.contains("in_flight=1"), "{logs}");
+    assert!(logs.contains("drained"), "{logs}");
+    assert!(logs.contains("exiting with code 0"), "{logs}");
+}
+
+#[test]
+fn a_plugin_ignoring_the_flag_is_answered_for_when_the_timeout_expires() {
+    let mut s = Server::start(&plugin("slow"), &["--graceful-timeout", "1s"]);
+    let call = s.send_in_background(invoke_request(r#"{"units":100000,"cooperative":false}"#));
+    wait_inside_plugin(&s);
+    let sent = Instant::now();
+    s.signal(SIGTERM);
+    let (r, answered) = call.join().unwrap();
+    assert_shutdown_abort(&r);
+    let waited = answered - sent;
+    assert!(
+        waited >= Duration::from_millis(900),
+        "answered before the timeout: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(6),
+        "answered long after the timeout: {waited:?}"
+    );
+
+    let status = s
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after the timeout");
+    assert_eq!(status.code(), Some(75), "the timeout code");
+    let logs = s.logs();
+    assert!(
+        logs.contains("timed out after 1s, 1 invocations abandoned"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("not running the plugin's shutdown hook"),
+        "{logs}"
+    );
+    assert!(logs.contains("exiting with code 75"), "{logs}");
+}
+
+#[test]
+fn the_environment_variable_sets_the_timeout() {
+    let mut s = Server::start_with(
+        &plugin("slow"),
+        &[],
+        &[("UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN", "1.5")],
+    )
+    .unwrap();
+    let call = s.send_in_background(invoke_request(r#"{"units":100000,"cooperative":false}"#));
+    wait_inside_plugin(&s);
+    let sent = Instant::now();
+    s.signal(SIGTERM);
+    let (r, answered) = call.join().unwrap();
+    assert_shutdown_abort(&r);
+    assert!(
+        answered - sent >= Duration::from_millis(1400),
+        "{:?}",
+        answered - sent
+    );
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(75)
+    );
+}
+
+#[test]
+fn a_request_that_finishes_during_the_drain_gets_its_normal_answer() {
+    let mut s = Server::start(&plugin("slow"), &[]);
+    let call = s.send_in_background(invoke_request(
+        r#"{"units":8,"unit_ms":100,"cooperative":false}"#,
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    s.signal(SIGTERM);
+    let (r, _) = call.join().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["output"], json!({"done": 8}));
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn requests_during_the_drain_are_answered_at_once() {
+    let mut s = Server::start(&plugin("slow"), &["--graceful-timeout", "20s"]);
+    // A keep-alive connection opened and used before the signal.
+    let mut kept = s.connect();
+    assert_eq!(kept.send("GET", "/readyz", None).unwrap().status, 200);
+    // Something to keep the drain going: 2 s that ignore the flag.
+    let long = s.send_in_background(invoke_request(
+        r#"{"units":20,"unit_ms":100,"cooperative":false}"#,
+    ));
+    wait_inside_plugin(&s);
+    s.signal(SIGTERM);
+    assert!(s.wait_for_log("draining", Duration::from_secs(5)));
+
+    let t = Instant::now();
+    let r = kept
+        .send("POST", "/invoke", Some(r#"{"units":1}"#))
+        .unwrap();
+    assert_shutdown_abort(&r);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "not at once: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        kept.closed_by_server(),
+        "the keep-alive connection closes after its response"
+    );
+
+    let r = s.post_json("/invoke", r#"{"units":1}"#);
+    assert_shutdown_abort(&r);
+    let r = s.get("/precheck");
+    assert_shutdown_abort(&r);
+    let r = s.get("/readyz");
+    assert_eq!((r.status, r.header("connection")), (503, Some("close")));
+    let r = s.get("/healthz");
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert_eq!(s.get("/schema").status, 200);
+
+    // The long request still completes normally, then the process exits.
+    let (r, _) = long.join().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["output"], json!({"done": 20}));
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn an_idle_server_exits_at_once() {
+    for signal in [SIGTERM, SIGINT] {
+        let mut s = Server::start(&plugin("wordcount"), &[]);
+        let sent = Instant::now();
+        s.signal(signal);
+        let status = s
+            .wait_exit(Duration::from_secs(5))
+            .expect("an idle server exits at once");
+        assert_eq!(status.code(), Some(0));
+        assert!(
+            sent.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            sent.elapsed()
+        );
+        assert!(
+            s.logs().contains(&format!("{signal:?} received")),
+            "{}",
+            s.logs()
+        );
+    }
+}
+
+#[test]
+fn a_stream_cut_by_shutdown_ends_with_the_shutdown_abort_line() {
+    let mut s = Server::start(&plugin("ticker"), &[]);
+    let call = s.send_in_background(invoke_request(r#"{"count":100000,"interval_ms":20}"#));
+    std::thread::sleep(Duration::from_millis(400));
+    s.signal(SIGTERM);
+    let (r, _) = call.join().unwrap();
+    assert_eq!(r.status, 200);
+    let lines = r.lines();
+    assert!(
+        lines.len() >= 2,
+        "some items, then the last line: {lines:?}"
+    );
+    let (last, items) = lines.split_last().unwrap();
+    for (i, item) in items.iter().enumerate() {
+        assert_eq!(item["output"], json!({"i": i}));
+    }
+    assert_eq!(last["status_code"], 503);
+    assert_eq!(last["plugin_error"]["error_type"], "shutdown");
+    assert_eq!(last["output"], serde_json::Value::Null);
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_stream_that_sent_nothing_answers_the_plain_503() {
+    let mut s = Server::start(&fixture(Some("STREAMING")), &[]);
+    let call = s.send_in_background(invoke_request(r#"{"mode":"wait_cancel"}"#));
+    wait_inside_plugin(&s);
+    s.signal(SIGTERM);
+    let (r, _) = call.join().unwrap();
+    assert_shutdown_abort(&r);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.json()["usage"], json!([{"value": 1, "name": "waited"}]));
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_stream_whose_plugin_ignores_the_flag_is_cut_at_the_timeout() {
+    let mut s = Server::start(
+        &fixture(Some("STREAMING")),
+        &["--graceful-timeout", "500ms"],
+    );
+    let call = s.send_in_background(invoke_request(r#"{"mode":"stream_ignore"}"#));
+    wait_inside_plugin(&s);
+    let sent = Instant::now();
+    s.signal(SIGTERM);
+    let (r, answered) = call.join().unwrap();
+    assert_eq!(r.status, 200);
+    let lines = r.lines();
+    let (last, items) = lines.split_last().unwrap();
+    assert!(!items.is_empty());
+    assert!(items.iter().all(|l| l["status_code"] == 200));
+    assert_eq!(last["status_code"], 503);
+    assert_eq!(last["plugin_error"]["error_type"], "shutdown");
+    assert!(
+        answered - sent >= Duration::from_millis(400),
+        "{:?}",
+        answered - sent
+    );
+    // The plugin stops at its next emit (the stream is closed), so nothing is
+    // left inside it and the drain counts as finished by the timeout.
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(75)
+    );
+}
+
+#[test]
+fn a_second_signal_forces_the_exit() {
+    let mut s = Server::start(&plugin("slow"), &["--graceful-timeout", "60s"]);
+    let _call = s.send_in_background(invoke_request(r#"{"units":100000,"cooperative":false}"#));
+    wait_inside_plugin(&s);
+    s.signal(SIGTERM);
+    assert!(s.wait_for_log("draining", Duration::from_secs(5)));
+    let sent = Instant::now();
+    s.signal(SIGINT);
+    let status = s
+        .wait_exit(Duration::from_secs(5))
+        .expect("a second signal exits at once");
+    assert_eq!(status.code(), Some(130));
+    assert!(sent.elapsed() < Duration::from_secs(3));
+    assert!(
+        s.logs()
+            .contains("second SIGINT during the drain: forced exit"),
+        "{}",
+        s.logs()
+    );
+}
+
+#[test]
+fn a_zero_timeout_cancels_and_exits_without_waiting() {
+    let mut s = Server::start(&plugin("slow"), &["--graceful-timeout", "0"]);
+    let call = s.send_in_background(invoke_request(r#"{"units":100000,"cooperative":false}"#));
+    wait_inside_plugin(&s);
+    let sent = Instant::now();
+    s.signal(SIGTERM);
+    let (r, answered) = call.join().unwrap();
+    assert_shutdown_abort(&r);
+    assert!(answered - sent < Duration::from_secs(2));
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(5)).unwrap().code(),
+        Some(75)
+    );
+
+    let mut idle = Server::start(&plugin("slow"), &["--graceful-timeout", "0"]);
+    idle.signal(SIGTERM);
+    assert_eq!(
+        idle.wait_exit(Duration::from_secs(5)).unwrap().code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn the_flag_wins_over_the_environment_variable() {
+    let cases: [(&[&str], Option<&str>, &str); 5] = [
+        (&[], None, "graceful_timeout=30s"),
+        (&[], Some("2.5"), "graceful_timeout=2s 500ms"),
+        (&[], Some("1m30s"), "graceful_timeout=1m 30s"),
+        (
+            &["--graceful-timeout", "45s"],
+            Some("2"),
+            "graceful_timeout=45s",
+        ),
+        (
+            &["--graceful-timeout", "500ms"],
+            None,
+            "graceful_timeout=500ms",
+        ),
+    ];
+    for (args, env, want) in cases {
+        let env: Vec<(&str, &str)> = env
+            .map(|v| ("UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN", v))
+            .into_iter()
+            .collect();
+        let s = Server::start_with(&plugin("wordcount"), args, &env).unwrap();
+        assert!(s.logs().contains(want), "{args:?} {env:?}: {}", s.logs());
+    }
+}
+
+#[test]
+fn bad_timeouts_are_one_line_naming_the_flag_or_variable() {
+    let out = support::etl_serve()
+        .args(["--plugin", "x.so", "--graceful-timeout", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.lines().next().unwrap().contains(
+            "invalid value 'soon' for '--graceful-timeout <DURATION>': `soon` is not a duration: expected seconds (30, 2.5) or a duration (30s, 1m30s, 500ms)"
+        ),
+        "{err}"
+    );
+
+    let out = support::etl_serve()
+        .args(["--plugin", "x.so"])
+        .env("UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN", "-3")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "etl-serve: error: invalid UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=\"-3\": `-3` is not a duration: expected seconds (30, 2.5) or a duration (30s, 1m30s, 500ms)\n"
+    );
+}
+
+#[test]
+fn a_client_that_goes_away_cancels_its_invocation() {
+    let s = Server::start(&plugin("slow"), &[]);
+    let mut conn = s.connect();
+    // 20 s of work; the client gives up after 300 ms by closing the socket.
+    let body = r#"{"units":2000,"unit_ms":10}"#;
+    let raw = format!(
+        "POST /invoke HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    use std::io::Write;
+    conn.stream_mut().write_all(raw.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let closed = Instant::now();
+    drop(conn);
+    assert!(
+        s.wait_for_log(
+            "client went away: invocation cancelled",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        s.logs()
+    );
+    // slow checks its flag between 10 ms units, so it returns early, as a
+    // shutdown (result 2), instead of after 20 s.
+    assert!(
+        s.wait_for_log(
+            "plugin returned after its client went away",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        s.logs()
+    );
+    assert!(closed.elapsed() < Duration::from_secs(5));
+    assert!(s.logs().contains("result=2"), "{}", s.logs());
+    assert!(
+        s.logs().contains("client_disconnect_cancels=1"),
+        "{}",
+        s.logs()
+    );
+}
