@@ -433,3 +433,100 @@ fn a_client_that_goes_away_cancels_its_invocation() {
         s.logs()
     );
 }
+
+/// The host pids of `pid`'s children.
+fn children_of(pid: i32) -> Vec<i32> {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Zombie processes whose parent is `parent`.
+fn zombies_of(parent: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.first() == Some(&"Z")
+            && fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(parent)
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn as_pid_1_it_reaps_orphans_keeps_its_plugins_children_and_shuts_down() {
+    let probe = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "true"])
+        .output();
+    match probe {
+        Ok(out) if out.status.success() => {}
+        other => {
+            eprintln!("SKIPPED: `unshare --pid --fork` is not permitted here ({other:?}); PID 1 behaviour untested");
+            return;
+        }
+    }
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--kill-child"])
+        .arg(env!("CARGO_BIN_EXE_etl-serve"));
+    cmd.arg("--plugin")
+        .arg(fixture(None))
+        .args(["--host", "127.0.0.1", "--port", "0"]);
+    cmd.env_remove("UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN");
+    let mut s = Server::spawn(cmd).expect("etl-serve starts as PID 1");
+    assert!(s.logs().contains("running as PID 1"), "{}", s.logs());
+    let inner = children_of(s.pid());
+    assert_eq!(inner.len(), 1, "unshare has one child, etl-serve");
+    let etl_serve = inner[0];
+
+    // The plugin waits 300 ms for its own child: the reaper leaves it alone.
+    let r = s.post_json("/invoke", r#"{"mode":"wait_own"}"#);
+    assert_eq!(r.json()["output"], json!({"status": 7}), "{}", r.text());
+
+    // The plugin's child exits and its grandchild becomes an orphan of PID 1.
+    let r = s.post_json("/invoke", r#"{"mode":"orphan"}"#);
+    assert_eq!(
+        r.json()["output"],
+        json!({"child_status": 3}),
+        "{}",
+        r.text()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    std::thread::sleep(Duration::from_millis(300));
+    loop {
+        let zombies = zombies_of(etl_serve);
+        if zombies.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "zombies never reaped: {zombies:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The shutdown sequence holds as PID 1.
+    let call = s.send_in_background(invoke_request(r#"{"mode":"wait_cancel"}"#));
+    wait_inside_plugin(&s);
+    support::signal_pid(etl_serve, SIGTERM);
+    assert_shutdown_abort(&call.join().unwrap().0);
+    let status = s
+        .wait_exit(Duration::from_secs(10))
+        .expect("etl-serve exits, and unshare with it");
+    assert_eq!(status.code(), Some(0));
+    assert!(s.logs().contains("drained"), "{}", s.logs());
+}

@@ -140,6 +140,12 @@ impl Server {
             .args(["--host", "127.0.0.1", "--port", "0"])
             .args(args);
         cmd.envs(env.iter().copied());
+        Server::spawn(cmd)
+    }
+
+    /// Starts `cmd` (an etl-serve command line, possibly behind a wrapper
+    /// such as `unshare`) and waits until it listens.
+    pub fn spawn(mut cmd: Command) -> Result<Server, Failed> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
