@@ -158,6 +158,9 @@ async fn invoke(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
         Ok(body) => body,
         Err(response) => return response,
     };
+    // Counted before the drain check: a drain that starts after the check
+    // then waits for this request.
+    let in_flight = app.drain.track();
     if app.drain.is_draining() {
         return shutdown_abort(&Collected::default());
     }
@@ -169,9 +172,9 @@ async fn invoke(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
         }
     };
     if app.plugin.manifest().streaming {
-        invoke_streaming(app, input).await
+        invoke_streaming(app, input, in_flight).await
     } else {
-        invoke_plain(app, input).await
+        invoke_plain(app, input, in_flight).await
     }
 }
 
@@ -216,8 +219,7 @@ async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, Response<B
     }
 }
 
-async fn invoke_plain(app: &Arc<App>, input: Vec<u8>) -> Response<Body> {
-    let _in_flight = app.drain.track();
+async fn invoke_plain(app: &Arc<App>, input: Vec<u8>, _in_flight: InFlightGuard) -> Response<Body> {
     let plugin = app.plugin;
     let registered = Invocation::start(Kind::Invoke, None);
     let watch = ClientWatch::new(registered.shared());
@@ -240,8 +242,11 @@ async fn invoke_plain(app: &Arc<App>, input: Vec<u8>) -> Response<Body> {
     }
 }
 
-async fn invoke_streaming(app: &Arc<App>, input: Vec<u8>) -> Response<Body> {
-    let in_flight = app.drain.track();
+async fn invoke_streaming(
+    app: &Arc<App>,
+    input: Vec<u8>,
+    in_flight: InFlightGuard,
+) -> Response<Body> {
     let plugin = app.plugin;
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
     let registered = Invocation::start(Kind::Stream, Some(tx.clone()));
@@ -322,6 +327,7 @@ impl Drop for ClientWatch {
 }
 
 async fn precheck(app: &Arc<App>) -> Response<Body> {
+    let _in_flight = app.drain.track();
     if app.drain.is_draining() {
         return shutdown_abort(&Collected::default());
     }
@@ -332,7 +338,6 @@ async fn precheck(app: &Arc<App>) -> Response<Body> {
             envelope::precheck(&c, &Outcome::Ok(None)).into(),
         );
     }
-    let _in_flight = app.drain.track();
     let plugin = app.plugin;
     let registered = Invocation::start(Kind::Precheck, None);
     let watch = ClientWatch::new(registered.shared());

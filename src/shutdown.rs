@@ -208,6 +208,10 @@ pub async fn drain(
             // Every waiting request now answers the shutdown-abort at once.
             tokio::select! {
                 () = drain.idle() => {}
+                () = tokio::time::sleep(FLUSH_TIMEOUT) => warn!(
+                    in_flight = drain.in_flight(),
+                    "requests still in flight {FLUSH_TIMEOUT:?} after the timeout; exiting anyway"
+                ),
                 second = signals.next() => forced(second),
             }
             let abandoned = invocation::live_count();

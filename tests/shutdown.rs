@@ -530,3 +530,36 @@ fn as_pid_1_it_reaps_orphans_keeps_its_plugins_children_and_shuts_down() {
     assert_eq!(status.code(), Some(0));
     assert!(s.logs().contains("drained"), "{}", s.logs());
 }
+
+#[test]
+fn the_plugin_shutdown_hook_runs_only_when_nothing_is_inside_the_plugin() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let drained = dir.join(format!("shutdown-hook-drained-{}", std::process::id()));
+    let cut = dir.join(format!("shutdown-hook-cut-{}", std::process::id()));
+    let _ = std::fs::remove_file(&drained);
+    let _ = std::fs::remove_file(&cut);
+
+    let config = format!("marker:{}", drained.display());
+    let mut s = Server::start(&fixture(None), &["--plugin-config", &config]);
+    s.signal(SIGTERM);
+    assert_eq!(s.wait_exit(Duration::from_secs(5)).unwrap().code(), Some(0));
+    assert_eq!(std::fs::read_to_string(&drained).unwrap(), "shutdown ran\n");
+
+    let config = format!("marker:{}", cut.display());
+    let mut s = Server::start(
+        &fixture(None),
+        &["--plugin-config", &config, "--graceful-timeout", "300ms"],
+    );
+    let call = s.send_in_background(invoke_request(r#"{"mode":"hang"}"#));
+    wait_inside_plugin(&s);
+    s.signal(SIGTERM);
+    assert_shutdown_abort(&call.join().unwrap().0);
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(5)).unwrap().code(),
+        Some(75)
+    );
+    assert!(
+        !cut.exists(),
+        "the hook must not run while a thread is inside the plugin"
+    );
+}
