@@ -66,26 +66,13 @@ pub fn violation_text(why: &str) -> String {
 /// Writes the whole envelope for `collected` ending as `outcome`.
 pub fn write(collected: &Collected, outcome: &Outcome<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(320);
-    out.extend_from_slice(b"{\"usage\":");
-    write_usage(&mut out, &collected.usage);
-    out.extend_from_slice(b",\"status_code\":");
-    out.extend_from_slice(outcome.status_code().to_string().as_bytes());
+    write_usage_and_status(&mut out, collected, outcome);
     out.extend_from_slice(b",\"file_data\":null,\"filedata_meta\":");
     match &collected.filedata_meta {
         Some(meta) => serde_json::to_writer(&mut out, meta).expect("a Value always serialises"),
         None => out.extend_from_slice(DEFAULT_FILEDATA_META.as_bytes()),
     }
-    out.extend_from_slice(b",\"status_code_text\":");
-    match outcome {
-        Outcome::Ok(_) => out.extend_from_slice(b"null"),
-        Outcome::Failed { text, .. } => write_str(&mut out, text),
-        Outcome::Shutdown => write_str(&mut out, SHUTDOWN_TEXT),
-    }
-    out.extend_from_slice(b",\"failure_category\":null,\"plugin_error\":");
-    match outcome {
-        Outcome::Shutdown => out.extend_from_slice(SHUTDOWN_PLUGIN_ERROR.as_bytes()),
-        _ => out.extend_from_slice(b"null"),
-    }
+    write_failure_fields(&mut out, outcome);
     out.extend_from_slice(b",\"output\":");
     match outcome {
         Outcome::Ok(Some(raw)) => out.extend_from_slice(raw.get().as_bytes()),
@@ -106,26 +93,36 @@ pub fn item_line(collected: &Collected, item: &RawValue) -> bytes::Bytes {
     line.into()
 }
 
-/// The `/precheck` answer.
+/// The `/precheck` answer: the envelope's usage, status and failure fields.
 pub fn precheck(collected: &Collected, outcome: &Outcome<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
+    write_usage_and_status(&mut out, collected, outcome);
+    write_failure_fields(&mut out, outcome);
+    out.push(b'}');
+    out
+}
+
+/// `{"usage":[...],"status_code":N`
+fn write_usage_and_status(out: &mut Vec<u8>, collected: &Collected, outcome: &Outcome<'_>) {
     out.extend_from_slice(b"{\"usage\":");
-    write_usage(&mut out, &collected.usage);
+    write_usage(out, &collected.usage);
     out.extend_from_slice(b",\"status_code\":");
     out.extend_from_slice(outcome.status_code().to_string().as_bytes());
+}
+
+/// `,"status_code_text":...,"failure_category":null,"plugin_error":...`
+fn write_failure_fields(out: &mut Vec<u8>, outcome: &Outcome<'_>) {
     out.extend_from_slice(b",\"status_code_text\":");
     match outcome {
         Outcome::Ok(_) => out.extend_from_slice(b"null"),
-        Outcome::Failed { text, .. } => write_str(&mut out, text),
-        Outcome::Shutdown => write_str(&mut out, SHUTDOWN_TEXT),
+        Outcome::Failed { text, .. } => write_str(out, text),
+        Outcome::Shutdown => write_str(out, SHUTDOWN_TEXT),
     }
     out.extend_from_slice(b",\"failure_category\":null,\"plugin_error\":");
     match outcome {
         Outcome::Shutdown => out.extend_from_slice(SHUTDOWN_PLUGIN_ERROR.as_bytes()),
         _ => out.extend_from_slice(b"null"),
     }
-    out.push(b'}');
-    out
 }
 
 /// Checks and normalises what a plugin passed to `set_filedata_meta`.

@@ -17,6 +17,17 @@ fn wait_inside_plugin(_s: &Server) {
     std::thread::sleep(Duration::from_millis(300));
 }
 
+/// Sends `body` to /invoke, sends SIGTERM once it reached the plugin, and
+/// returns the response and how long after the signal it arrived.
+fn invoke_then_sigterm(s: &Server, body: &str) -> (support::Response, Duration) {
+    let call = s.send_in_background(invoke_request(body));
+    wait_inside_plugin(s);
+    let sent = Instant::now();
+    s.signal(SIGTERM);
+    let (r, answered) = call.join().unwrap();
+    (r, answered - sent)
+}
+
 fn assert_shutdown_abort(r: &support::Response) {
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.header("retry-after"), Some("1"));
@@ -37,11 +48,8 @@ fn assert_shutdown_abort(r: &support::Response) {
 #[test]
 fn a_cooperative_plugin_stops_at_once_and_its_caller_gets_the_shutdown_abort() {
     let mut s = Server::start(&plugin("slow"), &[]);
-    let call = s.send_in_background(invoke_request(r#"{"units":100000}"#));
-    wait_inside_plugin(&s);
     let sent = Instant::now();
-    s.signal(SIGTERM);
-    let (r, answered) = call.join().unwrap();
+    let (r, waited) = invoke_then_sigterm(&s, r#"{"units":100000}"#);
     assert_shutdown_abort(&r);
     // What the plugin recorded before bailing out is kept.
     let e = r.json();
@@ -51,9 +59,9 @@ fn a_cooperative_plugin_stops_at_once_and_its_caller_gets_the_shutdown_abort() {
         .unwrap()
         .starts_with("cancelled after"));
     assert!(
-        answered - sent < Duration::from_secs(5),
+        waited < Duration::from_secs(5),
         "answered after {:?}",
-        answered - sent
+        waited
     );
 
     let status = s
@@ -74,13 +82,8 @@ fn a_cooperative_plugin_stops_at_once_and_its_caller_gets_the_shutdown_abort() {
 #[test]
 fn a_plugin_ignoring_the_flag_is_answered_for_when_the_timeout_expires() {
     let mut s = Server::start(&plugin("slow"), &["--graceful-timeout", "1s"]);
-    let call = s.send_in_background(invoke_request(r#"{"units":100000,"cooperative":false}"#));
-    wait_inside_plugin(&s);
-    let sent = Instant::now();
-    s.signal(SIGTERM);
-    let (r, answered) = call.join().unwrap();
+    let (r, waited) = invoke_then_sigterm(&s, r#"{"units":100000,"cooperative":false}"#);
     assert_shutdown_abort(&r);
-    let waited = answered - sent;
     assert!(
         waited >= Duration::from_millis(900),
         "answered before the timeout: {waited:?}"
@@ -114,17 +117,9 @@ fn the_environment_variable_sets_the_timeout() {
         &[("UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN", "1.5")],
     )
     .unwrap();
-    let call = s.send_in_background(invoke_request(r#"{"units":100000,"cooperative":false}"#));
-    wait_inside_plugin(&s);
-    let sent = Instant::now();
-    s.signal(SIGTERM);
-    let (r, answered) = call.join().unwrap();
+    let (r, waited) = invoke_then_sigterm(&s, r#"{"units":100000,"cooperative":false}"#);
     assert_shutdown_abort(&r);
-    assert!(
-        answered - sent >= Duration::from_millis(1400),
-        "{:?}",
-        answered - sent
-    );
+    assert!(waited >= Duration::from_millis(1400), "{:?}", waited);
     assert_eq!(
         s.wait_exit(Duration::from_secs(10)).unwrap().code(),
         Some(75)
@@ -268,11 +263,7 @@ fn a_stream_whose_plugin_ignores_the_flag_is_cut_at_the_timeout() {
         &fixture(Some("STREAMING")),
         &["--graceful-timeout", "500ms"],
     );
-    let call = s.send_in_background(invoke_request(r#"{"mode":"stream_ignore"}"#));
-    wait_inside_plugin(&s);
-    let sent = Instant::now();
-    s.signal(SIGTERM);
-    let (r, answered) = call.join().unwrap();
+    let (r, waited) = invoke_then_sigterm(&s, r#"{"mode":"stream_ignore"}"#);
     assert_eq!(r.status, 200);
     let lines = r.lines();
     let (last, items) = lines.split_last().unwrap();
@@ -280,11 +271,7 @@ fn a_stream_whose_plugin_ignores_the_flag_is_cut_at_the_timeout() {
     assert!(items.iter().all(|l| l["status_code"] == 200));
     assert_eq!(last["status_code"], 503);
     assert_eq!(last["plugin_error"]["error_type"], "shutdown");
-    assert!(
-        answered - sent >= Duration::from_millis(400),
-        "{:?}",
-        answered - sent
-    );
+    assert!(waited >= Duration::from_millis(400), "{:?}", waited);
     // The plugin stops at its next emit (the stream is closed), so nothing is
     // left inside it and the drain counts as finished by the timeout.
     assert_eq!(
@@ -318,13 +305,9 @@ fn a_second_signal_forces_the_exit() {
 #[test]
 fn a_zero_timeout_cancels_and_exits_without_waiting() {
     let mut s = Server::start(&plugin("slow"), &["--graceful-timeout", "0"]);
-    let call = s.send_in_background(invoke_request(r#"{"units":100000,"cooperative":false}"#));
-    wait_inside_plugin(&s);
-    let sent = Instant::now();
-    s.signal(SIGTERM);
-    let (r, answered) = call.join().unwrap();
+    let (r, waited) = invoke_then_sigterm(&s, r#"{"units":100000,"cooperative":false}"#);
     assert_shutdown_abort(&r);
-    assert!(answered - sent < Duration::from_secs(2));
+    assert!(waited < Duration::from_secs(2));
     assert_eq!(
         s.wait_exit(Duration::from_secs(5)).unwrap().code(),
         Some(75)
