@@ -3,18 +3,18 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tracing::info;
 
 use crate::cli::Cli;
 use crate::plugin::{LoadError, Plugin};
 use crate::reaper;
-use crate::routes::App;
-use crate::server;
+use crate::routes::{App, Options};
+use crate::server::{self, ConnLimits, Listener};
 use crate::shutdown::{self, Drain, ShutdownSignals};
 
 /// Exit codes of a failed start (those of a shutdown are in
@@ -31,14 +31,14 @@ pub mod exit {
 /// A reason etl-serve could not start.
 #[derive(Debug)]
 pub enum Fatal {
-    /// A bad flag or environment variable that clap does not check.
+    /// A bad combination of flags that clap does not check.
     Config(String),
     Plugin {
         path: String,
         error: LoadError,
     },
     Bind {
-        addr: SocketAddr,
+        addr: String,
         error: std::io::Error,
     },
     Os(String),
@@ -65,17 +65,22 @@ impl fmt::Display for Fatal {
     }
 }
 
-/// Loads the plugin, serves it until a shutdown signal, and drains.
+/// Loads the plugin, serves it until a shutdown signal, and drains; with
+/// `--check`, prints what the plugin declares instead of serving it.
 ///
 /// # Errors
-/// A [`Fatal`] when the plugin cannot be loaded or the port bound; nothing
-/// has been served then.
+/// A [`Fatal`] when the plugin cannot be loaded or the address bound;
+/// nothing has been served then.
 pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
-    let graceful_timeout = cli.graceful_timeout().map_err(Fatal::Config)?;
     let plugin = Plugin::load(&cli.plugin, &cli.plugin_config).map_err(|error| Fatal::Plugin {
         path: cli.plugin.display().to_string(),
         error,
     })?;
+    if cli.check {
+        print!("{}", check_report(&cli.plugin, &plugin));
+        plugin.shutdown();
+        return Ok(ExitCode::SUCCESS);
+    }
     let m = plugin.manifest();
     info!(
         plugin = %m.name, version = %m.version, id = %m.id,
@@ -84,7 +89,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
         "plugin loaded"
     );
     let drain = Drain::default();
-    let app = App::new(plugin, cli.max_body_size, drain.clone()).map_err(|why| Fatal::Plugin {
+    let options = Options {
+        max_body: cli.max_body_size,
+        limit_concurrency: cli.limit_concurrency.map(|n| n as usize),
+        access_log: cli.access_log(),
+    };
+    let app = App::new(plugin, options, drain.clone()).map_err(|why| Fatal::Plugin {
         path: cli.plugin.display().to_string(),
         error: LoadError::BadSchema(why),
     })?;
@@ -94,51 +104,108 @@ pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
         .thread_name("etl-serve")
         .build()
         .map_err(|e| Fatal::Os(format!("cannot start the async runtime: {e}")))?;
-    let code = runtime.block_on(serve(&cli, Arc::new(app), drain, graceful_timeout));
+    let code = runtime.block_on(serve(&cli, Arc::new(app), drain));
     // Do not wait for blocking threads: an abandoned plugin call never ends.
     runtime.shutdown_background();
     code
 }
 
-async fn serve(
-    cli: &Cli,
-    app: Arc<App>,
-    drain: Drain,
-    graceful_timeout: Duration,
-) -> Result<ExitCode, Fatal> {
+async fn serve(cli: &Cli, app: Arc<App>, drain: Drain) -> Result<ExitCode, Fatal> {
     let mut signals = ShutdownSignals::install()
         .map_err(|e| Fatal::Os(format!("cannot install signal handlers: {e}")))?;
-    let addr = SocketAddr::new(cli.host, cli.port);
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|error| Fatal::Bind { addr, error })?;
-    let local = listener
-        .local_addr()
-        .map_err(|error| Fatal::Bind { addr, error })?;
+    let limits = ConnLimits {
+        head_timeout: cli.timeout_keep_alive.min(cli.header_read_timeout),
+        max_header_size: usize::try_from(cli.max_header_size).unwrap_or(usize::MAX),
+    };
     if std::process::id() == 1 {
         reaper::spawn();
     }
-    info!(address = %local, graceful_timeout = %humantime::format_duration(graceful_timeout), "listening on http://{local}");
+    let timeout = humantime::format_duration(cli.graceful_timeout);
+    match &cli.uds {
+        Some(path) => {
+            let listener = bind_unix(path)?;
+            info!(socket = %path.display(), graceful_timeout = %timeout, "listening on unix:{}", path.display());
+            let code = serve_on(listener, app, limits, drain, &mut signals, cli).await;
+            let _ = std::fs::remove_file(path);
+            code
+        }
+        None => {
+            let addr = SocketAddr::new(cli.host, cli.port);
+            let bind_error = |error| Fatal::Bind {
+                addr: addr.to_string(),
+                error,
+            };
+            let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+            let local = listener.local_addr().map_err(bind_error)?;
+            info!(address = %local, graceful_timeout = %timeout, "listening on http://{local}");
+            serve_on(listener, app, limits, drain, &mut signals, cli).await
+        }
+    }
+}
 
+/// Serves until a shutdown signal, then runs the shutdown sequence.
+async fn serve_on<L: Listener>(
+    listener: L,
+    app: Arc<App>,
+    limits: ConnLimits,
+    drain: Drain,
+    signals: &mut ShutdownSignals,
+    cli: &Cli,
+) -> Result<ExitCode, Fatal> {
     // The listener accepts until the very end of the drain.
     let (close_listener, closed) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::accept_until(listener, app.clone(), async {
+    let server = tokio::spawn(server::accept_until(listener, app.clone(), limits, async {
         let _ = closed.await;
     }));
 
     let signal = signals.next().await;
-    let code = shutdown::drain(&drain, &mut signals, signal, graceful_timeout).await;
+    let code = shutdown::drain(&drain, signals, signal, cli.graceful_timeout).await;
 
     let _ = close_listener.send(());
     let connections = server
         .await
         .map_err(|e| Fatal::Os(format!("the accept loop failed: {e}")))?;
     let plugin = app.plugin();
-    Ok(shutdown::finish(
-        connections.shutdown(),
-        &mut signals,
-        || plugin.shutdown(),
-        code,
+    Ok(shutdown::finish(connections.shutdown(), signals, || plugin.shutdown(), code).await)
+}
+
+/// Binds a Unix socket at `path`, replacing a stale socket file left by an
+/// earlier run but never another kind of file.
+fn bind_unix(path: &PathBuf) -> Result<UnixListener, Fatal> {
+    use std::os::unix::fs::FileTypeExt;
+    let bind_error = |error| Fatal::Bind {
+        addr: format!("unix:{}", path.display()),
+        error,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Fatal::Config(format!(
+                "--uds {}: the path exists and is not a socket; refusing to replace it",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(bind_error)?;
+    }
+    UnixListener::bind(path).map_err(bind_error)
+}
+
+/// What `--check` prints.
+fn check_report(path: &Path, plugin: &Plugin) -> String {
+    let m = plugin.manifest();
+    let caps = m.capability_names();
+    format!(
+        "plugin:       {} {}\nfile:         {}\nabi:          {}.{} (this etl-serve speaks {}.{})\nstreaming:    {}\ncapabilities: {}\nprecheck:     {}\nid:           {}\nschema:\n{}\n",
+        m.name,
+        m.version,
+        path.display(),
+        m.abi_major,
+        m.abi_minor,
+        etl_abi::ABI_VERSION_MAJOR,
+        etl_abi::ABI_VERSION_MINOR,
+        if m.streaming { "yes" } else { "no" },
+        if caps.is_empty() { "none".to_owned() } else { caps.join(", ") },
+        if m.has_precheck { "yes" } else { "no" },
+        m.id,
+        serde_json::to_string_pretty(&m.schema).expect("a Value always serialises"),
     )
-    .await)
 }

@@ -1,18 +1,26 @@
-//! The command line. Every flag has an environment variable, and the flag
-//! wins over it.
+//! The command line. Every flag has an environment variable (uvicorn's name
+//! where it means the same thing), shown in `--help`; a flag wins over its
+//! variable. A bad value is one error line naming the flag, or the variable
+//! when that is where the value came from.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{ArgAction, CommandFactory, Parser, ValueEnum};
 
 /// Serve an ETL plugin (a shared library) over the etl plugin HTTP contract.
 #[derive(Parser, Debug)]
 #[command(name = "etl-serve", version, about, max_term_width = 100)]
 pub struct Cli {
     /// Path of the plugin shared library (e.g. target/release/libwordcount.so).
-    #[arg(long, env = "ETL_SERVE_PLUGIN", value_name = "PATH")]
+    #[arg(
+        long,
+        env = "ETL_SERVE_PLUGIN",
+        value_name = "PATH",
+        help_heading = "Plugin"
+    )]
     pub plugin: PathBuf,
 
     /// Configuration string handed to the plugin's init hook.
@@ -21,11 +29,17 @@ pub struct Cli {
         env = "ETL_SERVE_PLUGIN_CONFIG",
         value_name = "STRING",
         default_value = "",
-        hide_default_value = true
+        hide_default_value = true,
+        help_heading = "Plugin"
     )]
     pub plugin_config: String,
 
-    /// Address to listen on.
+    /// Load and initialise the plugin, print what it declares (name, version,
+    /// ABI, capabilities, id, schema), and exit: 0 if it loads, 65 if not.
+    #[arg(long, help_heading = "Plugin")]
+    pub check: bool,
+
+    /// Address to listen on (the container image sets 0.0.0.0).
     #[arg(
         long,
         env = "UVICORN_HOST",
@@ -34,7 +48,7 @@ pub struct Cli {
     )]
     pub host: IpAddr,
 
-    /// Port to listen on (0 picks a free port and logs it).
+    /// Port to listen on (0 picks a free port, shown in the log).
     #[arg(
         long,
         env = "UVICORN_PORT",
@@ -43,44 +57,162 @@ pub struct Cli {
     )]
     pub port: u16,
 
-    /// Largest request body accepted; larger ones get 413 before they are read.
-    /// Bytes, or with a unit: 512KiB, 16MiB, 1GiB, 10MB.
+    /// Serve on this Unix domain socket instead of --host/--port.
+    #[arg(
+        long,
+        env = "UVICORN_UDS",
+        value_name = "PATH",
+        help_heading = "Network"
+    )]
+    pub uds: Option<PathBuf>,
+
+    /// Answer 503 at once when this many invocations are already in flight,
+    /// instead of queueing without bound.
+    #[arg(long, env = "UVICORN_LIMIT_CONCURRENCY", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
+    pub limit_concurrency: Option<u32>,
+
+    /// Close a connection that waits this long for its next request.
+    /// Seconds (5, 2.5) or a duration (5s, 500ms).
+    #[arg(long, env = "UVICORN_TIMEOUT_KEEP_ALIVE", value_name = "DURATION", default_value = "5",
+          value_parser = parse_duration, help_heading = "Limits")]
+    pub timeout_keep_alive: Duration,
+
+    /// Close a connection whose request head (request line and headers) is
+    /// not complete this long after etl-serve started waiting for it: the
+    /// defence against slow-loris clients.
+    #[arg(long, env = "ETL_SERVE_HEADER_READ_TIMEOUT", value_name = "DURATION", default_value = "10s",
+          value_parser = parse_duration, help_heading = "Limits")]
+    pub header_read_timeout: Duration,
+
+    /// Largest request head accepted; a larger one gets 431.
+    /// Bytes, or with a unit: 512KiB, 16MiB, 10MB.
+    #[arg(long, env = "ETL_SERVE_MAX_HEADER_SIZE", value_name = "SIZE", default_value = "64KiB",
+          value_parser = parse_size, help_heading = "Limits")]
+    pub max_header_size: u64,
+
+    /// Largest request body accepted; a larger one gets 413 before it is read.
     #[arg(long, env = "ETL_SERVE_MAX_BODY_SIZE", value_name = "SIZE", default_value = "16MiB",
           value_parser = parse_size, help_heading = "Limits")]
     pub max_body_size: u64,
 
     /// How long a shutdown waits for invocations to finish before answering
-    /// them with the 503 shutdown-abort and exiting: 30s, 1m30s, 500ms, or
-    /// seconds (2.5). 0 cancels and exits at once.
-    /// [env: UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=] [default: 30s]
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = "Shutdown")]
-    pub graceful_timeout: Option<Duration>,
+    /// them with the 503 shutdown-abort and exiting. 0 cancels and exits at
+    /// once.
+    #[arg(long, env = "UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN", value_name = "DURATION", default_value = "30",
+          value_parser = parse_duration, help_heading = "Shutdown")]
+    pub graceful_timeout: Duration,
+
+    /// Log level. RUST_LOG, when set, overrides it with finer filters
+    /// (e.g. RUST_LOG=etl_serve=debug).
+    #[arg(long, env = "UVICORN_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info, ignore_case = true,
+          help_heading = "Logging")]
+    pub log_level: LogLevel,
+
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, env = "ETL_SERVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text,
+          help_heading = "Logging")]
+    pub log_format: LogFormat,
+
+    /// Log one line per request (method, path, status, duration, bytes,
+    /// request id). On by default.
+    #[arg(long, env = "UVICORN_ACCESS_LOG", action = ArgAction::Set, num_args = 0..=1,
+          default_value = "true", default_missing_value = "true", value_name = "BOOL",
+          value_parser = parse_bool, help_heading = "Logging")]
+    pub access_log: bool,
+
+    /// Turn the access log off (the same as --access-log=false).
+    #[arg(long, help_heading = "Logging")]
+    pub no_access_log: bool,
 }
 
-/// The environment variable for `--graceful-timeout`, uvicorn's name.
-pub const GRACEFUL_TIMEOUT_ENV: &str = "UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN";
-const DEFAULT_GRACEFUL_TIMEOUT: Duration = Duration::from_secs(30);
-
 impl Cli {
-    /// The graceful timeout: the flag, else the environment variable, else
-    /// 30 s.
-    ///
-    /// # Errors
-    /// The variable is set to something that is not a duration; the message
-    /// names it and its value.
-    pub fn graceful_timeout(&self) -> Result<Duration, String> {
-        if let Some(d) = self.graceful_timeout {
-            return Ok(d);
-        }
-        match std::env::var(GRACEFUL_TIMEOUT_ENV) {
-            Ok(v) => parse_duration(&v)
-                .map_err(|why| format!("invalid {GRACEFUL_TIMEOUT_ENV}={v:?}: {why}")),
-            Err(std::env::VarError::NotPresent) => Ok(DEFAULT_GRACEFUL_TIMEOUT),
-            Err(std::env::VarError::NotUnicode(v)) => Err(format!(
-                "invalid {GRACEFUL_TIMEOUT_ENV}={v:?}: not valid UTF-8"
-            )),
+    /// Whether to write access log lines.
+    pub fn access_log(&self) -> bool {
+        self.access_log && !self.no_access_log
+    }
+}
+
+/// uvicorn's log level names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Critical,
+    Error,
+    Warning,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    /// The tracing filter directive for this level. tracing has no
+    /// critical level; critical shows errors only.
+    pub fn directive(self) -> &'static str {
+        match self {
+            LogLevel::Critical | LogLevel::Error => "error",
+            LogLevel::Warning => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Parses the command line and the environment. On `--help` and
+/// `--version`, `Err` holds the text to print and exit 0 with; on a usage
+/// error, one line to print and exit 64 with.
+pub fn parse() -> Result<Cli, (bool, String)> {
+    Cli::try_parse().map_err(|e| match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => (false, e.render().to_string()),
+        _ => (true, one_line(&e)),
+    })
+}
+
+/// clap's error as one line, naming the environment variable when the bad
+/// value came from it rather than from the flag.
+fn one_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let mut line = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("Usage:")
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    if let Some(rest) = line.strip_prefix("error: ") {
+        line = rest.to_owned();
+    }
+    if let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) {
+        // `arg` reads "--port <PORT>".
+        let long = arg.split_whitespace().next().unwrap_or_default();
+        let on_command_line = std::env::args()
+            .skip(1)
+            .any(|a| a == long || a.starts_with(&format!("{long}=")));
+        if !on_command_line {
+            if let Some(var) = env_var_of(long).filter(|v| std::env::var_os(v).is_some()) {
+                line = line.replace(
+                    &format!("'{arg}'"),
+                    &format!("{var} (the variable for {long})"),
+                );
+            }
+        }
+    }
+    format!("etl-serve: error: {line}")
+}
+
+/// The environment variable of the flag `--name`.
+fn env_var_of(long: &str) -> Option<String> {
+    let name = long.strip_prefix("--")?;
+    let cmd = Cli::command();
+    let arg = cmd.get_arguments().find(|a| a.get_long() == Some(name))?;
+    arg.get_env().map(|v| v.to_string_lossy().into_owned())
 }
 
 /// Seconds as uvicorn reads them (`30`, `2.5`), or a humantime duration
@@ -121,10 +253,20 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is too large"))
 }
 
+/// A boolean as environment variables spell it.
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!(
+            "`{s}` is not a boolean (true/false, 1/0, yes/no, on/off)"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{parse_duration, parse_size};
-    use std::time::Duration;
+    use super::*;
 
     #[test]
     fn durations() {
@@ -144,5 +286,26 @@ mod tests {
         assert_eq!(parse_size("10MB"), Ok(10_000_000));
         assert!(parse_size("ten").is_err());
         assert!(parse_size("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn booleans() {
+        assert_eq!(parse_bool("FALSE"), Ok(false));
+        assert_eq!(parse_bool("1"), Ok(true));
+        assert!(parse_bool("maybe").is_err());
+    }
+
+    #[test]
+    fn every_flag_but_the_switches_has_an_environment_variable() {
+        for arg in Cli::command().get_arguments() {
+            let id = arg.get_id().as_str();
+            if ["check", "no_access_log", "help", "version"].contains(&id) {
+                continue;
+            }
+            assert!(
+                arg.get_env().is_some(),
+                "--{id} has no environment variable"
+            );
+        }
     }
 }

@@ -58,9 +58,12 @@ pub fn failure_text(f: &Failure) -> String {
     format!("[{}] {}", f.error_type, f.message)
 }
 
+/// How `status_code_text` starts when the plugin broke the ABI contract.
+pub const VIOLATION_PREFIX: &str = "[PluginContractError] ";
+
 /// The failure reported when the plugin broke the ABI contract.
 pub fn violation_text(why: &str) -> String {
-    format!("[PluginContractError] {why}")
+    format!("{VIOLATION_PREFIX}{why}")
 }
 
 /// Writes the whole envelope for `collected` ending as `outcome`.

@@ -202,6 +202,7 @@ impl Invocation {
         if !self.client_gone.swap(true, Ordering::AcqRel) {
             self.cancel();
             let total = CLIENT_GONE.fetch_add(1, Ordering::Relaxed) + 1;
+            crate::metrics::METRICS.client_disconnect();
             tracing::info!(
                 invocation = self.handle,
                 client_disconnect_cancels = total,

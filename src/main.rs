@@ -3,20 +3,19 @@
 //!
 //! Where things are: `app` (startup and the top-level flow), `shutdown`
 //! (signals and the drain), `reaper` (orphans, when PID 1), `server` (the
-//! accept loop), `routes` (every HTTP
-//! route), `plugin` (loading a library through the C ABI), `invocation`
-//! (the host side of one call into the plugin), `envelope`, `validate`,
-//! `plugin_id` and `openapi` (what the routes answer).
+//! accept loop), `routes` (every HTTP route), `plugin` (loading a library
+//! through the C ABI), `invocation` (the host side of one call into the
+//! plugin), `envelope`, `validate`, `plugin_id` and `openapi` (what the
+//! routes answer), `cli`, `logging` and `metrics`.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
-
-use clap::Parser;
 
 mod app;
 mod cli;
 mod envelope;
 mod invocation;
+mod logging;
+mod metrics;
 mod openapi;
 mod plugin;
 mod plugin_id;
@@ -27,21 +26,18 @@ mod shutdown;
 mod validate;
 
 fn main() -> ExitCode {
-    let cli = match cli::Cli::try_parse() {
+    let cli = match cli::parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { app::exit::USAGE } else { 0 });
+        Err((false, text)) => {
+            print!("{text}");
+            return ExitCode::SUCCESS;
+        }
+        Err((true, line)) => {
+            eprintln!("{line}");
+            return ExitCode::from(app::exit::USAGE);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    logging::init(cli.log_level, cli.log_format);
     match app::run(cli) {
         Ok(code) => code,
         Err(fatal) => {

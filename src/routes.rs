@@ -20,8 +20,11 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::LazyLock;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -32,12 +35,24 @@ use tokio::sync::mpsc;
 
 use crate::envelope::{self, Outcome};
 use crate::invocation::{Chunk, Collected, Invocation, Kind};
+use crate::logging::Access;
+use crate::metrics::{self, FailureKind, Route, METRICS};
 use crate::openapi;
 use crate::plugin::Plugin;
 use crate::shutdown::{Drain, InFlightGuard};
 use crate::validate::InputModel;
 
 /// Everything the routes need, built once at startup.
+/// What the routes are configured with.
+pub struct Options {
+    /// Largest request body, in bytes.
+    pub max_body: u64,
+    /// Most requests waiting on the plugin at once; more get 503.
+    pub limit_concurrency: Option<usize>,
+    /// Whether to log one line per request.
+    pub access_log: bool,
+}
+
 pub struct App {
     /// Never unloaded: a thread abandoned at the drain timeout may still be
     /// running its code when the process exits.
@@ -45,6 +60,8 @@ pub struct App {
     drain: Drain,
     inputs: InputModel,
     max_body: u64,
+    limit_concurrency: Option<usize>,
+    access_log: bool,
     schema_body: Bytes,
     id_body: Bytes,
     metadata_body: Bytes,
@@ -58,7 +75,7 @@ impl App {
     ///
     /// # Errors
     /// The inputs schema cannot be compiled into a validator.
-    pub fn new(plugin: Plugin, max_body: u64, drain: Drain) -> Result<App, String> {
+    pub fn new(plugin: Plugin, options: Options, drain: Drain) -> Result<App, String> {
         let m = plugin.manifest();
         let inputs = InputModel::new(m.inputs())?;
         let json = |v: &serde_json::Value| {
@@ -67,7 +84,9 @@ impl App {
         let openapi = openapi::document(m);
         Ok(App {
             inputs,
-            max_body,
+            max_body: options.max_body,
+            limit_concurrency: options.limit_concurrency,
+            access_log: options.access_log,
             schema_body: json(&m.schema),
             id_body: json(&serde_json::Value::from(m.id.as_str())),
             // Written in the reference's key order. No capabilities: etl-serve
@@ -91,49 +110,143 @@ impl App {
 
 /// Answers one request. Never fails: every problem is an HTTP answer.
 pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let request_id = request_id(&req);
     let method = req.method().clone();
-    let response = match (req.uri().path(), &method) {
-        ("/invoke", &Method::POST) => invoke(&app, req).await,
-        ("/schema", &Method::GET) => json(StatusCode::OK, app.schema_body.clone()),
-        ("/id", &Method::GET) => json(StatusCode::OK, app.id_body.clone()),
-        ("/metadata", &Method::GET) => json(StatusCode::OK, app.metadata_body.clone()),
-        ("/precheck", &Method::GET) => precheck(&app).await,
-        ("/openapi.json", &Method::GET) => json(StatusCode::OK, app.openapi_body.clone()),
-        ("/docs", &Method::GET) => with_type(
+    let route = route_of(req.uri().path());
+    // Kept only for the access log line.
+    let path = app.access_log.then(|| req.uri().path().to_owned());
+    let mut response = match (route, &method) {
+        (Route::invoke, &Method::POST) => invoke(&app, req).await,
+        (Route::schema, &Method::GET) => json(StatusCode::OK, app.schema_body.clone()),
+        (Route::id, &Method::GET) => json(StatusCode::OK, app.id_body.clone()),
+        (Route::metadata, &Method::GET) => json(StatusCode::OK, app.metadata_body.clone()),
+        (Route::precheck, &Method::GET) => precheck(&app).await,
+        (Route::openapi, &Method::GET) => json(StatusCode::OK, app.openapi_body.clone()),
+        (Route::docs, &Method::GET) => with_type(
             StatusCode::OK,
             "text/html; charset=utf-8",
             app.docs_body.clone(),
         ),
-        ("/", &Method::GET) => redirect("/docs"),
-        ("/healthz", &Method::GET) => {
+        (Route::root, &Method::GET) => redirect("/docs"),
+        (Route::healthz, &Method::GET) => {
             json(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#))
         }
-        ("/readyz", &Method::GET) => readyz(&app.drain),
-        (path, _) => match allowed_method(path) {
-            Some(allow) => {
-                let mut r = json(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    Bytes::from_static(br#"{"detail":"Method Not Allowed"}"#),
-                );
-                r.headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static(allow));
-                r
-            }
-            None => json(
-                StatusCode::NOT_FOUND,
-                Bytes::from_static(br#"{"detail":"Not Found"}"#),
-            ),
-        },
+        (Route::readyz, &Method::GET) => readyz(&app.drain),
+        (Route::metrics, &Method::GET) => with_type(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            METRICS.encode(app.drain.in_flight()).into(),
+        ),
+        (Route::other, _) => json(
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(br#"{"detail":"Not Found"}"#),
+        ),
+        (route, _) => {
+            let mut r = json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                Bytes::from_static(br#"{"detail":"Method Not Allowed"}"#),
+            );
+            let allow = if route == Route::invoke {
+                "POST"
+            } else {
+                "GET"
+            };
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            r
+        }
     };
+    if app.drain.is_draining() {
+        // Each connection closes after the response it is writing.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    let status = response.status().as_u16();
+    METRICS.request(route, status);
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    if let Some(path) = path {
+        let line = AccessLine {
+            method,
+            path,
+            status,
+            started,
+            request_id,
+        };
+        match response.body_mut() {
+            // A stream is logged when it ends, with the bytes it sent.
+            Body::Stream(stream) => stream.access = Some((line, 0)),
+            Body::Full(bytes) => line.log(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
     Ok(response)
 }
 
-fn allowed_method(path: &str) -> Option<&'static str> {
+/// The route a path names, as a metrics label.
+fn route_of(path: &str) -> Route {
     match path {
-        "/invoke" => Some("POST"),
-        "/schema" | "/id" | "/metadata" | "/precheck" | "/openapi.json" | "/docs" | "/"
-        | "/healthz" | "/readyz" => Some("GET"),
-        _ => None,
+        "/invoke" => Route::invoke,
+        "/schema" => Route::schema,
+        "/id" => Route::id,
+        "/precheck" => Route::precheck,
+        "/metadata" => Route::metadata,
+        "/openapi.json" => Route::openapi,
+        "/docs" => Route::docs,
+        "/" => Route::root,
+        "/healthz" => Route::healthz,
+        "/readyz" => Route::readyz,
+        "/metrics" => Route::metrics,
+        _ => Route::other,
+    }
+}
+
+/// The client's `X-Request-Id` when it is a sensible token, else a new one.
+fn request_id(req: &Request<Incoming>) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    static PREFIX: LazyLock<String> = LazyLock::new(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!(
+            "{:08x}",
+            (nanos as u64 ^ u64::from(std::process::id()).rotate_left(32)) as u32
+        )
+    });
+    if let Some(given) = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        if !given.is_empty() && given.len() <= 128 && given.bytes().all(|b| b.is_ascii_graphic()) {
+            return given.to_owned();
+        }
+    }
+    format!("{}-{:x}", *PREFIX, NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// What the access log says of one request.
+struct AccessLine {
+    method: Method,
+    path: String,
+    status: u16,
+    started: Instant,
+    request_id: String,
+}
+
+impl AccessLine {
+    fn log(&self, bytes: u64) {
+        Access {
+            method: self.method.as_str(),
+            path: &self.path,
+            status: self.status,
+            elapsed: self.started.elapsed(),
+            bytes,
+            request_id: &self.request_id,
+        }
+        .log();
     }
 }
 
@@ -163,6 +276,11 @@ async fn invoke(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     let in_flight = app.drain.track();
     if app.drain.is_draining() {
         return shutdown_abort(&Collected::default());
+    }
+    if let Some(limit) = app.limit_concurrency {
+        if app.drain.in_flight() > limit {
+            return overloaded(limit);
+        }
     }
     let input = match app.inputs.prepare(content_type.as_deref(), &body) {
         Ok(input) => input,
@@ -220,6 +338,7 @@ async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, Response<B
 }
 
 async fn invoke_plain(app: &Arc<App>, input: Vec<u8>, _in_flight: InFlightGuard) -> Response<Body> {
+    let started = Instant::now();
     let plugin = app.plugin;
     let registered = Invocation::start(Kind::Invoke, None);
     let watch = ClientWatch::new(registered.shared());
@@ -232,14 +351,43 @@ async fn invoke_plain(app: &Arc<App>, input: Vec<u8>, _in_flight: InFlightGuard)
         collected = call => {
             let collected = watch.finished(collected);
             match collected {
-                Ok(c) => envelope_response(&c, Kind::Invoke),
+                Ok(c) => {
+                    let outcome = outcome_of(&c, Kind::Invoke);
+                    record(&outcome, started);
+                    match outcome {
+                        Outcome::Shutdown => shutdown_abort(&c),
+                        outcome => json(StatusCode::OK, envelope::write(&c, &outcome).into()),
+                    }
+                }
                 Err(e) => internal_error(&e.to_string()),
             }
         }
         // The plugin ignored its flag past the graceful timeout: answer for
         // it with what it reported so far, and abandon its thread.
-        () = app.drain.expired() => shutdown_abort(&watch.abandon()),
+        () = app.drain.expired() => {
+            let c = watch.abandon();
+            record(&Outcome::Shutdown, started);
+            shutdown_abort(&c)
+        }
     }
+}
+
+/// Records an invocation's duration and, for a failure, its kind.
+fn record(outcome: &Outcome<'_>, started: Instant) {
+    let label = match outcome {
+        Outcome::Ok(_) => metrics::Outcome::ok,
+        Outcome::Failed { text, .. } => {
+            let violation = text.starts_with(envelope::VIOLATION_PREFIX);
+            METRICS.failure(if violation {
+                FailureKind::contract_violation
+            } else {
+                FailureKind::error
+            });
+            metrics::Outcome::failed
+        }
+        Outcome::Shutdown => metrics::Outcome::shutdown,
+    };
+    METRICS.invocation(label, started.elapsed());
 }
 
 async fn invoke_streaming(
@@ -247,6 +395,7 @@ async fn invoke_streaming(
     input: Vec<u8>,
     in_flight: InFlightGuard,
 ) -> Response<Body> {
+    let started = Instant::now();
     let plugin = app.plugin;
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
     let registered = Invocation::start(Kind::Stream, Some(tx.clone()));
@@ -260,7 +409,11 @@ async fn invoke_streaming(
     let first = tokio::select! {
         biased;
         first = rx.recv() => first,
-        () = app.drain.expired() => return shutdown_abort(&watch.abandon()),
+        () = app.drain.expired() => {
+            let c = watch.abandon();
+            record(&Outcome::Shutdown, started);
+            return shutdown_abort(&c);
+        }
     };
     match first {
         Some(Chunk::Line(first)) => {
@@ -270,21 +423,25 @@ async fn invoke_streaming(
                 rx: Some(rx),
                 expired: Box::pin(async move { drain.expired().await }),
                 watch: Some(watch),
+                started,
                 _in_flight: in_flight,
+                access: None,
             });
             with_type_body(StatusCode::OK, "application/x-ndjson", body)
         }
         Some(Chunk::Done(c)) => {
             watch.finished(());
-            match outcome_of(&c, Kind::Stream) {
+            let outcome = outcome_of(&c, Kind::Stream);
+            record(&outcome, started);
+            match outcome {
                 // Nothing sent yet: the shutdown-abort is a plain 503.
                 Outcome::Shutdown => shutdown_abort(&c),
                 Outcome::Ok(_) => with_type(StatusCode::OK, "application/x-ndjson", Bytes::new()),
-                failed => {
-                    let mut line = envelope::write(&c, &failed);
-                    line.push(b'\n');
-                    with_type(StatusCode::OK, "application/x-ndjson", line.into())
-                }
+                failed => with_type(
+                    StatusCode::OK,
+                    "application/x-ndjson",
+                    last_line(&c, &failed),
+                ),
             }
         }
         None => internal_error("the plugin thread ended without a result"),
@@ -405,15 +562,9 @@ fn outcome_of(c: &Collected, kind: Kind) -> Outcome<'_> {
     }
 }
 
-fn envelope_response(c: &Collected, kind: Kind) -> Response<Body> {
-    match outcome_of(c, kind) {
-        Outcome::Shutdown => shutdown_abort(c),
-        outcome => json(StatusCode::OK, envelope::write(c, &outcome).into()),
-    }
-}
-
 /// The 503 shutdown-abort: retryable elsewhere, and this connection closes.
 fn shutdown_abort(c: &Collected) -> Response<Body> {
+    METRICS.shutdown_abort();
     let mut r = json(
         StatusCode::SERVICE_UNAVAILABLE,
         envelope::write(c, &Outcome::Shutdown).into(),
@@ -427,6 +578,19 @@ fn add_retry_headers(r: &mut Response<Body>) {
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     r.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
+}
+
+/// The 503 of `--limit-concurrency`: not a shutdown, so no envelope.
+fn overloaded(limit: usize) -> Response<Body> {
+    METRICS.rejection();
+    let detail =
+        format!("too many invocations in flight (--limit-concurrency {limit}); retry later");
+    let body = serde_json::to_vec(&serde_json::json!({ "detail": detail }))
+        .expect("a Value always serialises");
+    let mut r = json(StatusCode::SERVICE_UNAVAILABLE, body.into());
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 fn internal_error(why: &str) -> Response<Body> {
@@ -478,7 +642,75 @@ pub struct StreamBody {
     /// Resolves when the graceful timeout expires.
     expired: Pin<Box<dyn Future<Output = ()> + Send>>,
     watch: Option<ClientWatch>,
+    started: Instant,
     _in_flight: InFlightGuard,
+    /// The access log line to write when the stream ends, and the bytes
+    /// sent so far.
+    access: Option<(AccessLine, u64)>,
+}
+
+impl Drop for StreamBody {
+    fn drop(&mut self) {
+        if let Some((line, bytes)) = self.access.take() {
+            line.log(bytes);
+        }
+    }
+}
+
+impl StreamBody {
+    /// The next chunk of the stream, or `None` at its end.
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(first));
+        }
+        let Some(rx) = self.rx.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match rx.poll_recv(cx) {
+            Poll::Ready(Some(Chunk::Line(line))) => Poll::Ready(Some(line)),
+            Poll::Ready(Some(Chunk::Done(c))) => {
+                self.rx = None;
+                if let Some(w) = self.watch.take() {
+                    w.finished(());
+                }
+                let outcome = outcome_of(&c, Kind::Stream);
+                record(&outcome, self.started);
+                match outcome {
+                    Outcome::Ok(_) => Poll::Ready(None),
+                    last => Poll::Ready(Some(last_line(&c, &last))),
+                }
+            }
+            Poll::Ready(None) => {
+                self.rx = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if self.expired.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                // The graceful timeout expired mid-stream: the last line is
+                // the shutdown-abort.
+                self.rx = None;
+                let c = self
+                    .watch
+                    .take()
+                    .map(ClientWatch::abandon)
+                    .unwrap_or_default();
+                record(&Outcome::Shutdown, self.started);
+                Poll::Ready(Some(last_line(&c, &Outcome::Shutdown)))
+            }
+        }
+    }
+}
+
+/// The last NDJSON line of a stream that ended with `outcome`.
+fn last_line(c: &Collected, outcome: &Outcome<'_>) -> Bytes {
+    if matches!(outcome, Outcome::Shutdown) {
+        METRICS.shutdown_abort();
+    }
+    let mut line = envelope::write(c, outcome);
+    line.push(b'\n');
+    line.into()
 }
 
 impl HttpBody for Body {
@@ -496,49 +728,14 @@ impl HttpBody for Body {
                     .filter(|b| !b.is_empty())
                     .map(|b| Ok(Frame::data(b))),
             ),
-            Body::Stream(s) => {
-                if let Some(first) = s.first.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(first))));
-                }
-                let Some(rx) = s.rx.as_mut() else {
-                    return Poll::Ready(None);
-                };
-                match rx.poll_recv(cx) {
-                    Poll::Pending => {
-                        if s.expired.as_mut().poll(cx).is_pending() {
-                            return Poll::Pending;
-                        }
-                        // The graceful timeout expired mid-stream: the last
-                        // line is the shutdown-abort.
-                        s.rx = None;
-                        let c = s.watch.take().map(ClientWatch::abandon).unwrap_or_default();
-                        let mut line = envelope::write(&c, &Outcome::Shutdown);
-                        line.push(b'\n');
-                        Poll::Ready(Some(Ok(Frame::data(line.into()))))
+            Body::Stream(s) => s.poll_next(cx).map(|chunk| {
+                chunk.map(|b| {
+                    if let Some((_, sent)) = &mut s.access {
+                        *sent += b.len() as u64;
                     }
-                    Poll::Ready(Some(Chunk::Line(line))) => {
-                        Poll::Ready(Some(Ok(Frame::data(line))))
-                    }
-                    Poll::Ready(Some(Chunk::Done(c))) => {
-                        s.rx = None;
-                        if let Some(w) = s.watch.take() {
-                            w.finished(());
-                        }
-                        match outcome_of(&c, Kind::Stream) {
-                            Outcome::Ok(_) => Poll::Ready(None),
-                            last => {
-                                let mut line = envelope::write(&c, &last);
-                                line.push(b'\n');
-                                Poll::Ready(Some(Ok(Frame::data(line.into()))))
-                            }
-                        }
-                    }
-                    Poll::Ready(None) => {
-                        s.rx = None;
-                        Poll::Ready(None)
-                    }
-                }
-            }
+                    Ok(Frame::data(b))
+                })
+            }),
         }
     }
 

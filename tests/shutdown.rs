@@ -371,7 +371,7 @@ fn bad_timeouts_are_one_line_naming_the_flag_or_variable() {
     assert_eq!(out.status.code(), Some(64));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr),
-        "etl-serve: error: invalid UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=\"-3\": `-3` is not a duration: expected seconds (30, 2.5) or a duration (30s, 1m30s, 500ms)\n"
+        "etl-serve: error: invalid value '-3' for UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN (the variable for --graceful-timeout): `-3` is not a duration: expected seconds (30, 2.5) or a duration (30s, 1m30s, 500ms)\n"
     );
 }
 
