@@ -149,6 +149,14 @@ fn requests_during_the_drain_are_answered_at_once() {
     // A keep-alive connection opened and used before the signal.
     let mut kept = s.connect();
     assert_eq!(kept.send("GET", "/readyz", None).unwrap().status, 200);
+    let mut kept_for_probe = s.connect();
+    assert_eq!(
+        kept_for_probe
+            .send("GET", "/schema", None)
+            .unwrap()
+            .header("connection"),
+        None
+    );
     // Something to keep the drain going: 2 s that ignore the flag.
     let long = s.send_in_background(invoke_request(
         r#"{"units":20,"unit_ms":100,"cooperative":false}"#,
@@ -171,6 +179,11 @@ fn requests_during_the_drain_are_answered_at_once() {
         kept.closed_by_server(),
         "the keep-alive connection closes after its response"
     );
+
+    // Any route on a keep-alive connection: answered, then the connection closes.
+    let r = kept_for_probe.send("GET", "/healthz", None).unwrap();
+    assert_eq!((r.status, r.header("connection")), (200, Some("close")));
+    assert!(kept_for_probe.closed_by_server());
 
     let r = s.post_json("/invoke", r#"{"units":1}"#);
     assert_shutdown_abort(&r);

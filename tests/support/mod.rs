@@ -94,11 +94,111 @@ pub fn fixture(variant: Option<&str>) -> PathBuf {
     out
 }
 
-/// A running `etl-serve`, killed on drop.
-pub struct Server {
-    child: Option<Child>,
-    pub addr: SocketAddr,
+/// A running etl-serve process whose stderr is collected; killed on drop.
+pub struct Spawned {
+    child: Child,
     logs: Arc<Mutex<String>>,
+    listening: std::sync::mpsc::Receiver<String>,
+}
+
+impl Spawned {
+    /// Starts `cmd` with stderr captured.
+    pub fn new(mut cmd: Command) -> Spawned {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn etl-serve");
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, listening) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                {
+                    let mut l = sink.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+                // Announced after it is in the logs, so a test that starts
+                // the server sees the listening line.
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    // Text or JSON logs: the address ends at the first
+                    // character that cannot be part of it.
+                    let addr: String = rest
+                        .chars()
+                        .take_while(|c| c.is_ascii_hexdigit() || ".:[]".contains(*c))
+                        .collect();
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        Spawned {
+            child,
+            logs,
+            listening,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Everything the process logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&self) -> bool {
+        // try_wait needs &mut; a signal 0 asks the kernel instead.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), None).is_ok()
+            && !std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).is_ok_and(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+    }
+
+    /// Waits up to `timeout` for a log line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Sends `signal` to the process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        signal_pid(self.pid(), signal);
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `etl-serve` listening on loopback, killed on drop.
+pub struct Server {
+    proc: Spawned,
+    pub addr: SocketAddr,
 }
 
 /// How a server that should not have started ended.
@@ -145,47 +245,22 @@ impl Server {
 
     /// Starts `cmd` (an etl-serve command line, possibly behind a wrapper
     /// such as `unshare`) and waits until it listens.
-    pub fn spawn(mut cmd: Command) -> Result<Server, Failed> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn etl-serve");
-        let logs = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                {
-                    let mut l = sink.lock().unwrap();
-                    l.push_str(&line);
-                    l.push('\n');
-                }
-                // Announced after it is in the logs, so a test that starts
-                // the server sees the listening line.
-                if let Some(addr) = line.split("listening on http://").nth(1) {
-                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
-                }
-            }
-        });
+    pub fn spawn(cmd: Command) -> Result<Server, Failed> {
+        let mut proc = Spawned::new(cmd);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(addr) = rx.recv_timeout(Duration::from_millis(20)) {
+            if let Ok(addr) = proc.listening.recv_timeout(Duration::from_millis(20)) {
                 let addr = addr
                     .parse()
                     .expect("a socket address in the listening line");
-                return Ok(Server {
-                    child: Some(child),
-                    addr,
-                    logs,
-                });
+                return Ok(Server { proc, addr });
             }
-            if let Some(status) = child.try_wait().unwrap() {
+            if let Some(status) = proc.child.try_wait().unwrap() {
                 // Let the reader thread drain what is left.
                 std::thread::sleep(Duration::from_millis(100));
                 return Err(Failed {
                     status,
-                    stderr: logs.lock().unwrap().clone(),
+                    stderr: proc.logs(),
                 });
             }
             assert!(
@@ -196,12 +271,27 @@ impl Server {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().unwrap().id() as i32
+        self.proc.pid()
     }
 
     /// Sends `signal` to the process we started.
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
-        signal_pid(self.pid(), signal);
+        self.proc.signal(signal);
+    }
+
+    /// Everything the server logged so far.
+    pub fn logs(&self) -> String {
+        self.proc.logs()
+    }
+
+    /// Waits up to `timeout` for a log line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        self.proc.wait_for_log(needle, timeout)
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.proc.wait_exit(timeout)
     }
 
     /// Sends a request on a new connection from another thread; join the
@@ -224,23 +314,6 @@ impl Server {
             reader: BufReader::new(stream.try_clone().unwrap()),
             stream,
         }
-    }
-
-    /// Everything the server logged so far.
-    pub fn logs(&self) -> String {
-        self.logs.lock().unwrap().clone()
-    }
-
-    /// Waits up to `timeout` for a log line containing `needle`.
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.logs().contains(needle) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -266,28 +339,6 @@ impl Server {
         let mut raw = req.into_bytes();
         raw.extend_from_slice(body);
         request(self.addr, &raw)
-    }
-
-    /// Waits up to `timeout` for the process to exit.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut().unwrap();
-        while Instant::now() < deadline {
-            if let Some(status) = child.try_wait().unwrap() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 

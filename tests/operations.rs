@@ -1,0 +1,658 @@
+//! Operating etl-serve: configuration names and precedence, the limits that
+//! protect the process, logs, metrics, the check mode and the Unix socket.
+
+mod support;
+
+use std::io::{BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{fixture, invoke_request, plugin, read_response, Server};
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs etl-serve with `args` and `env` (no --host/--port added), waits
+/// until `addr` answers /healthz, and returns the server.
+fn start_at(
+    addr: SocketAddr,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (support::Spawned, SocketAddr) {
+    let mut cmd = support::etl_serve();
+    cmd.args(args).envs(env.iter().copied());
+    let spawned = support::Spawned::new(cmd);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(addr).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listens on {addr}: {}",
+            spawned.logs()
+        );
+        assert!(spawned.running(), "etl-serve exited: {}", spawned.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (spawned, addr)
+}
+
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name_and_labels} in:\n{text}"))
+}
+
+// ---------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------
+
+#[test]
+fn uvicorn_host_and_port_are_read_and_the_flag_wins() {
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let wc = plugin("wordcount");
+    let (s, addr) = start_at(
+        addr,
+        &["--plugin", wc.to_str().unwrap()],
+        &[
+            ("UVICORN_HOST", "127.0.0.1"),
+            ("UVICORN_PORT", &port.to_string()),
+        ],
+    );
+    assert_eq!(
+        support::request(
+            addr,
+            b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        )
+        .status,
+        200
+    );
+    drop(s);
+
+    // The flag wins: the variable names a port that is in use.
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port().to_string();
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (_s, _) = start_at(
+        addr,
+        &[
+            "--plugin",
+            wc.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ],
+        &[("UVICORN_PORT", &taken_port)],
+    );
+}
+
+#[test]
+fn every_bad_value_is_one_line_naming_the_flag_or_variable() {
+    // (flags, environment, what the error line must name)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: &[Case] = &[
+        (&["--port", "http"], &[], "'--port <PORT>'"),
+        (
+            &[],
+            &[("UVICORN_PORT", "http")],
+            "UVICORN_PORT (the variable for --port)",
+        ),
+        (
+            &[],
+            &[("UVICORN_HOST", "localhost:80")],
+            "UVICORN_HOST (the variable for --host)",
+        ),
+        (
+            &[],
+            &[("UVICORN_LOG_LEVEL", "loud")],
+            "UVICORN_LOG_LEVEL (the variable for --log-level)",
+        ),
+        (
+            &[],
+            &[("UVICORN_TIMEOUT_KEEP_ALIVE", "ever")],
+            "UVICORN_TIMEOUT_KEEP_ALIVE (the variable for --timeout-keep-alive)",
+        ),
+        (
+            &[],
+            &[("UVICORN_LIMIT_CONCURRENCY", "0")],
+            "UVICORN_LIMIT_CONCURRENCY (the variable for --limit-concurrency)",
+        ),
+        (
+            &[],
+            &[("UVICORN_ACCESS_LOG", "maybe")],
+            "UVICORN_ACCESS_LOG (the variable for --access-log)",
+        ),
+        (
+            &[],
+            &[("UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN", "x")],
+            "UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN (the variable for --graceful-timeout)",
+        ),
+        (
+            &[],
+            &[("ETL_SERVE_LOG_FORMAT", "xml")],
+            "ETL_SERVE_LOG_FORMAT (the variable for --log-format)",
+        ),
+        (
+            &[],
+            &[("ETL_SERVE_MAX_HEADER_SIZE", "big")],
+            "ETL_SERVE_MAX_HEADER_SIZE (the variable for --max-header-size)",
+        ),
+        (
+            &[],
+            &[("ETL_SERVE_HEADER_READ_TIMEOUT", "?")],
+            "ETL_SERVE_HEADER_READ_TIMEOUT (the variable for --header-read-timeout)",
+        ),
+        (&["--limit-concurrency=-1"], &[], "--limit-concurrency"),
+        (
+            &["--log-format", "yaml"],
+            &[],
+            "'--log-format <LOG_FORMAT>'",
+        ),
+    ];
+    for (args, env, names) in cases {
+        let out = support::etl_serve()
+            .args(["--plugin", "x.so"])
+            .args(*args)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?} {env:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.lines().count(),
+            1,
+            "one line for {args:?} {env:?}: {err}"
+        );
+        assert!(err.starts_with("etl-serve: error: invalid value"), "{err}");
+        assert!(
+            err.contains(names),
+            "{args:?} {env:?} should name {names}: {err}"
+        );
+    }
+}
+
+#[test]
+fn help_groups_the_flags_and_shows_each_variable_and_default() {
+    let out = support::etl_serve().arg("--help").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    // Collapsed whitespace: clap wraps long lines.
+    let help = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    for heading in ["Plugin:", "Network:", "Limits:", "Shutdown:", "Logging:"] {
+        assert!(help.contains(heading), "missing {heading}: {help}");
+    }
+    for var in [
+        "ETL_SERVE_PLUGIN=",
+        "UVICORN_HOST=",
+        "UVICORN_PORT=",
+        "UVICORN_UDS=",
+        "UVICORN_LOG_LEVEL=",
+        "UVICORN_TIMEOUT_KEEP_ALIVE=",
+        "UVICORN_LIMIT_CONCURRENCY=",
+        "UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=",
+        "UVICORN_ACCESS_LOG=",
+    ] {
+        assert!(
+            help.contains(&format!("[env: {var}")),
+            "missing {var}: {help}"
+        );
+    }
+    assert!(
+        help.contains("[default: 127.0.0.1]") && help.contains("[default: 8000]"),
+        "{help}"
+    );
+
+    let out = support::etl_serve().arg("--version").output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("etl-serve {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn the_log_level_comes_from_the_flag_or_uvicorn_log_level() {
+    let wc = plugin("wordcount");
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (s, _) = start_at(
+        addr,
+        &[
+            "--plugin",
+            wc.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ],
+        &[("UVICORN_LOG_LEVEL", "warning")],
+    );
+    support::request(addr, invoke_request(r#"{"text":"a"}"#).as_bytes());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !s.logs().contains("INFO"),
+        "warning hides info lines: {}",
+        s.logs()
+    );
+    drop(s);
+
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (s, _) = start_at(
+        addr,
+        &[
+            "--plugin",
+            wc.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+            "--log-level",
+            "info",
+        ],
+        &[("UVICORN_LOG_LEVEL", "critical")],
+    );
+    assert!(
+        s.wait_for_log("listening on", Duration::from_secs(5)),
+        "the flag wins: {}",
+        s.logs()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Limits
+// ---------------------------------------------------------------------------
+
+#[test]
+fn past_the_concurrency_limit_invocations_get_503_at_once() {
+    let s =
+        Server::start_with(&plugin("slow"), &[], &[("UVICORN_LIMIT_CONCURRENCY", "1")]).unwrap();
+    let long = s.send_in_background(invoke_request(r#"{"units":10,"unit_ms":100}"#));
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let r = s.post_json("/invoke", r#"{"units":1}"#);
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "refused at once, not queued"
+    );
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(
+        r.json()["detail"],
+        "too many invocations in flight (--limit-concurrency 1); retry later"
+    );
+    assert!(
+        r.json().get("plugin_error").is_none(),
+        "not a shutdown-abort"
+    );
+    assert_eq!(long.join().unwrap().0.status, 200);
+    // Once the first is done there is room again.
+    assert_eq!(s.post_json("/invoke", r#"{"units":1}"#).status, 200);
+    let m = s.get("/metrics").text();
+    assert_eq!(metric(&m, "etl_serve_concurrency_rejections_total"), 1.0);
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout() {
+    let s = Server::start(&plugin("wordcount"), &["--timeout-keep-alive", "1"]);
+    let mut conn = s.connect();
+    assert_eq!(conn.send("GET", "/healthz", None).unwrap().status, 200);
+    let idle = Instant::now();
+    assert!(conn.closed_by_server());
+    let waited = idle.elapsed();
+    assert!(
+        waited >= Duration::from_millis(800) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+
+    // A connection that keeps sending requests stays open.
+    let mut busy = s.connect();
+    for _ in 0..4 {
+        assert_eq!(busy.send("GET", "/healthz", None).unwrap().status, 200);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+}
+
+#[test]
+fn a_slow_loris_client_is_cut_off_by_the_header_read_timeout() {
+    let s = Server::start(
+        &plugin("wordcount"),
+        &["--header-read-timeout", "1s", "--timeout-keep-alive", "30"],
+    );
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    stream
+        .write_all(b"POST /invoke HTTP/1.1\r\nHost: t\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut closed_after = None;
+    for i in 0..100 {
+        // One more header line every 100 ms: the head never completes.
+        let wrote = stream.write_all(format!("X-Slow-{i}: x\r\n").as_bytes());
+        let mut buf = [0u8; 256];
+        let closed = match stream.read(&mut buf) {
+            Ok(_) => true, // EOF, or an answer: either way the server is done
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        };
+        if closed || wrote.is_err() {
+            closed_after = Some(started.elapsed());
+            break;
+        }
+    }
+    let closed_after = closed_after.expect("the server never closed the slow connection");
+    assert!(closed_after < Duration::from_secs(5), "{closed_after:?}");
+    // Everyone else is still served.
+    assert_eq!(s.get("/healthz").status, 200);
+}
+
+#[test]
+fn a_request_head_over_the_limit_gets_431() {
+    let s = Server::start(&plugin("wordcount"), &["--max-header-size", "8KiB"]);
+    let big = "x".repeat(10 * 1024);
+    let raw =
+        format!("GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: {big}\r\nConnection: close\r\n\r\n");
+    assert_eq!(support::request(s.addr, raw.as_bytes()).status, 431);
+    let ok = format!(
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Small: {}\r\nConnection: close\r\n\r\n",
+        &big[..4096]
+    );
+    assert_eq!(support::request(s.addr, ok.as_bytes()).status, 200);
+}
+
+// ---------------------------------------------------------------------------
+// Metrics and logs
+// ---------------------------------------------------------------------------
+
+#[test]
+fn metrics_count_a_known_sequence_of_requests() {
+    let s = Server::start(&fixture(None), &[]);
+    assert_eq!(s.post_json("/invoke", "{}").json()["status_code"], 200);
+    assert_eq!(
+        s.post_json("/invoke", r#"{"mode":"fail_status"}"#).json()["status_code"],
+        418
+    );
+    assert_eq!(
+        s.post_json("/invoke", r#"{"mode":"invalid_json"}"#).json()["status_code"],
+        500
+    );
+    assert_eq!(s.post_json("/invoke", r#"{"mode":"shutdown"}"#).status, 503);
+    assert_eq!(s.post_json("/invoke", "[1]").status, 422);
+    assert_eq!(s.get("/schema").status, 200);
+    assert_eq!(s.get("/nope").status, 404);
+
+    let r = s.get("/metrics");
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    let m = r.text();
+    assert_eq!(
+        metric(
+            &m,
+            r#"etl_serve_requests_total{route="invoke",status="200"}"#
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"etl_serve_requests_total{route="invoke",status="503"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"etl_serve_requests_total{route="invoke",status="422"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"etl_serve_requests_total{route="schema",status="200"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"etl_serve_requests_total{route="other",status="404"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"etl_serve_invocation_duration_seconds_count{outcome="ok"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"etl_serve_invocation_duration_seconds_count{outcome="failed"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"etl_serve_invocation_duration_seconds_count{outcome="shutdown"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, r#"etl_serve_plugin_failures_total{kind="error"}"#),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"etl_serve_plugin_failures_total{kind="contract_violation"}"#
+        ),
+        1.0
+    );
+    assert_eq!(metric(&m, "etl_serve_shutdown_aborts_total"), 1.0);
+    assert_eq!(metric(&m, "etl_serve_client_disconnect_cancels_total"), 0.0);
+    assert_eq!(metric(&m, "etl_serve_invocations_in_flight"), 0.0);
+    let start = metric(&m, "process_start_time_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(start <= now && start > now - 600.0, "{start} vs {now}");
+    assert!(m.trim_end().ends_with("# EOF"));
+}
+
+#[test]
+fn json_logs_are_one_object_per_line_with_an_access_line_per_request() {
+    let s = Server::start(&plugin("wordcount"), &["--log-format", "json"]);
+    let body = r#"{"text":"a"}"#;
+    let raw = format!(
+        "POST /invoke HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Request-Id: req-42\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let r = support::request(s.addr, raw.as_bytes());
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-request-id"), Some("req-42"));
+    assert!(s.wait_for_log("req-42", Duration::from_secs(5)));
+    let lines: Vec<Value> = s
+        .logs()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for l in &lines {
+        assert!(
+            l["timestamp"].is_string() && l["level"].is_string() && l["message"].is_string(),
+            "{l}"
+        );
+    }
+    let access = lines.iter().find(|l| l["request_id"] == "req-42").unwrap();
+    assert_eq!(access["method"], "POST");
+    assert_eq!(access["path"], "/invoke");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["bytes"], r.body.len());
+    assert!(access["duration_ms"].as_f64().unwrap() >= 0.0);
+    // Request bodies never appear in the logs.
+    assert!(!s.logs().contains(r#"\"text\""#) && !s.logs().contains(r#"{"text":"a"}"#));
+}
+
+#[test]
+fn the_access_log_can_be_turned_off() {
+    let on = Server::start(&plugin("ticker"), &[]);
+    let r = on.post_json("/invoke", r#"{"count":3,"interval_ms":0}"#);
+    let generated = r.header("x-request-id").unwrap().to_owned();
+    assert!(
+        on.wait_for_log("POST /invoke 200", Duration::from_secs(5)),
+        "{}",
+        on.logs()
+    );
+    // A stream's line is written when it ends, with every byte it sent.
+    assert!(
+        on.logs().contains(&format!("bytes={}", r.body.len())),
+        "{}",
+        on.logs()
+    );
+    assert!(
+        on.logs().contains(&format!("request_id=\"{generated}\""))
+            || on.logs().contains(&generated)
+    );
+
+    for (args, env) in [
+        (vec!["--no-access-log"], vec![]),
+        (vec![], vec![("UVICORN_ACCESS_LOG", "false")]),
+        (
+            vec!["--access-log=false"],
+            vec![("UVICORN_ACCESS_LOG", "true")],
+        ),
+    ] {
+        let off = Server::start_with(&plugin("wordcount"), &args, &env).unwrap();
+        assert_eq!(off.post_json("/invoke", r#"{"text":"a"}"#).status, 200);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !off.logs().contains("POST /invoke"),
+            "{args:?} {env:?}: {}",
+            off.logs()
+        );
+    }
+    // The flag wins over the variable.
+    let flag = Server::start_with(
+        &plugin("wordcount"),
+        &["--access-log"],
+        &[("UVICORN_ACCESS_LOG", "0")],
+    )
+    .unwrap();
+    assert_eq!(flag.post_json("/invoke", r#"{"text":"a"}"#).status, 200);
+    assert!(flag.wait_for_log("POST /invoke 200", Duration::from_secs(5)));
+}
+
+// ---------------------------------------------------------------------------
+// Check mode and the Unix socket
+// ---------------------------------------------------------------------------
+
+#[test]
+fn check_mode_reports_a_plugin_without_serving_it() {
+    let wc = plugin("wordcount");
+    let out = support::etl_serve()
+        .args(["--check", "--plugin"])
+        .arg(&wc)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        report.starts_with("plugin:       wordcount 0.1.0\n"),
+        "{report}"
+    );
+    for want in [
+        "abi:          1.0 (this etl-serve speaks 1.0)",
+        "streaming:    no",
+        "capabilities: usage",
+        "id:           995355281551620c1e2a7cab3da49c91",
+        "\"required\": [\n      \"text\"",
+    ] {
+        assert!(report.contains(want), "missing {want:?} in:\n{report}");
+    }
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("listening"));
+
+    let out = support::etl_serve()
+        .args(["--check", "--plugin"])
+        .arg(fixture(Some("WRONG_ABI")))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    assert!(out.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("built for plugin ABI 99.0"));
+}
+
+#[test]
+fn it_serves_on_a_unix_socket() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let sock = dir.join(format!("etl-serve-{}.sock", std::process::id()));
+    // A stale socket from an earlier run is replaced.
+    let _ = std::fs::remove_file(&sock);
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+
+    let mut cmd = support::etl_serve();
+    cmd.arg("--plugin")
+        .arg(plugin("wordcount"))
+        .env("UVICORN_UDS", &sock);
+    let mut s = support::Spawned::new(cmd);
+    assert!(
+        s.wait_for_log("listening on unix:", Duration::from_secs(30)),
+        "{}",
+        s.logs()
+    );
+    let mut stream = UnixStream::connect(&sock).unwrap();
+    stream
+        .write_all(invoke_request(r#"{"text":"over a unix socket"}"#).as_bytes())
+        .unwrap();
+    let r = read_response(&mut BufReader::new(stream)).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["output"]["words"], 4);
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10))
+            .and_then(|st| st.code()),
+        Some(0)
+    );
+    assert!(!sock.exists(), "the socket file is removed at exit");
+
+    // A path that is not a socket is never replaced.
+    let file = dir.join(format!("etl-serve-{}.notasocket", std::process::id()));
+    std::fs::write(&file, "precious").unwrap();
+    let out = support::etl_serve()
+        .arg("--plugin")
+        .arg(plugin("wordcount"))
+        .arg("--uds")
+        .arg(&file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a socket; refusing to replace it")
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+}
