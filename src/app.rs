@@ -166,7 +166,7 @@ async fn serve_on<L: Listener>(
         .await
         .map_err(|e| Fatal::Os(format!("the accept loop failed: {e}")))?;
     let plugin = app.plugin();
-    Ok(shutdown::finish(connections.shutdown(), signals, || plugin.shutdown(), code).await)
+    Ok(shutdown::finish(&connections, signals, || plugin.shutdown(), code).await)
 }
 
 /// Binds a Unix socket at `path`, replacing a stale socket file left by an

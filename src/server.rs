@@ -1,6 +1,11 @@
 //! The accept loop: one task per connection, each served by hyper's HTTP/1
-//! connection and watched so that shutdown can close it gracefully. TCP and
-//! Unix domain sockets are served the same way.
+//! connection and counted, so that shutdown can wait for them. TCP and Unix
+//! domain sockets are served the same way.
+//!
+//! Connections are never cut by the server: during the drain every answer
+//! carries `Connection: close`, so each connection ends itself once it has
+//! answered what it received. Closing a socket whose request is still
+//! unread would reset it, losing a request the client has already sent.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -9,12 +14,12 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, warn};
 
 use crate::routes::{self, App};
+use crate::shutdown::Tracker;
 
 /// Per-connection limits.
 #[derive(Clone, Copy, Debug)]
@@ -31,6 +36,10 @@ pub struct ConnLimits {
 pub trait Listener: Send + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     fn accept(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+    /// Accepts every connection the kernel has queued, asking the kernel
+    /// itself (the runtime's readiness state may lag), and closes the
+    /// listener.
+    fn close(self) -> Vec<Self::Io>;
 }
 
 impl Listener for TcpListener {
@@ -41,6 +50,19 @@ impl Listener for TcpListener {
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
+    fn close(self) -> Vec<Self::Io> {
+        let Ok(std) = self.into_std() else {
+            return Vec::new();
+        };
+        let mut queued = Vec::new();
+        while let Ok((s, _)) = std.accept() {
+            let _ = s.set_nodelay(true);
+            if s.set_nonblocking(true).is_ok() {
+                queued.extend(tokio::net::TcpStream::from_std(s));
+            }
+        }
+        queued
+    }
 }
 
 impl Listener for UnixListener {
@@ -48,48 +70,68 @@ impl Listener for UnixListener {
     async fn accept(&self) -> std::io::Result<Self::Io> {
         Ok(UnixListener::accept(self).await?.0)
     }
+    fn close(self) -> Vec<Self::Io> {
+        let Ok(std) = self.into_std() else {
+            return Vec::new();
+        };
+        let mut queued = Vec::new();
+        while let Ok((s, _)) = std.accept() {
+            if s.set_nonblocking(true).is_ok() {
+                queued.extend(tokio::net::UnixStream::from_std(s));
+            }
+        }
+        queued
+    }
 }
 
-/// Accepts connections on `listener` until `stop` resolves, then returns
-/// the handle that drains the connections still open.
+/// Accepts connections on `listener` until `stop` resolves; then accepts
+/// what the kernel has already queued, closes the listener, and returns the
+/// count of connections still open.
 pub async fn accept_until<L: Listener>(
     listener: L,
     app: Arc<App>,
     limits: ConnLimits,
     stop: impl Future<Output = ()>,
-) -> GracefulShutdown {
-    let graceful = GracefulShutdown::new();
+) -> Tracker {
+    let connections = Tracker::default();
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.head_timeout)
         .max_header_size(limits.max_header_size);
+    let serve = |stream: L::Io| {
+        let app = app.clone();
+        let service = service_fn(move |req| routes::handle(app.clone(), req));
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let open = connections.track();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "connection ended with an error");
+            }
+            drop(open);
+        });
+    };
     tokio::pin!(stop);
     loop {
         tokio::select! {
             biased;
             () = &mut stop => break,
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok(s) => s,
-                    Err(e) => {
-                        // Out of file descriptors and the like: keep serving
-                        // the connections we have, try again shortly.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let app = app.clone();
-                let service = service_fn(move |req| routes::handle(app.clone(), req));
-                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(error = %e, "connection ended with an error");
-                    }
-                });
-            }
+            accepted = listener.accept() => match accepted {
+                Ok(stream) => serve(stream),
+                Err(e) => {
+                    // Out of file descriptors and the like: keep serving
+                    // the connections we have, try again shortly.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
         }
     }
-    graceful
+    // Connections the kernel completed but we did not accept yet would be
+    // reset when the listener closes, after their client may have sent a
+    // request: take them first.
+    for stream in listener.close() {
+        serve(stream);
+    }
+    connections
 }

@@ -13,8 +13,11 @@
 //!    timeout expires first, every request still waiting on the plugin is
 //!    answered with the 503 shutdown-abort and its plugin thread is
 //!    abandoned.
-//! 4. The listener closes, open connections finish writing, the plugin's
-//!    shutdown hook runs if no invocation is still inside the plugin, and
+//! 4. The connections already queued in the kernel are accepted, then the
+//!    listener closes (later connects are refused: nothing was sent). Open
+//!    connections end themselves after their `Connection: close` answer;
+//!    idle ones get one second. The plugin's shutdown hook runs if no
+//!    invocation is still inside the plugin, and
 //!    the process exits: 0 when drained, 75 when the timeout cut the drain.
 //!    A second signal at any point exits at once with 130.
 
@@ -53,41 +56,76 @@ pub enum Phase {
     Expired,
 }
 
+/// Counts live things (requests waiting on the plugin, open connections)
+/// and wakes whoever waits for the count to reach zero. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Tracker {
+    inner: Arc<TrackerInner>,
+}
+
+#[derive(Default)]
+struct TrackerInner {
+    count: AtomicUsize,
+    zero: Notify,
+}
+
+/// Counts one live thing until dropped.
+#[must_use = "the thing stops counting when the guard drops"]
+pub struct TrackGuard {
+    inner: Arc<TrackerInner>,
+}
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        if self.inner.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.zero.notify_waiters();
+        }
+    }
+}
+
+impl Tracker {
+    /// Counts one more, until the guard drops.
+    pub fn track(&self) -> TrackGuard {
+        self.inner.count.fetch_add(1, Ordering::AcqRel);
+        TrackGuard {
+            inner: self.inner.clone(),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.inner.count.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the count is zero. Cancellation safe.
+    pub async fn zero(&self) {
+        loop {
+            let notified = self.inner.zero.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A request counted as waiting on the plugin.
+pub type InFlightGuard = TrackGuard;
+
 /// The drain primitive: a phase everyone can watch, and a count of the
 /// requests that still wait on the plugin. Cheap to clone.
 #[derive(Clone)]
 pub struct Drain {
     phase: watch::Sender<Phase>,
-    in_flight: Arc<InFlight>,
-}
-
-struct InFlight {
-    count: AtomicUsize,
-    idle: Notify,
-}
-
-/// Counts one request as in flight until dropped.
-#[must_use = "the request stops counting as in flight when the guard drops"]
-pub struct InFlightGuard {
-    in_flight: Arc<InFlight>,
-}
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        if self.in_flight.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.in_flight.idle.notify_waiters();
-        }
-    }
+    in_flight: Tracker,
 }
 
 impl Default for Drain {
     fn default() -> Self {
         Drain {
             phase: watch::Sender::new(Phase::Serving),
-            in_flight: Arc::new(InFlight {
-                count: AtomicUsize::new(0),
-                idle: Notify::new(),
-            }),
+            in_flight: Tracker::default(),
         }
     }
 }
@@ -98,17 +136,15 @@ impl Drain {
         *self.phase.borrow() >= Phase::Draining
     }
 
-    /// Counts a request that is about to wait on the plugin.
+    /// Counts a request that is about to wait on the plugin, until its
+    /// response has been handed to the connection.
     pub fn track(&self) -> InFlightGuard {
-        self.in_flight.count.fetch_add(1, Ordering::AcqRel);
-        InFlightGuard {
-            in_flight: self.in_flight.clone(),
-        }
+        self.in_flight.track()
     }
 
     /// How many requests wait on the plugin.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.count.load(Ordering::Acquire)
+        self.in_flight.count()
     }
 
     /// Resolves once the graceful timeout expired. Cancellation safe.
@@ -120,15 +156,7 @@ impl Drain {
 
     /// Resolves once no request waits on the plugin. Cancellation safe.
     pub async fn idle(&self) {
-        loop {
-            let notified = self.in_flight.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.in_flight() == 0 {
-                return;
-            }
-            notified.await;
-        }
+        self.in_flight.zero().await;
     }
 
     /// Starts the drain: cancel flags first, then the phase. Returns how
@@ -174,8 +202,12 @@ impl ShutdownSignals {
     }
 }
 
-/// How long to wait for open connections to finish writing their last
-/// response once no invocation is left.
+/// How long, once no invocation is left, open connections get to finish:
+/// one that receives a request in that time is answered (503, then closed);
+/// one still idle at the end is closed by the exit.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Bound on waiting for request handlers once the graceful timeout expired.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs steps 1 to 3 of the timeline after `signal` arrived and returns the
@@ -225,18 +257,21 @@ pub async fn drain(
     }
 }
 
-/// Step 4: waits (briefly) for connections to finish writing, runs the
-/// plugin's shutdown hook when no invocation is inside the plugin, logs the
-/// exit code and returns it.
+/// Step 4, once the listener is closed: waits (at most [`LINGER`]) for the
+/// open connections to close themselves, runs the plugin's shutdown hook
+/// when no invocation is inside the plugin, logs the exit code and returns
+/// it.
 pub async fn finish(
-    flush: impl std::future::Future<Output = ()>,
+    connections: &Tracker,
     signals: &mut ShutdownSignals,
     plugin_shutdown: impl FnOnce(),
     code: u8,
 ) -> ExitCode {
     tokio::select! {
-        () = flush => {}
-        () = tokio::time::sleep(FLUSH_TIMEOUT) => warn!("connections still open after {FLUSH_TIMEOUT:?}; closing them"),
+        () = connections.zero() => {}
+        () = tokio::time::sleep(LINGER) => {
+            info!(idle_connections = connections.count(), "closing idle connections");
+        }
         second = signals.next() => forced(second),
     }
     let inside = invocation::live_count();

@@ -500,3 +500,5 @@ pub fn read_response(r: &mut impl BufRead) -> std::io::Result<Response> {
         body,
     })
 }
+
+pub mod load;
