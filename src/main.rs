@@ -6,12 +6,14 @@
 //! accept loop), `routes` (every HTTP route), `plugin` (loading a library
 //! through the C ABI), `invocation` (the host side of one call into the
 //! plugin), `envelope`, `validate`, `plugin_id` and `openapi` (what the
-//! routes answer), `cli`, `logging` and `metrics`.
+//! routes answer), `cli`, `logging`, `metrics`, and `crash` (making a
+//! plugin crash visible).
 
 use std::process::ExitCode;
 
 mod app;
 mod cli;
+mod crash;
 mod envelope;
 mod invocation;
 mod logging;
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         }
     };
     logging::init(cli.log_level, cli.log_format);
+    crash::install();
     match app::run(cli) {
         Ok(code) => code,
         Err(fatal) => {

@@ -65,3 +65,156 @@ fn sigterm_under_load_loses_nothing_when_the_plugin_ignores_the_flag() {
     let total = run(false, "1s", 75);
     assert_eq!(total.write_failed, 0, "{total:?}");
 }
+
+// ---------------------------------------------------------------------------
+// Plugin faults
+// ---------------------------------------------------------------------------
+
+mod faults {
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::support::{fixture, Server};
+
+    #[test]
+    fn a_crashing_plugin_ends_the_process_visibly() {
+        for (mode, signal, name) in [("segfault", 11, "SIGSEGV"), ("abort", 6, "SIGABRT")] {
+            let mut s = Server::start(&fixture(None), &[]);
+            let raw = super::support::invoke_request(&format!(r#"{{"mode":"{mode}"}}"#));
+            let answer =
+                std::panic::catch_unwind(|| super::support::request(s.addr, raw.as_bytes()));
+            assert!(
+                answer.is_err(),
+                "{mode}: no answer can be sent from a crashed process"
+            );
+            let status = s
+                .wait_exit(Duration::from_secs(10))
+                .expect("the process is gone");
+            assert_eq!(
+                status.signal(),
+                Some(signal),
+                "{mode}: dies of its own signal"
+            );
+            assert!(
+                s.wait_for_log(
+                    &format!("etl-serve: fatal signal {name}"),
+                    Duration::from_secs(2)
+                ),
+                "{mode}: {}",
+                s.logs()
+            );
+        }
+    }
+
+    #[test]
+    fn a_huge_output_is_delivered_whole() {
+        let s = Server::start(&fixture(None), &[]);
+        let r = s.post_json("/invoke", r#"{"mode":"huge"}"#);
+        assert_eq!(r.status, 200);
+        let e = r.json();
+        assert_eq!(e["status_code"], 200);
+        assert_eq!(
+            e["output"]["blob"].as_str().unwrap().len(),
+            100 * 1024 * 1024
+        );
+        assert_eq!(s.get("/healthz").status, 200);
+    }
+
+    #[test]
+    fn output_that_breaks_the_outputs_schema_is_passed_through() {
+        // Documented choice: the host checks that output is JSON, not that
+        // it matches the plugin's own schema (that would cost every request;
+        // a plugin's own tests are the place for it).
+        let s = Server::start(&fixture(None), &[]);
+        let e = s.post_json("/invoke", r#"{"mode":"off_schema"}"#).json();
+        assert_eq!(
+            (e["status_code"].clone(), e["output"].clone()),
+            (json!(200), json!([1, 2, 3]))
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bad input over HTTP
+// ---------------------------------------------------------------------------
+
+mod bad_input {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::support::{invoke_request, plugin, request, Server};
+
+    #[test]
+    fn garbage_request_lines_get_400_and_the_server_keeps_serving() {
+        let s = Server::start(&plugin("wordcount"), &[]);
+        for garbage in [
+            &b"GARBAGE\r\n\r\n"[..],
+            b"GET\r\n\r\n",
+            b"POST /invoke HTTP/9.9\r\n\r\n",
+            b"\x00\x01\x02\x03 / HTTP/1.1\r\n\r\n",
+            b"GET /schema HTTP/1.1\r\nBad Header Without Colon\r\n\r\n",
+        ] {
+            let r = request(s.addr, garbage);
+            assert_eq!(r.status, 400, "{garbage:?}");
+        }
+        assert_eq!(s.get("/healthz").status, 200);
+    }
+
+    #[test]
+    fn huge_numbers_and_deep_nesting_are_clean_rejections() {
+        let s = Server::start(&plugin("wordcount"), &[]);
+        // Beyond f64: not a number JSON can carry here.
+        let r = s.post_json("/invoke", r#"{"text":"a","repeat":1e400}"#);
+        assert_eq!(
+            (r.status, r.json()["reason"].clone()),
+            (422, json!("malformed_envelope"))
+        );
+        // Beyond i64: parsed as a float the plugin cannot take as an
+        // integer: its own clean failure inside the envelope.
+        let r = s.post_json(
+            "/invoke",
+            r#"{"text":"a","repeat":99999999999999999999999}"#,
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()["status_code"], 422);
+        // 100 000 levels of nesting: refused by the parser, no stack overflow.
+        let deep = format!(r#"{{"text":{}}}"#, "[".repeat(100_000));
+        let r = s.post_json("/invoke", &deep);
+        assert_eq!(
+            (r.status, r.json()["reason"].clone()),
+            (422, json!("malformed_envelope"))
+        );
+        assert_eq!(s.get("/healthz").status, 200);
+    }
+
+    #[test]
+    fn a_flood_beyond_the_concurrency_limit_gets_200s_and_503s_only() {
+        let s = Server::start(&plugin("slow"), &["--limit-concurrency", "4"]);
+        let body = r#"{"units":20,"unit_ms":10}"#;
+        let calls: Vec<_> = (0..32)
+            .map(|_| s.send_in_background(invoke_request(body)))
+            .collect();
+        let (mut ok, mut refused) = (0, 0);
+        for call in calls {
+            let (r, _) = call.join().unwrap();
+            match r.status {
+                200 => ok += 1,
+                503 => {
+                    assert!(r.json()["detail"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("too many invocations in flight"));
+                    refused += 1;
+                }
+                other => panic!("unexpected {other}: {}", r.text()),
+            }
+        }
+        assert!(ok >= 4 && refused > 0, "ok={ok} refused={refused}");
+        assert_eq!(s.get("/healthz").status, 200);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(s.post_json("/invoke", r#"{"units":1}"#).status, 200);
+    }
+}
