@@ -21,6 +21,8 @@ mod metrics;
 mod openapi;
 mod plugin;
 mod plugin_id;
+#[cfg(test)]
+mod proptests;
 mod reaper;
 mod routes;
 mod server;
