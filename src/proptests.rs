@@ -130,9 +130,11 @@ proptest! {
         output in json_value(),
         which in 0..3u8,
     ) {
-        let mut c = Collected::default();
-        c.usage = names.into_iter().enumerate().map(|(i, name)| Usage { name, value: i as i64 - 1 }).collect();
-        c.infos = infos;
+        let c = Collected {
+            usage: names.into_iter().enumerate().map(|(i, name)| Usage { name, value: i as i64 - 1 }).collect(),
+            infos,
+            ..Collected::default()
+        };
         let raw = serde_json::value::to_raw_value(&output).unwrap();
         let outcome = match which {
             0 => Outcome::Ok(Some(&raw)),
