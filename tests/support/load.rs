@@ -22,8 +22,9 @@ pub struct Outcomes {
     pub shutdown_abort: u64,
     /// The connection could not be made: nothing was sent.
     pub connect_refused: u64,
-    /// The request could not be written: the server had closed the
-    /// connection before it (an idle keep-alive connection at exit).
+    /// The request could not be written: the connection was reset before
+    /// the write (the closing race, when the reset wins). The client knows
+    /// nothing was delivered.
     pub write_failed: u64,
     /// The request was written and the connection closed with no byte back.
     pub empty_reply: u64,
