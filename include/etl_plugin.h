@@ -307,17 +307,21 @@ typedef struct etl_plugin {
      * may stay mapped after it. */
     void (*shutdown)(void);
 
-    /* Required. Run the plugin on one request. Called on a host worker
-     * thread (never an async runtime thread), possibly on several threads at
-     * once: it must be thread-safe. `request_json` is the validated request
-     * body with defaults applied, a JSON object, owned by the host and valid
-     * until invoke returns. Report the result through ctx->host and return an
-     * ETL_RESULT_* value. */
+    /* Required. Run the plugin on one request. Called on a host thread,
+     * possibly on several threads at once: it must be thread-safe. Usually
+     * a worker thread of the host's blocking pool; while the plugin's calls
+     * are quick (64 in a row under 1 ms), the host may run a call on one of
+     * its HTTP threads instead, to save a thread hand-off (docs/abi.md, "Which
+     * thread"). Do not rely on which thread it is. `request_json` is the
+     * validated request body with defaults applied, a JSON object, owned by
+     * the host and valid until invoke returns. Report the result through
+     * ctx->host and return an ETL_RESULT_* value. */
     int32_t (*invoke)(const etl_invoke_ctx *ctx, etl_str request_json);
 
     /* Optional. Answer GET /precheck: check that the plugin can work (reach
      * its dependencies, ...). Same threads and callbacks as invoke, except
-     * that emit is rejected. NULL answers 200 with an empty usage list. */
+     * that emit is rejected and it always runs on a blocking-pool worker
+     * thread. NULL answers 200 with an empty usage list. */
     int32_t (*precheck)(const etl_invoke_ctx *ctx);
 } etl_plugin;
 

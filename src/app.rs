@@ -89,10 +89,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
         "plugin loaded"
     );
     let drain = Drain::default();
+    let workers = runtime_workers();
     let options = Options {
         max_body: cli.max_body_size,
         limit_concurrency: cli.limit_concurrency.map(|n| n as usize),
         access_log: cli.access_log(),
+        workers,
     };
     let app = App::new(plugin, options, drain.clone()).map_err(|why| Fatal::Plugin {
         path: cli.plugin.display().to_string(),
@@ -100,6 +102,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
     })?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .thread_name("etl-serve")
         .build()
@@ -208,4 +211,11 @@ fn check_report(path: &Path, plugin: &Plugin) -> String {
         m.id,
         serde_json::to_string_pretty(&m.schema).expect("a Value always serialises"),
     )
+}
+
+/// One async worker per CPU the process may use, and at least two, so that
+/// a quick plugin can be called inline while one worker stays free (see
+/// `dispatch`).
+fn runtime_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
 }

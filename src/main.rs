@@ -5,15 +5,16 @@
 //! (signals and the drain), `reaper` (orphans, when PID 1), `server` (the
 //! accept loop), `routes` (every HTTP route), `plugin` (loading a library
 //! through the C ABI), `invocation` (the host side of one call into the
-//! plugin), `envelope`, `validate`, `plugin_id` and `openapi` (what the
-//! routes answer), `cli`, `logging`, `metrics`, and `crash` (making a
-//! plugin crash visible).
+//! plugin), `dispatch` (which thread a call runs on), `envelope`,
+//! `validate`, `plugin_id` and `openapi` (what the routes answer), `cli`,
+//! `logging`, `metrics`, and `crash` (making a plugin crash visible).
 
 use std::process::ExitCode;
 
 mod app;
 mod cli;
 mod crash;
+mod dispatch;
 mod envelope;
 mod invocation;
 mod logging;

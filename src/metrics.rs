@@ -64,6 +64,19 @@ struct OutcomeLabels {
 }
 
 /// Why a plugin call failed.
+/// Where a plugin call ran (see `dispatch`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum CallThread {
+    inline,
+    blocking,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    thread: CallThread,
+}
+
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum FailureKind {
@@ -87,6 +100,12 @@ pub struct Metrics {
     client_disconnects: Counter,
     failures: Family<FailureLabels, Counter>,
     rejections: Counter,
+    // The series every successful invocation touches, looked up once so
+    // the hot path does not hash labels under a lock.
+    invoke_ok: Counter,
+    duration_ok: Histogram,
+    calls_inline: Counter,
+    calls_blocking: Counter,
 }
 
 /// The process's metrics.
@@ -140,6 +159,12 @@ impl Metrics {
             "Invocations refused with 503 by --limit-concurrency",
             rejections.clone(),
         );
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "etl_serve_plugin_calls",
+            "Plugin calls, by where they ran: inline on an HTTP worker, or on a blocking thread",
+            calls.clone(),
+        );
         let start = Gauge::<f64, AtomicU64>::default();
         start.set(
             SystemTime::now()
@@ -152,6 +177,19 @@ impl Metrics {
             "Start time of the process since the Unix epoch",
             start,
         );
+        let invoke_ok = requests
+            .get_or_create(&RequestLabels {
+                route: Route::invoke,
+                status: 200,
+            })
+            .clone();
+        let duration_ok = durations
+            .get_or_create(&OutcomeLabels {
+                outcome: Outcome::ok,
+            })
+            .clone();
+        let call = |thread| calls.get_or_create(&CallLabels { thread }).clone();
+        let (calls_inline, calls_blocking) = (call(CallThread::inline), call(CallThread::blocking));
         Metrics {
             registry,
             requests,
@@ -161,19 +199,38 @@ impl Metrics {
             client_disconnects,
             failures,
             rejections,
+            invoke_ok,
+            duration_ok,
+            calls_inline,
+            calls_blocking,
         }
     }
 
     pub fn request(&self, route: Route, status: u16) {
-        self.requests
-            .get_or_create(&RequestLabels { route, status })
-            .inc();
+        if route == Route::invoke && status == 200 {
+            self.invoke_ok.inc();
+        } else {
+            self.requests
+                .get_or_create(&RequestLabels { route, status })
+                .inc();
+        }
     }
 
     pub fn invocation(&self, outcome: Outcome, elapsed: Duration) {
-        self.durations
-            .get_or_create(&OutcomeLabels { outcome })
-            .observe(elapsed.as_secs_f64());
+        if outcome == Outcome::ok {
+            self.duration_ok.observe(elapsed.as_secs_f64());
+        } else {
+            self.durations
+                .get_or_create(&OutcomeLabels { outcome })
+                .observe(elapsed.as_secs_f64());
+        }
+    }
+
+    pub fn plugin_call(&self, thread: CallThread) {
+        match thread {
+            CallThread::inline => self.calls_inline.inc(),
+            CallThread::blocking => self.calls_blocking.inc(),
+        };
     }
 
     pub fn failure(&self, kind: FailureKind) {

@@ -33,6 +33,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
+use crate::dispatch::Dispatch;
 use crate::envelope::{self, Outcome};
 use crate::invocation::{Chunk, Collected, Invocation, Kind};
 use crate::logging::Access;
@@ -42,7 +43,6 @@ use crate::plugin::Plugin;
 use crate::shutdown::{Drain, InFlightGuard};
 use crate::validate::InputModel;
 
-/// Everything the routes need, built once at startup.
 /// What the routes are configured with.
 pub struct Options {
     /// Largest request body, in bytes.
@@ -51,12 +51,17 @@ pub struct Options {
     pub limit_concurrency: Option<usize>,
     /// Whether to log one line per request.
     pub access_log: bool,
+    /// The async runtime's worker threads (see [`Dispatch`]).
+    pub workers: usize,
 }
 
+/// Everything the routes need, built once at startup.
 pub struct App {
     /// Never unloaded: a thread abandoned at the drain timeout may still be
     /// running its code when the process exits.
     plugin: &'static Plugin,
+    /// Where each plugin call runs.
+    dispatch: &'static Dispatch,
     drain: Drain,
     inputs: InputModel,
     max_body: u64,
@@ -99,6 +104,7 @@ impl App {
             docs_body: Bytes::from(openapi::docs_page(m)),
             openapi_body: json(&openapi),
             plugin: Box::leak(Box::new(plugin)),
+            dispatch: Box::leak(Box::new(Dispatch::new(options.workers))),
             drain,
         })
     }
@@ -342,7 +348,7 @@ async fn invoke_plain(app: &Arc<App>, input: Vec<u8>, _in_flight: InFlightGuard)
     let plugin = app.plugin;
     let registered = Invocation::start(Kind::Invoke, None);
     let watch = ClientWatch::new(registered.shared());
-    let call = tokio::task::spawn_blocking(move || {
+    let call = app.dispatch.run(move || {
         let rc = plugin.invoke(registered.invocation(), &input);
         registered.finish(rc)
     });

@@ -559,3 +559,57 @@ fn the_plugin_shutdown_hook_runs_only_when_nothing_is_inside_the_plugin() {
         "the hook must not run while a thread is inside the plugin"
     );
 }
+
+/// The value of `etl_serve_plugin_calls_total{thread="..."}` now.
+fn plugin_calls(s: &Server, thread: &str) -> u64 {
+    let text = s.get("/metrics").text();
+    let series = format!("etl_serve_plugin_calls_total{{thread=\"{thread}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+#[test]
+fn a_quick_plugin_whose_inline_call_hangs_is_still_answered_at_the_timeout() {
+    let mut s = Server::start(&plugin("slow"), &["--graceful-timeout", "1s"]);
+    // Quick calls earn inline dispatch (the dispatch module's warm-up).
+    for _ in 0..100 {
+        let r = s.post_json("/invoke", r#"{"units":0}"#);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let inline_before = plugin_calls(&s, "inline");
+    assert!(inline_before > 0, "quick calls never ran inline");
+
+    // This call looks like the quick ones until it never returns; it runs
+    // inline and holds one worker.
+    let call = s.send_in_background(invoke_request(r#"{"units":100000,"cooperative":false}"#));
+    wait_inside_plugin(&s);
+    assert_eq!(
+        plugin_calls(&s, "inline"),
+        inline_before + 1,
+        "the long call ran inline"
+    );
+    // The other worker still serves, and stops further inline calls.
+    let probe = Instant::now();
+    assert_eq!(s.get("/healthz").status, 200);
+    assert!(probe.elapsed() < Duration::from_secs(2));
+    assert_eq!(s.post_json("/invoke", r#"{"units":0}"#).status, 200);
+    assert_eq!(
+        plugin_calls(&s, "inline"),
+        inline_before + 1,
+        "an overrunning inline call sends later calls to the blocking pool"
+    );
+
+    let sent = Instant::now();
+    s.signal(SIGTERM);
+    let (r, answered) = call.join().unwrap();
+    assert_shutdown_abort(&r);
+    let waited = answered - sent;
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(6),
+        "answered {waited:?} after the signal, not at the 1 s timeout"
+    );
+    let status = s.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(status.code(), Some(75), "the timeout code");
+}

@@ -1,0 +1,226 @@
+//! Where a plugin call runs: on a blocking thread, or inline.
+//!
+//! A call normally runs on a thread of the runtime's blocking pool, so that a
+//! plugin that takes long, or never returns, cannot stall the HTTP side.
+//! That hand-off costs two thread wake-ups per request, which for a plugin
+//! that answers in microseconds is most of the request's cost. So a call
+//! runs *inline*, on the runtime worker that read the request, when all of
+//! these hold:
+//!
+//! - the plugin's last [`WARMUP`] calls each returned within [`QUICK`];
+//! - fewer than `workers - 1` inline calls are running, so at least one
+//!   worker is always free to serve HTTP, answer probes and run the drain;
+//! - no running inline call has taken longer than [`OVERRUN`]. One that
+//!   overruns, or any call that takes longer than [`QUICK`], resets the
+//!   count above, so every later call goes to the blocking pool until the
+//!   plugin has again been quick [`WARMUP`] times.
+//!
+//! An inline call still runs in a task of its own, which the request's task
+//! awaits. So a call that turns out long blocks one worker for its length,
+//! but its request can still be answered at the drain timeout and its
+//! client's disconnect still cancels it; the worker's other tasks are taken
+//! over by the free workers. `etl_serve_plugin_calls` counts the calls
+//! by where they ran. Streaming plugins and prechecks always use the
+//! blocking pool: a stream's `emit` waits for the client, and a precheck
+//! typically waits on the network.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinError;
+
+use crate::metrics::{CallThread, METRICS};
+
+/// How long a call may take and still count as quick.
+pub const QUICK: Duration = Duration::from_millis(1);
+
+/// How long an inline call may run before inlining stops. Longer than
+/// [`QUICK`], so that a quick call whose thread the kernel preempted for a
+/// time slice does not count as an overrun.
+pub const OVERRUN: Duration = Duration::from_millis(20);
+
+/// How many quick calls in a row make a plugin eligible for inline calls.
+pub const WARMUP: u32 = 64;
+
+/// The moment inline-call start times count from.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Nanoseconds since [`EPOCH`], never 0 (0 marks a free slot).
+fn now_ns() -> u64 {
+    EPOCH.elapsed().as_nanos() as u64 | 1
+}
+
+/// Decides, call by call, where the plugin runs.
+pub struct Dispatch {
+    /// One per inline call that may run at once: its start time, or 0.
+    slots: Box<[AtomicU64]>,
+    /// Quick calls in a row, saturating at [`WARMUP`].
+    streak: AtomicU32,
+}
+
+impl Dispatch {
+    /// For a runtime with `workers` worker threads.
+    pub fn new(workers: usize) -> Dispatch {
+        LazyLock::force(&EPOCH);
+        Dispatch {
+            slots: (1..workers).map(|_| AtomicU64::new(0)).collect(),
+            streak: AtomicU32::new(0),
+        }
+    }
+
+    /// Runs `call` inline when the rules above allow it, else on the
+    /// blocking pool, and learns from how long it took.
+    pub async fn run<T: Send + 'static>(
+        &'static self,
+        call: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, JoinError> {
+        let timed = move || {
+            let started = Instant::now();
+            let result = call();
+            self.observe(started.elapsed());
+            result
+        };
+        match self.claim() {
+            Some(slot) => {
+                METRICS.plugin_call(CallThread::inline);
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    timed()
+                })
+                .await
+            }
+            None => {
+                METRICS.plugin_call(CallThread::blocking);
+                tokio::task::spawn_blocking(timed).await
+            }
+        }
+    }
+
+    /// A free inline slot, when an inline call is allowed now.
+    fn claim(&'static self) -> Option<Slot> {
+        if self.streak.load(Ordering::Relaxed) < WARMUP {
+            return None;
+        }
+        let now = now_ns();
+        let overrun = OVERRUN.as_nanos() as u64;
+        let mut free = None;
+        for (i, slot) in self.slots.iter().enumerate() {
+            match slot.load(Ordering::Relaxed) {
+                0 => free = free.or(Some(i)),
+                started if now.saturating_sub(started) > overrun => {
+                    // An inline call is overrunning: stop inlining.
+                    self.streak.store(0, Ordering::Relaxed);
+                    return None;
+                }
+                _ => {}
+            }
+        }
+        let i = free?;
+        self.slots[i]
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+            .ok()
+            .map(|_| Slot {
+                cell: &self.slots[i],
+            })
+    }
+
+    fn observe(&self, took: Duration) {
+        if took <= QUICK {
+            let streak = self.streak.load(Ordering::Relaxed);
+            if streak < WARMUP {
+                self.streak.store(streak + 1, Ordering::Relaxed);
+            }
+        } else {
+            self.streak.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the next call may run inline (for tests).
+    #[cfg(test)]
+    fn inline_allowed(&'static self) -> bool {
+        self.claim().is_some()
+    }
+}
+
+/// An inline call's slot, freed when the call ends (or panics).
+struct Slot {
+    cell: &'static AtomicU64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.cell.store(0, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leak(workers: usize) -> &'static Dispatch {
+        Box::leak(Box::new(Dispatch::new(workers)))
+    }
+
+    #[test]
+    fn inline_only_after_a_quick_warmup() {
+        let d = leak(2);
+        for _ in 1..WARMUP {
+            d.observe(Duration::from_micros(1));
+        }
+        assert!(!d.inline_allowed());
+        d.observe(Duration::from_micros(1));
+        assert!(d.inline_allowed());
+    }
+
+    #[test]
+    fn one_slow_call_ends_inlining() {
+        let d = leak(2);
+        for _ in 0..WARMUP {
+            d.observe(Duration::from_micros(1));
+        }
+        d.observe(QUICK + Duration::from_micros(1));
+        assert!(!d.inline_allowed());
+    }
+
+    #[test]
+    fn at_most_workers_minus_one_inline_calls() {
+        let d = leak(3);
+        for _ in 0..WARMUP {
+            d.observe(Duration::from_micros(1));
+        }
+        let a = d.claim().expect("first slot");
+        let b = d.claim().expect("second slot");
+        assert!(
+            d.claim().is_none(),
+            "a third inline call would leave no free worker"
+        );
+        drop(a);
+        assert!(d.claim().is_some());
+        drop(b);
+    }
+
+    #[test]
+    fn one_worker_never_inlines() {
+        let d = leak(1);
+        for _ in 0..WARMUP {
+            d.observe(Duration::from_micros(1));
+        }
+        assert!(!d.inline_allowed());
+    }
+
+    #[test]
+    fn an_overrunning_inline_call_ends_inlining() {
+        let d = leak(3);
+        for _ in 0..WARMUP {
+            d.observe(Duration::from_micros(1));
+        }
+        let _running = d.claim().expect("a slot");
+        std::thread::sleep(OVERRUN + Duration::from_millis(5));
+        assert!(d.claim().is_none());
+        assert!(
+            d.streak.load(Ordering::Relaxed) < WARMUP,
+            "the overrun reset the streak"
+        );
+    }
+}
