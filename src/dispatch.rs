@@ -90,11 +90,17 @@ impl Dispatch {
                 })
                 .await
             }
-            None => {
-                METRICS.plugin_call(CallThread::blocking);
-                tokio::task::spawn_blocking(timed).await
-            }
+            None => Dispatch::blocking(timed).await,
         }
+    }
+
+    /// Runs `call` on the blocking pool, counted as such: for the calls
+    /// that never run inline (streams, prechecks).
+    pub fn blocking<T: Send + 'static>(
+        call: impl FnOnce() -> T + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        METRICS.plugin_call(CallThread::blocking);
+        tokio::task::spawn_blocking(call)
     }
 
     /// A free inline slot, when an inline call is allowed now.

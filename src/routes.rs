@@ -406,12 +406,13 @@ async fn invoke_streaming(
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
     let registered = Invocation::start(Kind::Stream, Some(tx.clone()));
     let watch = ClientWatch::new(registered.shared());
-    tokio::task::spawn_blocking(move || {
+    // Not awaited: the stream's channel carries the result.
+    drop(Dispatch::blocking(move || {
         let rc = plugin.invoke(registered.invocation(), &input);
         let collected = registered.finish(rc);
         // The receiver is gone only when the client is; nothing to tell then.
         let _ = tx.blocking_send(Chunk::Done(collected));
-    });
+    }));
     let first = tokio::select! {
         biased;
         first = rx.recv() => first,
@@ -504,7 +505,7 @@ async fn precheck(app: &Arc<App>) -> Response<Body> {
     let plugin = app.plugin;
     let registered = Invocation::start(Kind::Precheck, None);
     let watch = ClientWatch::new(registered.shared());
-    let call = tokio::task::spawn_blocking(move || {
+    let call = Dispatch::blocking(move || {
         let rc = plugin.precheck(registered.invocation());
         registered.finish(rc)
     });
