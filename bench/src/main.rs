@@ -37,13 +37,13 @@ struct Args {
     #[arg(long, default_value = "wrk")]
     wrk: PathBuf,
     /// Rounds of the main comparison, each host once per round.
-    #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
     /// Length of each main-comparison run.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = whole_seconds)]
     duration: Duration,
     /// Length of each run of the connection sweep.
-    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = whole_seconds)]
     sweep_duration: Duration,
     /// Where the report goes.
     #[arg(long, default_value = "docs/benchmarks.md")]
@@ -55,6 +55,17 @@ struct Args {
     /// The command line that started this run, for the report.
     #[arg(long, default_value = "bench/run")]
     invoked_as: String,
+}
+
+/// A duration wrk can run for: whole seconds, at least one.
+fn whole_seconds(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d.as_secs() == 0 || d.subsec_nanos() != 0 {
+        return Err(format!(
+            "`{text}` is not a whole number of seconds (wrk runs for whole seconds)"
+        ));
+    }
+    Ok(d)
 }
 
 fn main() -> ExitCode {
@@ -108,7 +119,7 @@ fn run(args: &Args) -> Result<(), String> {
         &hosts,
         &paths,
         &wrk,
-        args.rounds,
+        usize::from(args.rounds),
         args.duration,
         args.sweep_duration,
     )?;
@@ -175,7 +186,7 @@ fn run(args: &Args) -> Result<(), String> {
     let results = Results {
         args: report::RunArgs {
             invoked_as: args.invoked_as.clone(),
-            rounds: args.rounds,
+            rounds: usize::from(args.rounds),
             duration: args.duration,
             sweep_duration: args.sweep_duration,
         },

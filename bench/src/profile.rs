@@ -144,10 +144,8 @@ fn report(data: &Path, key: &str, n: usize) -> Vec<(String, f64)> {
             // Symbols read "[.] name" (user) or "[k] name" (kernel).
             // Drop the IPC columns perf appends ("-  -").
             let name = rest.trim().trim_end_matches(['-', ' ']);
-            let name = name
-                .strip_prefix("[.] ")
-                .or_else(|| name.strip_prefix("[k] ").map(|_| name))
-                .unwrap_or(name);
+            // User symbols lose their "[.] "; kernel ones keep "[k] ".
+            let name = name.strip_prefix("[.] ").unwrap_or(name);
             Some((shorten(name.trim()), pct))
         })
         .take(n)

@@ -61,32 +61,25 @@ impl Results<'_> {
         self.load.hosts.iter().position(|&h| h == host)
     }
 
+    /// For each host, the median over the rounds of one figure.
+    fn round_medians(&self, figure: impl Fn(&crate::wrk::Run) -> f64) -> Vec<f64> {
+        (0..self.load.hosts.len())
+            .map(|h| {
+                median(
+                    &self
+                        .load
+                        .rounds
+                        .iter()
+                        .map(|r| figure(&r[h]))
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .collect()
+    }
+
     fn key(&self) -> Key {
-        let hosts = self.load.hosts.len();
-        let rps = (0..hosts)
-            .map(|h| {
-                median(
-                    &self
-                        .load
-                        .rounds
-                        .iter()
-                        .map(|r| r[h].rps)
-                        .collect::<Vec<_>>(),
-                )
-            })
-            .collect();
-        let p99 = (0..hosts)
-            .map(|h| {
-                median(
-                    &self
-                        .load
-                        .rounds
-                        .iter()
-                        .map(|r| r[h].p99_us)
-                        .collect::<Vec<_>>(),
-                )
-            })
-            .collect();
+        let rps = self.round_medians(|r| r.rps);
+        let p99 = self.round_medians(|r| r.p99_us);
         let startup = |host| {
             self.startup
                 .iter()
@@ -97,19 +90,15 @@ impl Results<'_> {
             self.shutdown
                 .iter()
                 .find(|c| c.host == host && c.scenario.starts_with(scenario))
-                .map(|c| {
-                    let d: Vec<Duration> = c
+                .and_then(|c| {
+                    // A run whose request got no answer has no answer time:
+                    // the figure is then missing, and the target not met.
+                    let d: Option<Vec<Duration>> = c
                         .runs
                         .iter()
-                        .map(|r| {
-                            if answer {
-                                r.to_answer.unwrap_or(Duration::MAX / 2)
-                            } else {
-                                r.to_exit
-                            }
-                        })
+                        .map(|r| if answer { r.to_answer } else { Some(r.to_exit) })
                         .collect();
-                    median_duration(&d)
+                    d.map(|d| median_duration(&d))
                 })
         };
         let rss = |host| self.index(host).map(|i| self.load.memory[i].idle_kib);
@@ -307,8 +296,12 @@ pub fn markdown(results: &Results<'_>) -> String {
     target(
         "cooperative in-flight: SIGTERM to the 503",
         "≤ 50 ms",
-        opt_duration(key.coop_answer),
-        key.coop_answer.map(|d| d <= Duration::from_millis(50)),
+        key.coop_answer
+            .map_or("a request got no answer".to_owned(), stats::duration),
+        Some(
+            key.coop_answer
+                .is_some_and(|d| d <= Duration::from_millis(50)),
+        ),
     );
     target(
         "cooperative in-flight: SIGTERM to exit",
@@ -379,14 +372,7 @@ pub fn markdown(results: &Results<'_>) -> String {
         "---|".repeat(usize::from(bare.is_some()) + usize::from(reference.is_some()))
     );
     for (i, host) in hosts.iter().enumerate() {
-        let p50 = median(
-            &results
-                .load
-                .rounds
-                .iter()
-                .map(|r| r[i].p50_us)
-                .collect::<Vec<_>>(),
-        );
+        let p50 = results.round_medians(|r| r.p50_us)[i];
         let errors: u64 = results.load.rounds.iter().map(|r| r[i].errors).sum();
         let _ = write!(
             w,
@@ -583,20 +569,12 @@ pub fn markdown(results: &Results<'_>) -> String {
     );
     for case in &results.shutdown {
         let answers: Vec<Duration> = case.runs.iter().filter_map(|r| r.to_answer).collect();
-        let statuses: Vec<String> = {
-            let mut s: Vec<String> = case
-                .runs
+        let statuses = distinct(
+            case.runs
                 .iter()
-                .map(|r| r.status.map_or("none".to_owned(), |s| s.to_string()))
-                .collect();
-            s.dedup();
-            s
-        };
-        let exits: Vec<String> = {
-            let mut e: Vec<String> = case.runs.iter().map(|r| exit_text(r.exit)).collect();
-            e.dedup();
-            e
-        };
+                .map(|r| r.status.map_or("none".to_owned(), |s| s.to_string())),
+        );
+        let exits = distinct(case.runs.iter().map(|r| exit_text(r.exit)));
         let exit_times: Vec<Duration> = case.runs.iter().map(|r| r.to_exit).collect();
         let in_flight = case.scenario != "idle";
         let _ = writeln!(
@@ -664,6 +642,17 @@ pub fn markdown(results: &Results<'_>) -> String {
     );
     let _ = writeln!(w, "| a local `AtomicU32::load(Acquire)` | {atomic:.2} |");
     md
+}
+
+/// The distinct values, in the order first seen.
+fn distinct(values: impl Iterator<Item = String>) -> Vec<String> {
+    let mut seen: Vec<String> = Vec::new();
+    for v in values {
+        if !seen.contains(&v) {
+            seen.push(v);
+        }
+    }
+    seen
 }
 
 fn labels(hosts: &[Host], sep: &str) -> String {

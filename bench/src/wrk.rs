@@ -52,7 +52,7 @@ impl Wrk {
     /// The command line of one run, as the report shows it.
     pub fn command_line(&self, connections: u32, duration: Duration) -> String {
         format!(
-            "wrk -t1 -c{connections} -d{}s --latency --timeout 10s -s bench/invoke.lua http://127.0.0.1:PORT/invoke",
+            "wrk -t1 -c{connections} -d{}s --latency --timeout 10s -s target/bench/invoke.lua http://127.0.0.1:PORT/invoke",
             duration.as_secs()
         )
     }

@@ -42,7 +42,9 @@ async fn invoke(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
                 Ok(input) => (StatusCode::OK, envelope(&input).into()),
                 Err(e) => (
                     StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("{{\"detail\":\"{e}\"}}").into(),
+                    serde_json::json!({"detail": e.to_string()})
+                        .to_string()
+                        .into(),
                 ),
             },
             Err(_) => (StatusCode::BAD_REQUEST, Bytes::new()),
