@@ -9,7 +9,10 @@
 //!
 //! - the plugin's last [`WARMUP`] calls each returned within [`QUICK`];
 //! - fewer than `workers - 1` inline calls are running, so at least one
-//!   worker is always free to serve HTTP, answer probes and run the drain;
+//!   worker is always free to serve HTTP, answer probes and run the drain
+//!   (a call that finds every inline slot taken waits up to
+//!   [`BUSY_RETRIES`] scheduler turns for one: a quick call frees its slot
+//!   sooner than a hand-off to the blocking pool would take);
 //! - no running inline call has taken longer than [`OVERRUN`]. One that
 //!   overruns, or any call that takes longer than [`QUICK`], resets the
 //!   count above, so every later call goes to the blocking pool until the
@@ -42,6 +45,10 @@ pub const OVERRUN: Duration = Duration::from_millis(20);
 
 /// How many quick calls in a row make a plugin eligible for inline calls.
 pub const WARMUP: u32 = 64;
+
+/// How many scheduler turns a quick call waits for a free inline slot
+/// before it goes to the blocking pool.
+pub const BUSY_RETRIES: u32 = 4;
 
 /// The moment inline-call start times count from.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -81,7 +88,7 @@ impl Dispatch {
             self.observe(started.elapsed());
             result
         };
-        match self.claim() {
+        match self.claim_soon().await {
             Some(slot) => {
                 METRICS.plugin_call(CallThread::inline);
                 tokio::spawn(async move {
@@ -103,10 +110,27 @@ impl Dispatch {
         tokio::task::spawn_blocking(call)
     }
 
-    /// A free inline slot, when an inline call is allowed now.
-    fn claim(&'static self) -> Option<Slot> {
+    /// A free inline slot, waiting a few scheduler turns for one when the
+    /// plugin is quick but every slot is taken: a quick call ends within
+    /// microseconds, far sooner than a hand-off to the blocking pool.
+    async fn claim_soon(&'static self) -> Option<Slot> {
+        for _ in 0..BUSY_RETRIES {
+            match self.claim() {
+                Claim::Busy => tokio::task::yield_now().await,
+                Claim::Inline(slot) => return Some(slot),
+                Claim::Blocking => return None,
+            }
+        }
+        match self.claim() {
+            Claim::Inline(slot) => Some(slot),
+            Claim::Busy | Claim::Blocking => None,
+        }
+    }
+
+    /// Whether the next call may run inline now.
+    fn claim(&'static self) -> Claim {
         if self.streak.load(Ordering::Relaxed) < WARMUP {
-            return None;
+            return Claim::Blocking;
         }
         let now = now_ns();
         let overrun = OVERRUN.as_nanos() as u64;
@@ -117,18 +141,24 @@ impl Dispatch {
                 started if now.saturating_sub(started) > overrun => {
                     // An inline call is overrunning: stop inlining.
                     self.streak.store(0, Ordering::Relaxed);
-                    return None;
+                    return Claim::Blocking;
                 }
                 _ => {}
             }
         }
-        let i = free?;
-        self.slots[i]
-            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
-            .ok()
-            .map(|_| Slot {
+        let Some(i) = free else {
+            return if self.slots.is_empty() {
+                Claim::Blocking
+            } else {
+                Claim::Busy
+            };
+        };
+        match self.slots[i].compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => Claim::Inline(Slot {
                 cell: &self.slots[i],
-            })
+            }),
+            Err(_) => Claim::Busy,
+        }
     }
 
     fn observe(&self, took: Duration) {
@@ -145,8 +175,18 @@ impl Dispatch {
     /// Whether the next call may run inline (for tests).
     #[cfg(test)]
     fn inline_allowed(&'static self) -> bool {
-        self.claim().is_some()
+        matches!(self.claim(), Claim::Inline(_))
     }
+}
+
+/// What [`Dispatch::claim`] found.
+enum Claim {
+    /// Run inline, holding this slot.
+    Inline(Slot),
+    /// The plugin is quick, but every inline slot is taken.
+    Busy,
+    /// Use the blocking pool.
+    Blocking,
 }
 
 /// An inline call's slot, freed when the call ends (or panics).
@@ -195,15 +235,43 @@ mod tests {
         for _ in 0..WARMUP {
             d.observe(Duration::from_micros(1));
         }
-        let a = d.claim().expect("first slot");
-        let b = d.claim().expect("second slot");
+        let Claim::Inline(a) = d.claim() else {
+            panic!("no first slot")
+        };
+        let Claim::Inline(b) = d.claim() else {
+            panic!("no second slot")
+        };
         assert!(
-            d.claim().is_none(),
+            matches!(d.claim(), Claim::Busy),
             "a third inline call would leave no free worker"
         );
         drop(a);
-        assert!(d.claim().is_some());
+        assert!(d.inline_allowed());
         drop(b);
+    }
+
+    #[tokio::test]
+    async fn a_quick_call_waits_briefly_for_a_busy_slot() {
+        let d = leak(2);
+        for _ in 0..WARMUP {
+            d.observe(Duration::from_micros(1));
+        }
+        let Claim::Inline(held) = d.claim() else {
+            panic!("no slot")
+        };
+        let mut waiting = std::pin::pin!(d.claim_soon());
+        assert!(
+            futures_util::poll!(waiting.as_mut()).is_pending(),
+            "it waits while the slot is busy"
+        );
+        drop(held);
+        assert!(waiting.await.is_some(), "and takes the slot once free");
+
+        let _held = d.claim_soon().await.expect("a free slot");
+        assert!(
+            d.claim_soon().await.is_none(),
+            "a slot that stays busy sends the call to the blocking pool"
+        );
     }
 
     #[test]
@@ -221,9 +289,11 @@ mod tests {
         for _ in 0..WARMUP {
             d.observe(Duration::from_micros(1));
         }
-        let _running = d.claim().expect("a slot");
+        let Claim::Inline(_running) = d.claim() else {
+            panic!("no slot")
+        };
         std::thread::sleep(OVERRUN + Duration::from_millis(5));
-        assert!(d.claim().is_none());
+        assert!(matches!(d.claim(), Claim::Blocking));
         assert!(
             d.streak.load(Ordering::Relaxed) < WARMUP,
             "the overrun reset the streak"
