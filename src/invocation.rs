@@ -9,6 +9,7 @@
 //! that reads its flag late reads a valid word.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
@@ -23,12 +24,39 @@ use crate::envelope::{self, Usage};
 /// The process-wide cancel flag (`process_cancel_flag`).
 static PROCESS_CANCEL: AtomicU32 = AtomicU32::new(0);
 
-/// Invocations inside the plugin, by handle.
-static LIVE: LazyLock<Mutex<HashMap<u64, Arc<Invocation>>>> = LazyLock::new(Default::default);
+/// Invocations inside the plugin, and the cancel flags not in use: one lock
+/// for both, since an invocation takes a flag as it registers and gives it
+/// back as it leaves.
+static LIVE: LazyLock<Mutex<Registry>> = LazyLock::new(Default::default);
 static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
 
-/// Cancel flags not in use. Each was leaked once and is reused forever.
-static FREE_FLAGS: Mutex<Vec<&'static AtomicU32>> = Mutex::new(Vec::new());
+#[derive(Default)]
+struct Registry {
+    /// Invocations inside the plugin, by handle.
+    live: HashMap<u64, Arc<Invocation>, BuildHasherDefault<HandleHasher>>,
+    /// Cancel flags not in use. Each was leaked once and is reused forever.
+    free_flags: Vec<&'static AtomicU32>,
+}
+
+/// Hashes a handle. Handles are distinct counter values chosen by the host,
+/// never by a client, so a multiplicative mix spreads them well and no
+/// flooding-resistant hash is needed.
+#[derive(Default)]
+struct HandleHasher(u64);
+
+impl Hasher for HandleHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
 
 /// The callbacks, static for the life of the process.
 static HOST_API: abi::EtlHostApi = abi::EtlHostApi {
@@ -62,16 +90,16 @@ pub fn shutting_down() -> bool {
 /// sees the process-wide flag and sets its own (see [`Invocation::start`]).
 pub fn cancel_all() -> usize {
     PROCESS_CANCEL.store(1, Ordering::Release);
-    let live = lock(&LIVE);
-    for inv in live.values() {
+    let registry = lock(&LIVE);
+    for inv in registry.live.values() {
         inv.cancel.store(1, Ordering::Release);
     }
-    live.len()
+    registry.live.len()
 }
 
 /// How many invocations are inside the plugin now.
 pub fn live_count() -> usize {
-    lock(&LIVE).len()
+    lock(&LIVE).live.len()
 }
 
 /// What the invocation runs.
@@ -158,11 +186,13 @@ impl Invocation {
     /// Registers a new invocation. `stream` receives a streaming plugin's
     /// lines.
     pub fn start(kind: Kind, stream: Option<mpsc::Sender<Chunk>>) -> Registered {
-        let cancel = lock(&FREE_FLAGS)
+        let handle = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
+        let mut registry = lock(&LIVE);
+        let cancel = registry
+            .free_flags
             .pop()
             .unwrap_or_else(|| Box::leak(Box::new(AtomicU32::new(0))));
         cancel.store(0, Ordering::Relaxed);
-        let handle = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
         let inv = Arc::new(Invocation {
             handle,
             kind,
@@ -172,7 +202,8 @@ impl Invocation {
             started: std::time::Instant::now(),
             client_gone: AtomicBool::new(false),
         });
-        lock(&LIVE).insert(handle, inv.clone());
+        registry.live.insert(handle, inv.clone());
+        drop(registry);
         // Registered after cancel_all took the lock: cancel ourselves.
         if shutting_down() {
             cancel.store(1, Ordering::Release);
@@ -289,8 +320,9 @@ impl Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        lock(&LIVE).remove(&self.inv.handle);
-        lock(&FREE_FLAGS).push(self.inv.cancel);
+        let mut registry = lock(&LIVE);
+        registry.live.remove(&self.inv.handle);
+        registry.free_flags.push(self.inv.cancel);
     }
 }
 
@@ -309,7 +341,7 @@ fn parse_raw(json: &[u8]) -> Result<Box<RawValue>, String> {
 /// Runs `f` on the live invocation named by `handle`, or answers
 /// `ETL_CB_CLOSED` when there is none. Never unwinds.
 fn with_live(handle: *mut abi::EtlInvocation, f: impl FnOnce(&Invocation) -> i32) -> i32 {
-    let inv = lock(&LIVE).get(&(handle as u64)).cloned();
+    let inv = lock(&LIVE).live.get(&(handle as u64)).cloned();
     let Some(inv) = inv else {
         return abi::CB_CLOSED;
     };

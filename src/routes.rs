@@ -19,6 +19,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io::Write as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper::header::{self, HeaderValue};
+use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
@@ -171,9 +172,9 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     }
     let status = response.status().as_u16();
     METRICS.request(route, status);
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert("x-request-id", v);
-    }
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID, request_id.clone());
     if let Some(path) = path {
         let line = AccessLine {
             method,
@@ -209,8 +210,11 @@ fn route_of(path: &str) -> Route {
     }
 }
 
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// The client's `X-Request-Id` when it is a sensible token, else a new one.
-fn request_id(req: &Request<Incoming>) -> String {
+/// Either way a visible-ASCII header value.
+fn request_id(req: &Request<Incoming>) -> HeaderValue {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     static PREFIX: LazyLock<String> = LazyLock::new(|| {
         let nanos = std::time::SystemTime::now()
@@ -221,16 +225,19 @@ fn request_id(req: &Request<Incoming>) -> String {
             (nanos as u64 ^ u64::from(std::process::id()).rotate_left(32)) as u32
         )
     });
-    if let Some(given) = req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-    {
-        if !given.is_empty() && given.len() <= 128 && given.bytes().all(|b| b.is_ascii_graphic()) {
-            return given.to_owned();
+    if let Some(given) = req.headers().get(X_REQUEST_ID) {
+        let token = given.as_bytes();
+        if !token.is_empty() && token.len() <= 128 && token.iter().all(u8::is_ascii_graphic) {
+            return given.clone();
         }
     }
-    format!("{}-{:x}", *PREFIX, NEXT.fetch_add(1, Ordering::Relaxed))
+    // "{prefix}-{counter:x}" without a heap-allocated intermediate.
+    let mut buf = [0u8; 8 + 1 + 16];
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut out = std::io::Cursor::new(&mut buf[..]);
+    write!(out, "{}-{n:x}", *PREFIX).expect("fits: 8 + 1 + 16 bytes");
+    let len = out.position() as usize;
+    HeaderValue::from_bytes(&buf[..len]).expect("hex digits and a dash")
 }
 
 /// What the access log says of one request.
@@ -239,7 +246,7 @@ struct AccessLine {
     path: String,
     status: u16,
     started: Instant,
-    request_id: String,
+    request_id: HeaderValue,
 }
 
 impl AccessLine {
@@ -250,7 +257,7 @@ impl AccessLine {
             status: self.status,
             elapsed: self.started.elapsed(),
             bytes,
-            request_id: &self.request_id,
+            request_id: self.request_id.to_str().unwrap_or_default(),
         }
         .log();
     }
@@ -268,12 +275,12 @@ fn readyz(drain: &Drain) -> Response<Body> {
 }
 
 async fn invoke(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
-    let content_type = req
-        .headers()
+    let (head, body) = req.into_parts();
+    let content_type = head
+        .headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let body = match read_body(req, app.max_body).await {
+        .and_then(|v| v.to_str().ok());
+    let body = match read_body(body, app.max_body).await {
         Ok(body) => body,
         Err(response) => return response,
     };
@@ -288,7 +295,7 @@ async fn invoke(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
             return overloaded(limit);
         }
     }
-    let input = match app.inputs.prepare(content_type.as_deref(), &body) {
+    let input = match app.inputs.prepare(content_type, &body) {
         Ok(input) => input,
         Err(rejection) => {
             let body = serde_json::to_vec(&rejection.body).expect("a Value always serialises");
@@ -304,7 +311,7 @@ async fn invoke(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
 
 /// Reads the whole body, refusing one over `max` bytes with 413: at once
 /// when its Content-Length says so, else as soon as it grows past `max`.
-async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, Response<Body>> {
+async fn read_body(body: Incoming, max: u64) -> Result<Bytes, Response<Body>> {
     let too_large = |len: Option<u64>| {
         let text = match len {
             Some(n) => format!(
@@ -321,11 +328,11 @@ async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, Response<B
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         r
     };
-    let declared = req.body().size_hint().exact();
+    let declared = body.size_hint().exact();
     if let Some(len) = declared.filter(|len| *len > max) {
         return Err(too_large(Some(len)));
     }
-    match http_body_util::Limited::new(req.into_body(), max as usize)
+    match http_body_util::Limited::new(body, max as usize)
         .collect()
         .await
     {

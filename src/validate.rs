@@ -83,13 +83,17 @@ impl InputModel {
         }
 
         coerce(&self.schema, &mut value);
-        let errors: Vec<Value> = self
-            .validator
-            .iter_errors(&value)
-            .filter_map(|e| to_fastapi(&e))
-            .collect();
-        if !errors.is_empty() {
-            return Err(detail(errors));
+        // Error reports are built only for input that fails: valid input,
+        // the common case, is checked without them.
+        if !self.validator.is_valid(&value) {
+            let errors: Vec<Value> = self
+                .validator
+                .iter_errors(&value)
+                .filter_map(|e| to_fastapi(&e))
+                .collect();
+            if !errors.is_empty() {
+                return Err(detail(errors));
+            }
         }
         let input = self.finish(value);
         Ok(serde_json::to_vec(&input).expect("a Value always serialises"))
@@ -124,13 +128,12 @@ impl InputModel {
 
 fn is_json_content_type(content_type: Option<&str>) -> bool {
     let Some(ct) = content_type else { return false };
-    let mime = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+    let mime = ct.split(';').next().unwrap_or("").trim().as_bytes();
+    let (kind, suffix) = ("application/".as_bytes(), "+json".as_bytes());
+    mime.eq_ignore_ascii_case(b"application/json")
+        || (mime.len() >= kind.len() + suffix.len()
+            && mime[..kind.len()].eq_ignore_ascii_case(kind)
+            && mime[mime.len() - suffix.len()..].eq_ignore_ascii_case(suffix))
 }
 
 fn detail(errors: Vec<Value>) -> Rejection {
