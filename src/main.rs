@@ -7,7 +7,8 @@
 //! through the C ABI), `invocation` (the host side of one call into the
 //! plugin), `dispatch` (which thread a call runs on), `envelope`,
 //! `validate`, `plugin_id` and `openapi` (what the routes answer), `cli`,
-//! `logging`, `metrics`, and `crash` (making a plugin crash visible).
+//! `logging`, `metrics`, `crash` (making a plugin crash visible), and
+//! `no_libm` (why the binary does not load libm).
 
 use std::process::ExitCode;
 
@@ -19,6 +20,7 @@ mod envelope;
 mod invocation;
 mod logging;
 mod metrics;
+mod no_libm;
 mod openapi;
 mod plugin;
 mod plugin_id;
