@@ -10,8 +10,8 @@
 //! - the plugin's last [`WARMUP`] calls each returned within [`QUICK`];
 //! - fewer than `workers - 1` inline calls are running, so at least one
 //!   worker is always free to serve HTTP, answer probes and run the drain
-//!   (a call that finds every inline slot taken waits up to
-//!   [`BUSY_RETRIES`] scheduler turns for one: a quick call frees its slot
+//!   (a call that finds every inline slot taken waits up to [`BUSY_WAIT`]
+//!   for one, woken by the call that frees it: a quick call frees its slot
 //!   sooner than a hand-off to the blocking pool would take);
 //! - no running inline call has taken longer than [`OVERRUN`]. One that
 //!   overruns, or any call that takes longer than [`QUICK`], resets the
@@ -27,10 +27,11 @@
 //! blocking pool: a stream's `emit` waits for the client, and a precheck
 //! typically waits on the network.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
 use tokio::task::JoinError;
 
 use crate::metrics::{CallThread, METRICS};
@@ -46,9 +47,9 @@ pub const OVERRUN: Duration = Duration::from_millis(20);
 /// How many quick calls in a row make a plugin eligible for inline calls.
 pub const WARMUP: u32 = 64;
 
-/// How many scheduler turns a quick call waits for a free inline slot
-/// before it goes to the blocking pool.
-pub const BUSY_RETRIES: u32 = 4;
+/// How long a quick call waits for a free inline slot before it goes to
+/// the blocking pool: as long as a call may take and still be quick.
+pub const BUSY_WAIT: Duration = QUICK;
 
 /// The moment inline-call start times count from.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -64,6 +65,9 @@ pub struct Dispatch {
     slots: Box<[AtomicU64]>,
     /// Quick calls in a row, saturating at [`WARMUP`].
     streak: AtomicU32,
+    /// Calls waiting for a slot to free up, and how they are woken.
+    waiting: AtomicUsize,
+    freed: Notify,
 }
 
 impl Dispatch {
@@ -73,6 +77,8 @@ impl Dispatch {
         Dispatch {
             slots: (1..workers).map(|_| AtomicU64::new(0)).collect(),
             streak: AtomicU32::new(0),
+            waiting: AtomicUsize::new(0),
+            freed: Notify::new(),
         }
     }
 
@@ -110,20 +116,33 @@ impl Dispatch {
         tokio::task::spawn_blocking(call)
     }
 
-    /// A free inline slot, waiting a few scheduler turns for one when the
-    /// plugin is quick but every slot is taken: a quick call ends within
-    /// microseconds, far sooner than a hand-off to the blocking pool.
+    /// A free inline slot, waiting up to [`BUSY_WAIT`] for one when the
+    /// plugin is quick but every slot is taken: a quick call frees its slot
+    /// within microseconds, sooner than a hand-off to the blocking pool
+    /// would take. The call that frees a slot wakes one waiter.
     async fn claim_soon(&'static self) -> Option<Slot> {
-        for _ in 0..BUSY_RETRIES {
+        match self.claim() {
+            Claim::Inline(slot) => return Some(slot),
+            Claim::Blocking => return None,
+            Claim::Busy => {}
+        }
+        let deadline = tokio::time::Instant::now() + BUSY_WAIT;
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            // Registered before the check, so a slot freed after the check
+            // wakes this call (Slot::drop reads `waiting` after freeing).
+            freed.as_mut().enable();
             match self.claim() {
-                Claim::Busy => tokio::task::yield_now().await,
                 Claim::Inline(slot) => return Some(slot),
                 Claim::Blocking => return None,
+                Claim::Busy => {}
             }
-        }
-        match self.claim() {
-            Claim::Inline(slot) => Some(slot),
-            Claim::Busy | Claim::Blocking => None,
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return None;
+            }
         }
     }
 
@@ -153,9 +172,10 @@ impl Dispatch {
                 Claim::Busy
             };
         };
-        match self.slots[i].compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed) {
+        match self.slots[i].compare_exchange(0, now, Ordering::SeqCst, Ordering::Relaxed) {
             Ok(_) => Claim::Inline(Slot {
                 cell: &self.slots[i],
+                dispatch: self,
             }),
             Err(_) => Claim::Busy,
         }
@@ -192,11 +212,26 @@ enum Claim {
 /// An inline call's slot, freed when the call ends (or panics).
 struct Slot {
     cell: &'static AtomicU64,
+    dispatch: &'static Dispatch,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.cell.store(0, Ordering::Relaxed);
+        // SeqCst on both sides (here, and the waiter's count and check):
+        // either the waiter sees the slot free, or this sees the waiter.
+        self.cell.store(0, Ordering::SeqCst);
+        if self.dispatch.waiting.load(Ordering::SeqCst) > 0 {
+            self.dispatch.freed.notify_one();
+        }
+    }
+}
+
+/// Counts a call waiting in [`Dispatch::claim_soon`], until dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
