@@ -5,7 +5,6 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use tokio::net::{TcpListener, UnixListener};
 use tracing::info;
@@ -107,13 +106,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
         .thread_name("etl-serve")
         .build()
         .map_err(|e| Fatal::Os(format!("cannot start the async runtime: {e}")))?;
-    let code = runtime.block_on(serve(&cli, Arc::new(app), drain));
+    // Lives as long as the process: requests borrow it without counting.
+    let app: &'static App = Box::leak(Box::new(app));
+    let code = runtime.block_on(serve(&cli, app, drain));
     // Do not wait for blocking threads: an abandoned plugin call never ends.
     runtime.shutdown_background();
     code
 }
 
-async fn serve(cli: &Cli, app: Arc<App>, drain: Drain) -> Result<ExitCode, Fatal> {
+async fn serve(cli: &Cli, app: &'static App, drain: Drain) -> Result<ExitCode, Fatal> {
     let mut signals = ShutdownSignals::install()
         .map_err(|e| Fatal::Os(format!("cannot install signal handlers: {e}")))?;
     let limits = ConnLimits {
@@ -149,7 +150,7 @@ async fn serve(cli: &Cli, app: Arc<App>, drain: Drain) -> Result<ExitCode, Fatal
 /// Serves until a shutdown signal, then runs the shutdown sequence.
 async fn serve_on<L: Listener>(
     listener: L,
-    app: Arc<App>,
+    app: &'static App,
     limits: ConnLimits,
     drain: Drain,
     signals: &mut ShutdownSignals,
@@ -157,7 +158,7 @@ async fn serve_on<L: Listener>(
 ) -> Result<ExitCode, Fatal> {
     // The listener accepts until the very end of the drain.
     let (close_listener, closed) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::accept_until(listener, app.clone(), limits, async {
+    let server = tokio::spawn(server::accept_until(listener, app, limits, async {
         let _ = closed.await;
     }));
 

@@ -26,8 +26,22 @@ static PROCESS_CANCEL: AtomicU32 = AtomicU32::new(0);
 
 /// Invocations inside the plugin, and the cancel flags not in use: one lock
 /// for both, since an invocation takes a flag as it registers and gives it
-/// back as it leaves.
-static LIVE: LazyLock<Mutex<Registry>> = LazyLock::new(Default::default);
+/// back as it leaves. Spread over [`SHARDS`] registries by handle: every
+/// invocation registers, calls back and leaves from whichever worker thread
+/// runs it, and one lock for all of them would bounce between the cores on
+/// every request.
+static LIVE: LazyLock<[Shard; SHARDS]> = LazyLock::new(Default::default);
+const SHARDS: usize = 16;
+
+/// One registry, alone on its cache lines.
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard(Mutex<Registry>);
+
+/// The registry that holds (or will hold) the invocation `handle`.
+fn registry(handle: u64) -> MutexGuard<'static, Registry> {
+    lock(&LIVE[(handle % SHARDS as u64) as usize].0)
+}
 static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
 
 #[derive(Default)]
@@ -90,16 +104,20 @@ pub fn shutting_down() -> bool {
 /// sees the process-wide flag and sets its own (see [`Invocation::start`]).
 pub fn cancel_all() -> usize {
     PROCESS_CANCEL.store(1, Ordering::Release);
-    let registry = lock(&LIVE);
-    for inv in registry.live.values() {
-        inv.cancel.store(1, Ordering::Release);
+    let mut cancelled = 0;
+    for shard in LIVE.iter() {
+        let registry = lock(&shard.0);
+        for inv in registry.live.values() {
+            inv.cancel.store(1, Ordering::Release);
+        }
+        cancelled += registry.live.len();
     }
-    registry.live.len()
+    cancelled
 }
 
 /// How many invocations are inside the plugin now.
 pub fn live_count() -> usize {
-    lock(&LIVE).live.len()
+    LIVE.iter().map(|shard| lock(&shard.0).live.len()).sum()
 }
 
 /// What the invocation runs.
@@ -187,7 +205,7 @@ impl Invocation {
     /// lines.
     pub fn start(kind: Kind, stream: Option<mpsc::Sender<Chunk>>) -> Registered {
         let handle = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
-        let mut registry = lock(&LIVE);
+        let mut registry = registry(handle);
         let cancel = registry
             .free_flags
             .pop()
@@ -204,7 +222,8 @@ impl Invocation {
         });
         registry.live.insert(handle, inv.clone());
         drop(registry);
-        // Registered after cancel_all took the lock: cancel ourselves.
+        // Registered after cancel_all went through this shard: cancel
+        // ourselves.
         if shutting_down() {
             cancel.store(1, Ordering::Release);
         }
@@ -297,6 +316,11 @@ impl Registered {
         &self.inv
     }
 
+    /// When the invocation started.
+    pub fn started(&self) -> std::time::Instant {
+        self.inv.started
+    }
+
     /// A shared handle, to cancel the invocation from another task.
     pub fn shared(&self) -> Arc<Invocation> {
         self.inv.clone()
@@ -320,7 +344,7 @@ impl Registered {
 
 impl Drop for Registered {
     fn drop(&mut self) {
-        let mut registry = lock(&LIVE);
+        let mut registry = registry(self.inv.handle);
         registry.live.remove(&self.inv.handle);
         registry.free_flags.push(self.inv.cancel);
     }
@@ -341,7 +365,7 @@ fn parse_raw(json: &[u8]) -> Result<Box<RawValue>, String> {
 /// Runs `f` on the live invocation named by `handle`, or answers
 /// `ETL_CB_CLOSED` when there is none. Never unwinds.
 fn with_live(handle: *mut abi::EtlInvocation, f: impl FnOnce(&Invocation) -> i32) -> i32 {
-    let inv = lock(&LIVE).live.get(&(handle as u64)).cloned();
+    let inv = registry(handle as u64).live.get(&(handle as u64)).cloned();
     let Some(inv) = inv else {
         return abi::CB_CLOSED;
     };

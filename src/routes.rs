@@ -116,19 +116,23 @@ impl App {
 }
 
 /// Answers one request. Never fails: every problem is an HTTP answer.
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
-    let started = Instant::now();
+pub async fn handle(
+    app: &'static App,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let request_id = request_id(&req);
     let method = req.method().clone();
     let route = route_of(req.uri().path());
     // Kept only for the access log line.
-    let path = app.access_log.then(|| req.uri().path().to_owned());
+    let access = app
+        .access_log
+        .then(|| (Instant::now(), req.uri().path().to_owned()));
     let mut response = match (route, &method) {
-        (Route::invoke, &Method::POST) => invoke(&app, req).await,
+        (Route::invoke, &Method::POST) => invoke(app, req).await,
         (Route::schema, &Method::GET) => json(StatusCode::OK, app.schema_body.clone()),
         (Route::id, &Method::GET) => json(StatusCode::OK, app.id_body.clone()),
         (Route::metadata, &Method::GET) => json(StatusCode::OK, app.metadata_body.clone()),
-        (Route::precheck, &Method::GET) => precheck(&app).await,
+        (Route::precheck, &Method::GET) => precheck(app).await,
         (Route::openapi, &Method::GET) => json(StatusCode::OK, app.openapi_body.clone()),
         (Route::docs, &Method::GET) => with_type(
             StatusCode::OK,
@@ -175,7 +179,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     response
         .headers_mut()
         .insert(X_REQUEST_ID, request_id.clone());
-    if let Some(path) = path {
+    if let Some((started, path)) = access {
         let line = AccessLine {
             method,
             path,
@@ -274,7 +278,7 @@ fn readyz(drain: &Drain) -> Response<Body> {
     }
 }
 
-async fn invoke(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+async fn invoke(app: &'static App, req: Request<Incoming>) -> Response<Body> {
     let (head, body) = req.into_parts();
     let content_type = head
         .headers
@@ -350,10 +354,14 @@ async fn read_body(body: Incoming, max: u64) -> Result<Bytes, Response<Body>> {
     }
 }
 
-async fn invoke_plain(app: &Arc<App>, input: Vec<u8>, _in_flight: InFlightGuard) -> Response<Body> {
-    let started = Instant::now();
+async fn invoke_plain(
+    app: &'static App,
+    input: Vec<u8>,
+    _in_flight: InFlightGuard,
+) -> Response<Body> {
     let plugin = app.plugin;
     let registered = Invocation::start(Kind::Invoke, None);
+    let started = registered.started();
     let watch = ClientWatch::new(registered.shared());
     let call = app.dispatch.run(move || {
         let rc = plugin.invoke(registered.invocation(), &input);
@@ -404,14 +412,14 @@ fn record(outcome: &Outcome<'_>, started: Instant) {
 }
 
 async fn invoke_streaming(
-    app: &Arc<App>,
+    app: &'static App,
     input: Vec<u8>,
     in_flight: InFlightGuard,
 ) -> Response<Body> {
-    let started = Instant::now();
     let plugin = app.plugin;
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
     let registered = Invocation::start(Kind::Stream, Some(tx.clone()));
+    let started = registered.started();
     let watch = ClientWatch::new(registered.shared());
     // Not awaited: the stream's channel carries the result.
     drop(Dispatch::blocking(move || {
@@ -497,7 +505,7 @@ impl Drop for ClientWatch {
     }
 }
 
-async fn precheck(app: &Arc<App>) -> Response<Body> {
+async fn precheck(app: &'static App) -> Response<Body> {
     let _in_flight = app.drain.track();
     if app.drain.is_draining() {
         return shutdown_abort(&Collected::default());

@@ -8,7 +8,6 @@
 //! unread would reset it, losing a request the client has already sent.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -89,7 +88,7 @@ impl Listener for UnixListener {
 /// count of connections still open.
 pub async fn accept_until<L: Listener>(
     listener: L,
-    app: Arc<App>,
+    app: &'static App,
     limits: ConnLimits,
     stop: impl Future<Output = ()>,
 ) -> Tracker {
@@ -100,8 +99,7 @@ pub async fn accept_until<L: Listener>(
         .header_read_timeout(limits.head_timeout)
         .max_header_size(limits.max_header_size);
     let serve = |stream: L::Io| {
-        let app = app.clone();
-        let service = service_fn(move |req| routes::handle(app.clone(), req));
+        let service = service_fn(move |req| routes::handle(app, req));
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let open = connections.track();
         tokio::spawn(async move {

@@ -23,14 +23,14 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::invocation;
@@ -48,6 +48,7 @@ pub mod exit {
 
 /// Where the server is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(u8)]
 pub enum Phase {
     Serving,
     /// A shutdown signal arrived: answer new work with the shutdown-abort.
@@ -113,27 +114,42 @@ impl Tracker {
 /// A request counted as waiting on the plugin.
 pub type InFlightGuard = TrackGuard;
 
-/// The drain primitive: a phase everyone can watch, and a count of the
-/// requests that still wait on the plugin. Cheap to clone.
-#[derive(Clone)]
+/// The drain primitive: a phase every request can check and wait on, and a
+/// count of the requests that still wait on the plugin. Cheap to clone.
+///
+/// Every request reads the phase and most wait on [`Drain::expired`], from
+/// every worker thread at once, so neither may contend: the phase is one
+/// atomic that only changes at shutdown, and the waiters are spread over
+/// several wait lists, one picked per thread, all woken at expiry.
+#[derive(Clone, Default)]
 pub struct Drain {
-    phase: watch::Sender<Phase>,
+    state: Arc<DrainState>,
     in_flight: Tracker,
 }
 
-impl Default for Drain {
-    fn default() -> Self {
-        Drain {
-            phase: watch::Sender::new(Phase::Serving),
-            in_flight: Tracker::default(),
-        }
-    }
+/// How many wait lists [`Drain::expired`] spreads its waiters over.
+const WAIT_LISTS: usize = 8;
+
+#[derive(Default)]
+struct DrainState {
+    /// A [`Phase`], only ever moving forward.
+    phase: AtomicU8,
+    expired: [Notify; WAIT_LISTS],
 }
 
 impl Drain {
+    /// Where the server is in its life.
+    fn phase(&self) -> Phase {
+        match self.state.phase.load(Ordering::SeqCst) {
+            0 => Phase::Serving,
+            1 => Phase::Draining,
+            _ => Phase::Expired,
+        }
+    }
+
     /// Whether shutdown has started.
     pub fn is_draining(&self) -> bool {
-        *self.phase.borrow() >= Phase::Draining
+        self.phase() >= Phase::Draining
     }
 
     /// Counts a request that is about to wait on the plugin, until its
@@ -149,9 +165,20 @@ impl Drain {
 
     /// Resolves once the graceful timeout expired. Cancellation safe.
     pub async fn expired(&self) {
-        let mut rx = self.phase.subscribe();
-        // The sender lives as long as `self`, so this cannot fail.
-        let _ = rx.wait_for(|p| *p == Phase::Expired).await;
+        thread_local! {
+            static LIST: usize = {
+                static NEXT: AtomicUsize = AtomicUsize::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed) % WAIT_LISTS
+            };
+        }
+        let list = LIST.with(|i| *i);
+        // A `Notified` sees every later `notify_waiters`, polled or not, so
+        // an expiry after the check below still wakes this.
+        let expired = self.state.expired[list].notified();
+        if self.phase() == Phase::Expired {
+            return;
+        }
+        expired.await;
     }
 
     /// Resolves once no request waits on the plugin. Cancellation safe.
@@ -163,12 +190,19 @@ impl Drain {
     /// many invocations were inside the plugin.
     fn begin(&self) -> usize {
         let cancelled = invocation::cancel_all();
-        self.phase.send_replace(Phase::Draining);
+        self.advance(Phase::Draining);
         cancelled
     }
 
     fn expire(&self) {
-        self.phase.send_replace(Phase::Expired);
+        self.advance(Phase::Expired);
+        for list in &self.state.expired {
+            list.notify_waiters();
+        }
+    }
+
+    fn advance(&self, to: Phase) {
+        self.state.phase.fetch_max(to as u8, Ordering::SeqCst);
     }
 }
 
