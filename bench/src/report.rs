@@ -508,6 +508,7 @@ pub fn markdown(results: &Results<'_>) -> String {
                 c.switches
             );
         }
+        cost_by_object(w, &results.profiles);
         for c in &results.profiles {
             let _ = writeln!(w, "\n{}, samples by object:\n", c.host.label());
             let _ = writeln!(w, "| object | share |\n|---|---|");
@@ -738,4 +739,72 @@ pub fn update_readme(readme: &Path, headline: &str) -> Result<(), String> {
         &text[end..]
     );
     std::fs::write(readme, updated).map_err(|e| format!("{}: {e}", readme.display()))
+}
+
+/// The server CPU per request split by object (each object's share of the
+/// samples times the CPU per request), the hosts side by side, largest
+/// difference first: where etl-serve spends time the baseline does not.
+fn cost_by_object(w: &mut String, profiles: &[crate::profile::Cost]) {
+    // Each host's own binary is "the server binary", so the rows line up.
+    let binary = |host: Host| match host {
+        Host::EtlServe => "etl-serve",
+        Host::BareHyper => "bare-hyper",
+        Host::Reference => "python3",
+    };
+    let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
+    for (i, c) in profiles.iter().enumerate() {
+        for (name, pct) in &c.by_object {
+            let name = if name == binary(c.host) {
+                "the server binary".to_owned()
+            } else {
+                format!("`{name}`")
+            };
+            let pos = rows
+                .iter()
+                .position(|(n, _)| *n == name)
+                .unwrap_or_else(|| {
+                    rows.push((name, vec![0.0; profiles.len()]));
+                    rows.len() - 1
+                });
+            rows[pos].1[i] += pct / 100.0 * c.cpu_us;
+        }
+    }
+    let gap = |costs: &[f64]| {
+        costs.first().copied().unwrap_or(0.0) - costs.get(1).copied().unwrap_or(0.0)
+    };
+    rows.sort_by(|a, b| gap(&b.1).total_cmp(&gap(&a.1)));
+    let _ = writeln!(
+        w,
+        "\nServer CPU per request by object, in µs (share of the perf samples × CPU per request):\n"
+    );
+    let heads: Vec<&str> = profiles.iter().map(|c| c.host.label()).collect();
+    let two = profiles.len() == 2;
+    let _ = writeln!(
+        w,
+        "| object | {} |{}\n|---|{}{}",
+        heads.join(" | "),
+        if two { " difference |" } else { "" },
+        "---|".repeat(heads.len()),
+        if two { "---|" } else { "" }
+    );
+    let mut totals = vec![0.0; profiles.len()];
+    for (name, costs) in &rows {
+        let cells: Vec<String> = costs.iter().map(|c| format!("{c:.2}")).collect();
+        for (t, c) in totals.iter_mut().zip(costs) {
+            *t += c;
+        }
+        let diff = if two {
+            format!(" {:+.2} |", gap(costs))
+        } else {
+            String::new()
+        };
+        let _ = writeln!(w, "| {name} | {} |{diff}", cells.join(" | "));
+    }
+    let cells: Vec<String> = totals.iter().map(|c| format!("**{c:.2}**")).collect();
+    let diff = if two {
+        format!(" **{:+.2}** |", gap(&totals))
+    } else {
+        String::new()
+    };
+    let _ = writeln!(w, "| all of the above | {} |{diff}", cells.join(" | "));
 }
