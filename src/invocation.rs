@@ -42,7 +42,7 @@ struct Shard(Mutex<Registry>);
 fn registry(handle: u64) -> MutexGuard<'static, Registry> {
     lock(&LIVE[(handle % SHARDS as u64) as usize].0)
 }
-static NEXT_HANDLE: AtomicU64 = AtomicU64::new(1);
+crate::unique::unique!(HANDLES, first = 1);
 
 #[derive(Default)]
 struct Registry {
@@ -204,7 +204,7 @@ impl Invocation {
     /// Registers a new invocation. `stream` receives a streaming plugin's
     /// lines.
     pub fn start(kind: Kind, stream: Option<mpsc::Sender<Chunk>>) -> Registered {
-        let handle = NEXT_HANDLE.fetch_add(1, Ordering::Relaxed);
+        let handle = HANDLES.next();
         let mut registry = registry(handle);
         let cancel = registry
             .free_flags

@@ -7,8 +7,9 @@
 //! through the C ABI), `invocation` (the host side of one call into the
 //! plugin), `dispatch` (which thread a call runs on), `envelope`,
 //! `validate`, `plugin_id` and `openapi` (what the routes answer), `cli`,
-//! `logging`, `metrics`, `crash` (making a plugin crash visible), and
-//! `no_libm` (why the binary does not load libm).
+//! `logging`, `metrics`, `crash` (making a plugin crash visible), `unique`
+//! (ids without a contended counter), and `no_libm` (why the binary does
+//! not load libm).
 
 use std::process::ExitCode;
 
@@ -30,6 +31,7 @@ mod reaper;
 mod routes;
 mod server;
 mod shutdown;
+mod unique;
 mod validate;
 
 fn main() -> ExitCode {

@@ -21,7 +21,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io::Write as _;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::LazyLock;
 use std::task::{Context, Poll};
@@ -219,7 +218,7 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The client's `X-Request-Id` when it is a sensible token, else a new one.
 /// Either way a visible-ASCII header value.
 fn request_id(req: &Request<Incoming>) -> HeaderValue {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
+    crate::unique::unique!(NEXT, first = 1);
     static PREFIX: LazyLock<String> = LazyLock::new(|| {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -237,7 +236,7 @@ fn request_id(req: &Request<Incoming>) -> HeaderValue {
     }
     // "{prefix}-{counter:x}" without a heap-allocated intermediate.
     let mut buf = [0u8; 8 + 1 + 16];
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let n = NEXT.next();
     let mut out = std::io::Cursor::new(&mut buf[..]);
     write!(out, "{}-{n:x}", *PREFIX).expect("fits: 8 + 1 + 16 bytes");
     let len = out.position() as usize;
