@@ -377,4 +377,49 @@ mod tests {
         drain.expire();
         assert!(futures_util::poll!(expired.as_mut()).is_ready());
     }
+
+    #[test]
+    fn expiry_wakes_waiters_on_every_thread() {
+        // Each thread waits on its own wait list; twice as many threads as
+        // lists puts a waiter on every list.
+        let drain = Drain::default();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let waiters: Vec<_> = (0..2 * WAIT_LISTS)
+            .map(|_| {
+                let (drain, ready) = (drain.clone(), ready_tx.clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        let expired = drain.expired();
+                        tokio::pin!(expired);
+                        assert!(futures_util::poll!(expired.as_mut()).is_pending());
+                        ready.send(()).unwrap();
+                        tokio::time::timeout(Duration::from_secs(10), expired)
+                            .await
+                            .is_ok()
+                    })
+                })
+            })
+            .collect();
+        for _ in 0..2 * WAIT_LISTS {
+            ready_rx.recv().unwrap();
+        }
+        drain.begin();
+        drain.expire();
+        for w in waiters {
+            assert!(w.join().unwrap(), "a waiter was not woken by the expiry");
+        }
+        // And a wait that starts after the expiry ends at once.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let expired = drain.expired();
+            tokio::pin!(expired);
+            assert!(futures_util::poll!(expired.as_mut()).is_ready());
+        });
+    }
 }
