@@ -42,7 +42,6 @@ struct Shard(Mutex<Registry>);
 fn registry(handle: u64) -> MutexGuard<'static, Registry> {
     lock(&LIVE[(handle % SHARDS as u64) as usize].0)
 }
-crate::unique::unique!(HANDLES, first = 1);
 
 #[derive(Default)]
 struct Registry {
@@ -204,7 +203,7 @@ impl Invocation {
     /// Registers a new invocation. `stream` receives a streaming plugin's
     /// lines.
     pub fn start(kind: Kind, stream: Option<mpsc::Sender<Chunk>>) -> Registered {
-        let handle = HANDLES.next();
+        let handle = crate::unique::next();
         let mut registry = registry(handle);
         let cancel = registry
             .free_flags

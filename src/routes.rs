@@ -218,7 +218,6 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The client's `X-Request-Id` when it is a sensible token, else a new one.
 /// Either way a visible-ASCII header value.
 fn request_id(req: &Request<Incoming>) -> HeaderValue {
-    crate::unique::unique!(NEXT, first = 1);
     static PREFIX: LazyLock<String> = LazyLock::new(|| {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -234,9 +233,9 @@ fn request_id(req: &Request<Incoming>) -> HeaderValue {
             return given.clone();
         }
     }
-    // "{prefix}-{counter:x}" without a heap-allocated intermediate.
+    // "{prefix}-{number:x}" without a heap-allocated intermediate.
     let mut buf = [0u8; 8 + 1 + 16];
-    let n = NEXT.next();
+    let n = crate::unique::next();
     let mut out = std::io::Cursor::new(&mut buf[..]);
     write!(out, "{}-{n:x}", *PREFIX).expect("fits: 8 + 1 + 16 bytes");
     let len = out.position() as usize;
