@@ -812,9 +812,67 @@ fn cost_by_object(w: &mut String, profiles: &[crate::profile::Cost]) {
         "\nWhat etl-serve does for each `/invoke` that the baseline does not: it validates the input against the \
          plugin's schema (parse, coerce, check, serialise again); registers the invocation, so that callbacks and \
          cancel flags can find it; runs the plugin call as a task of its own, so that the connection can still \
-         answer the 503 at the drain timeout, or cancel the call when its client leaves; waits on the drain's \
-         expiry; arms hyper's header-read timer against slow clients; and counts metrics. No one of these is large; \
-         together, with the allocations they make (glibc serves the task's 128-byte-aligned allocation outside \
-         its per-thread cache), they are the difference above."
+         answer the 503 at the drain timeout, or cancel the call when its client leaves; arms hyper's header-read \
+         timer against slow clients; and counts metrics. The table gives their cost together, with the \
+         allocations they make; it does not split it among them."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::Cost;
+
+    fn cost(host: Host, cpu_us: f64, by_object: &[(&str, f64)]) -> Cost {
+        Cost {
+            host,
+            requests: 1000,
+            cpu_us,
+            switches: 0.0,
+            by_object: by_object
+                .iter()
+                .map(|(n, p)| ((*n).to_owned(), *p))
+                .collect(),
+            top: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn cost_by_object_lines_up_the_binaries_and_sorts_by_the_gap() {
+        let profiles = [
+            cost(
+                Host::EtlServe,
+                20.0,
+                &[
+                    ("[kernel.kallsyms]", 30.0),
+                    ("etl-serve", 50.0),
+                    ("libc.so.6", 20.0),
+                ],
+            ),
+            cost(
+                Host::BareHyper,
+                10.0,
+                &[
+                    ("[kernel.kallsyms]", 60.0),
+                    ("bare-hyper", 30.0),
+                    ("libc.so.6", 10.0),
+                ],
+            ),
+        ];
+        let mut md = String::new();
+        cost_by_object(&mut md, &profiles);
+        let rows: Vec<&str> = md
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| object"))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                "| the server binary | 10.00 | 3.00 | +7.00 |",
+                "| `libc.so.6` | 4.00 | 1.00 | +3.00 |",
+                "| `[kernel.kallsyms]` | 6.00 | 6.00 | +0.00 |",
+                "| all of the above | **20.00** | **10.00** | **+10.00** |",
+            ]
+        );
+    }
 }
