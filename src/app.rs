@@ -156,6 +156,8 @@ async fn serve_on<L: Listener>(
     signals: &mut ShutdownSignals,
     cli: &Cli,
 ) -> Result<ExitCode, Fatal> {
+    app.start_inline_watchdog()
+        .map_err(|e| Fatal::Os(format!("cannot start the inline-call watchdog: {e}")))?;
     // The listener accepts until the very end of the drain.
     let (close_listener, closed) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(server::accept_until(listener, app, limits, async {

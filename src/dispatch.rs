@@ -4,7 +4,7 @@
 //! plugin that takes long, or never returns, cannot stall the HTTP side.
 //! That hand-off costs two thread wake-ups per request, which for a plugin
 //! that answers in microseconds is most of the request's cost. So a call
-//! runs *inline*, on the runtime worker that read the request, when all of
+//! runs *inline*, right in the task that read the request, when all of
 //! these hold:
 //!
 //! - the plugin's last [`WARMUP`] calls each returned within [`QUICK`];
@@ -16,23 +16,40 @@
 //! - no running inline call has taken longer than [`OVERRUN`]. One that
 //!   overruns, or any call that takes longer than [`QUICK`], resets the
 //!   count above, so every later call goes to the blocking pool until the
-//!   plugin has again been quick [`WARMUP`] times.
+//!   plugin has again been quick [`WARMUP`] times;
+//! - the caller says the call may run inline (the routes require that the
+//!   connection has sent all it was given, see [`Rescue::answer`]).
 //!
-//! An inline call still runs in a task of its own, which the request's task
-//! awaits. So a call that turns out long blocks one worker for its length,
-//! but its request can still be answered at the drain timeout and its
-//! client's disconnect still cancels it; the worker's other tasks are taken
-//! over by the free workers. `etl_serve_plugin_calls` counts the calls
-//! by where they ran. Streaming plugins and prechecks always use the
-//! blocking pool: a stream's `emit` waits for the client, and a precheck
-//! typically waits on the network.
+//! An inline call holds its worker thread, and its request's task with it,
+//! until the plugin returns. A call that turns out long must still get what
+//! every call gets: its client's disconnect cancels it, and the drain
+//! timeout answers its request. Nothing on its own thread can do that, so a
+//! running inline call leaves a [`Rescue`] in its slot, and the *watchdog*
+//! (a thread of its own, [`Dispatch::start_watchdog`]) acts through it.
+//! Every [`WATCH_EVERY`] while inline calls run, it:
+//!
+//! - wakes the runtime once a call has run longer than [`QUICK`]: a worker
+//!   parked while the held worker was running would otherwise sleep on,
+//!   and with it the network and the timers;
+//! - cancels any such call whose client has gone away, and ends inlining
+//!   when one overruns;
+//! - once the drain timeout expired, answers every inline call still inside
+//!   the plugin with the shutdown-abort ([`Rescue::answer`]). The call and
+//!   the watchdog take the rescue out of the slot under its lock, so
+//!   exactly one of them answers the request.
+//!
+//! The watchdog sleeps while no inline call runs. `etl_serve_plugin_calls`
+//! counts the calls by where they ran. Streaming plugins and prechecks
+//! always use the blocking pool: a stream's `emit` waits for the client, and
+//! a precheck typically waits on the network.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::LazyLock;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{LazyLock, Mutex, MutexGuard, OnceLock};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
-use tokio::task::JoinError;
 
 use crate::metrics::{CallThread, METRICS};
 
@@ -51,6 +68,23 @@ pub const WARMUP: u32 = 64;
 /// the blocking pool: as long as a call may take and still be quick.
 pub const BUSY_WAIT: Duration = QUICK;
 
+/// How often the watchdog looks at the running inline calls.
+pub const WATCH_EVERY: Duration = Duration::from_millis(10);
+
+/// What the watchdog may do for an inline call while the call holds its
+/// thread. Each method runs on the watchdog's thread, under the call's
+/// slot lock, so they must be quick and must not block on the runtime.
+pub trait Rescue: Send + 'static {
+    /// Whether the call's client has gone away.
+    fn client_gone(&self) -> bool;
+    /// Asks the call to stop because its client went away. Called once per
+    /// look while the client stays gone, so it must be idempotent.
+    fn cancel_for_client(&self);
+    /// The drain timed out with the call still inside the plugin: answers
+    /// its request in its place. The call's task never answers it then.
+    fn answer(self);
+}
+
 /// The moment inline-call start times count from.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
@@ -59,68 +93,95 @@ fn now_ns() -> u64 {
     EPOCH.elapsed().as_nanos() as u64 | 1
 }
 
-/// Decides, call by call, where the plugin runs.
-pub struct Dispatch {
-    /// One per inline call that may run at once: its start time, or 0.
-    slots: Box<[AtomicU64]>,
+/// Decides, call by call, where the plugin runs, and watches the calls
+/// that run inline.
+pub struct Dispatch<R> {
+    /// One per inline call that may run at once.
+    slots: Box<[InlineSlot<R>]>,
     /// Quick calls in a row, saturating at [`WARMUP`].
     streak: AtomicU32,
     /// Calls waiting for a slot to free up, and how they are woken.
     waiting: AtomicUsize,
     freed: Notify,
+    /// Whether the watchdog sleeps until an inline call starts, and its
+    /// thread, to wake it.
+    watchdog_asleep: AtomicBool,
+    watchdog: OnceLock<Thread>,
+    /// Set once the watchdog answered the inline calls at the drain
+    /// timeout: no call may leave a rescue after that.
+    closed: AtomicBool,
 }
 
-impl Dispatch {
+struct InlineSlot<R> {
+    /// The running call's start time ([`now_ns`]), or 0.
+    started: AtomicU64,
+    /// The running call's rescue, until the call or the watchdog takes it.
+    rescue: Mutex<Option<R>>,
+}
+
+/// How an inline call ended.
+pub enum Inline<T, R> {
+    /// The plugin returned; the rescue comes back unused.
+    Returned(T, R),
+    /// The call panicked (with this message).
+    Panicked(String, R),
+    /// The watchdog answered the request at the drain timeout: the call's
+    /// task must not answer it again.
+    Answered,
+    /// The drain timeout had already expired: the call was not made.
+    TooLate(R),
+}
+
+impl<R: Rescue> Dispatch<R> {
     /// For a runtime with `workers` worker threads.
-    pub fn new(workers: usize) -> Dispatch {
+    pub fn new(workers: usize) -> Dispatch<R> {
         LazyLock::force(&EPOCH);
         Dispatch {
-            slots: (1..workers).map(|_| AtomicU64::new(0)).collect(),
+            slots: (1..workers)
+                .map(|_| InlineSlot {
+                    started: AtomicU64::new(0),
+                    rescue: Mutex::new(None),
+                })
+                .collect(),
             streak: AtomicU32::new(0),
             waiting: AtomicUsize::new(0),
             freed: Notify::new(),
+            watchdog_asleep: AtomicBool::new(false),
+            watchdog: OnceLock::new(),
+            closed: AtomicBool::new(false),
         }
     }
 
-    /// Runs `call` inline when the rules above allow it, else on the
-    /// blocking pool, and learns from how long it took.
-    pub async fn run<T: Send + 'static>(
-        &'static self,
-        call: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, JoinError> {
-        let timed = move || {
-            let started = Instant::now();
-            let result = call();
-            self.observe(started.elapsed());
-            result
-        };
-        match self.claim_soon().await {
-            Some(slot) => {
-                METRICS.plugin_call(CallThread::inline);
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    timed()
-                })
-                .await
+    /// A slot to run the next call inline in, when the rules above allow it
+    /// and `allowed`, else `None` (use [`Dispatch::on_blocking_pool`]).
+    ///
+    /// Waits up to [`BUSY_WAIT`] for a slot when the plugin is quick but
+    /// every slot is taken: a quick call frees its slot within
+    /// microseconds, sooner than a hand-off to the blocking pool would
+    /// take. The call that frees a slot wakes one waiter.
+    pub async fn inline_slot(&'static self, allowed: bool) -> Option<Slot<R>> {
+        let slot = self.claim_soon(allowed).await?;
+        self.wake_watchdog();
+        Some(slot)
+    }
+
+    /// Wakes the watchdog if it sleeps. SeqCst here (slot claimed, then
+    /// the flag read) and in the watchdog (flag set, then the slots read):
+    /// either this sees the watchdog asleep, or the watchdog sees the slot.
+    fn wake_watchdog(&self) {
+        if self.watchdog_asleep.load(Ordering::SeqCst)
+            && self.watchdog_asleep.swap(false, Ordering::SeqCst)
+        {
+            if let Some(thread) = self.watchdog.get() {
+                thread.unpark();
             }
-            None => Dispatch::blocking(timed).await,
         }
     }
 
-    /// Runs `call` on the blocking pool, counted as such: for the calls
-    /// that never run inline (streams, prechecks).
-    pub fn blocking<T: Send + 'static>(
-        call: impl FnOnce() -> T + Send + 'static,
-    ) -> tokio::task::JoinHandle<T> {
-        METRICS.plugin_call(CallThread::blocking);
-        tokio::task::spawn_blocking(call)
-    }
-
-    /// A free inline slot, waiting up to [`BUSY_WAIT`] for one when the
-    /// plugin is quick but every slot is taken: a quick call frees its slot
-    /// within microseconds, sooner than a hand-off to the blocking pool
-    /// would take. The call that frees a slot wakes one waiter.
-    async fn claim_soon(&'static self) -> Option<Slot> {
+    async fn claim_soon(&'static self, allowed: bool) -> Option<Slot<R>> {
+        if !allowed {
+            return None;
+        }
         match self.claim() {
             Claim::Inline(slot) => return Some(slot),
             Claim::Blocking => return None,
@@ -146,19 +207,30 @@ impl Dispatch {
         }
     }
 
+    /// Runs `call` on the blocking pool, and learns from how long it took.
+    pub fn on_blocking_pool<T: Send + 'static>(
+        &'static self,
+        call: impl FnOnce() -> T + Send + 'static,
+    ) -> tokio::task::JoinHandle<T> {
+        blocking(move || {
+            let started = Instant::now();
+            let result = call();
+            self.observe(started.elapsed());
+            result
+        })
+    }
+
     /// Whether the next call may run inline now.
-    fn claim(&'static self) -> Claim {
+    fn claim(&'static self) -> Claim<R> {
         if self.streak.load(Ordering::Relaxed) < WARMUP {
             return Claim::Blocking;
         }
         let now = now_ns();
-        let overrun = OVERRUN.as_nanos() as u64;
         let mut free = None;
         for (i, slot) in self.slots.iter().enumerate() {
-            match slot.load(Ordering::Relaxed) {
+            match slot.started.load(Ordering::Relaxed) {
                 0 => free = free.or(Some(i)),
-                started if now.saturating_sub(started) > overrun => {
-                    // An inline call is overrunning: stop inlining.
+                started if overran(now, started) => {
                     self.streak.store(0, Ordering::Relaxed);
                     return Claim::Blocking;
                 }
@@ -172,9 +244,13 @@ impl Dispatch {
                 Claim::Busy
             };
         };
-        match self.slots[i].compare_exchange(0, now, Ordering::SeqCst, Ordering::Relaxed) {
+        let slot = &self.slots[i];
+        match slot
+            .started
+            .compare_exchange(0, now, Ordering::SeqCst, Ordering::Relaxed)
+        {
             Ok(_) => Claim::Inline(Slot {
-                cell: &self.slots[i],
+                slot,
                 dispatch: self,
             }),
             Err(_) => Claim::Busy,
@@ -192,41 +268,180 @@ impl Dispatch {
         }
     }
 
-    /// Whether the next call may run inline (for tests).
+    /// Starts the watchdog thread, which runs for the process's life.
+    /// `expired` says whether the drain timeout has expired; `wake_runtime`
+    /// must wake a parked runtime worker from outside the runtime (any
+    /// spawn from a foreign thread does).
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    pub fn start_watchdog(
+        &'static self,
+        expired: impl Fn() -> bool + Send + 'static,
+        wake_runtime: impl Fn() + Send + 'static,
+    ) -> std::io::Result<()> {
+        let thread = std::thread::Builder::new()
+            .name("etl-serve-watch".into())
+            .spawn(move || self.watch(&expired, &wake_runtime))?;
+        let _ = self.watchdog.set(thread.thread().clone());
+        Ok(())
+    }
+
+    fn watch(&self, expired: &dyn Fn() -> bool, wake_runtime: &dyn Fn()) {
+        loop {
+            if !self.any_running() {
+                // See wake_watchdog for the other side of this handshake.
+                self.watchdog_asleep.store(true, Ordering::SeqCst);
+                if !self.any_running() {
+                    // Woken by the next inline call (or spuriously).
+                    std::thread::park();
+                }
+                self.watchdog_asleep.store(false, Ordering::SeqCst);
+                continue;
+            }
+            std::thread::sleep(WATCH_EVERY);
+            if expired() {
+                self.answer_all();
+                return;
+            }
+            if self.look() {
+                wake_runtime();
+            }
+        }
+    }
+    fn any_running(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| s.started.load(Ordering::SeqCst) != 0)
+    }
+
+    /// Cancels the long calls whose client went away, and ends inlining
+    /// when a call overruns (as the next claim would). Says whether a call
+    /// is running longer than [`QUICK`].
+    fn look(&self) -> bool {
+        let mut long = false;
+        let now = now_ns();
+        let quick = QUICK.as_nanos() as u64;
+        for slot in &self.slots[..] {
+            let started = slot.started.load(Ordering::Relaxed);
+            if started == 0 || now.saturating_sub(started) <= quick {
+                continue;
+            }
+            long = true;
+            if overran(now, started) {
+                self.streak.store(0, Ordering::Relaxed);
+            }
+            if let Some(rescue) = &*lock(&slot.rescue) {
+                if rescue.client_gone() {
+                    rescue.cancel_for_client();
+                }
+            }
+        }
+        long
+    }
+
+    /// Answers every inline call still inside the plugin, and lets no
+    /// later call leave a rescue.
+    fn answer_all(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for slot in &self.slots[..] {
+            let rescue = lock(&slot.rescue).take();
+            if let Some(rescue) = rescue {
+                rescue.answer();
+            }
+        }
+    }
+
+    /// Whether the next call may run inline now (for tests).
     #[cfg(test)]
     fn inline_allowed(&'static self) -> bool {
         matches!(self.claim(), Claim::Inline(_))
     }
 }
 
+/// Runs `call` on the blocking pool, counted as such: for the calls that
+/// never run inline (streams, prechecks).
+pub fn blocking<T: Send + 'static>(
+    call: impl FnOnce() -> T + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    METRICS.plugin_call(CallThread::blocking);
+    tokio::task::spawn_blocking(call)
+}
+
+/// Whether a call that started at `started` has run past [`OVERRUN`] by
+/// `now`.
+fn overran(now: u64, started: u64) -> bool {
+    now.saturating_sub(started) > OVERRUN.as_nanos() as u64
+}
+
+/// A poisoned slot lock only means a rescue method panicked; the slot's
+/// state is still an `Option` that is either there or not.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// What [`Dispatch::claim`] found.
-enum Claim {
+enum Claim<R: 'static> {
     /// Run inline, holding this slot.
-    Inline(Slot),
+    Inline(Slot<R>),
     /// The plugin is quick, but every inline slot is taken.
     Busy,
     /// Use the blocking pool.
     Blocking,
 }
 
-/// An inline call's slot, freed when the call ends (or panics).
-struct Slot {
-    cell: &'static AtomicU64,
-    dispatch: &'static Dispatch,
+/// A claimed inline slot, freed when the call ends (or panics).
+pub struct Slot<R: 'static> {
+    slot: &'static InlineSlot<R>,
+    dispatch: &'static Dispatch<R>,
 }
 
-impl Drop for Slot {
+impl<R: Rescue> Slot<R> {
+    /// Runs `call` here and now, leaving `rescue` in the slot for the
+    /// watchdog while it runs.
+    pub fn call<T>(self, rescue: R, call: impl FnOnce() -> T) -> Inline<T, R> {
+        {
+            let mut left = lock(&self.slot.rescue);
+            // Checked under the lock that answer_all takes after setting
+            // the flag: a rescue left here is always seen by it.
+            if self.dispatch.closed.load(Ordering::SeqCst) {
+                return Inline::TooLate(rescue);
+            }
+            *left = Some(rescue);
+        }
+        let d = self.dispatch;
+        METRICS.plugin_call(CallThread::inline);
+        let started = Instant::now();
+        let result = catch_unwind(AssertUnwindSafe(call));
+        d.observe(started.elapsed());
+        let rescue = lock(&self.slot.rescue).take();
+        match (rescue, result) {
+            (None, _) => Inline::Answered,
+            (Some(rescue), Ok(value)) => Inline::Returned(value, rescue),
+            (Some(rescue), Err(panic)) => {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_owned());
+                Inline::Panicked(why, rescue)
+            }
+        }
+    }
+}
+
+impl<R> Drop for Slot<R> {
     fn drop(&mut self) {
         // SeqCst on both sides (here, and the waiter's count and check):
         // either the waiter sees the slot free, or this sees the waiter.
-        self.cell.store(0, Ordering::SeqCst);
+        self.slot.started.store(0, Ordering::SeqCst);
         if self.dispatch.waiting.load(Ordering::SeqCst) > 0 {
             self.dispatch.freed.notify_one();
         }
     }
 }
 
-/// Counts a call waiting in [`Dispatch::claim_soon`], until dropped.
+/// Counts a call waiting in [`Dispatch::inline_slot`], until dropped.
 struct Waiting<'a>(&'a AtomicUsize);
 
 impl Drop for Waiting<'_> {
@@ -239,8 +454,40 @@ impl Drop for Waiting<'_> {
 mod tests {
     use super::*;
 
-    fn leak(workers: usize) -> &'static Dispatch {
+    /// A rescue that records what the watchdog did with it.
+    #[derive(Default)]
+    struct Probe {
+        gone: AtomicBool,
+        cancels: AtomicUsize,
+        answers: AtomicUsize,
+    }
+
+    struct Record(&'static Probe);
+
+    impl Rescue for Record {
+        fn client_gone(&self) -> bool {
+            self.0.gone.load(Ordering::SeqCst)
+        }
+        fn cancel_for_client(&self) {
+            self.0.cancels.fetch_add(1, Ordering::SeqCst);
+        }
+        fn answer(self) {
+            self.0.answers.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn probe() -> &'static Probe {
+        Box::leak(Box::default())
+    }
+
+    fn leak(workers: usize) -> &'static Dispatch<Record> {
         Box::leak(Box::new(Dispatch::new(workers)))
+    }
+
+    fn warm(d: &Dispatch<Record>) {
+        for _ in 0..WARMUP {
+            d.observe(Duration::from_micros(1));
+        }
     }
 
     #[test]
@@ -294,7 +541,7 @@ mod tests {
         let Claim::Inline(held) = d.claim() else {
             panic!("no slot")
         };
-        let mut waiting = std::pin::pin!(d.claim_soon());
+        let mut waiting = std::pin::pin!(d.inline_slot(true));
         assert!(
             futures_util::poll!(waiting.as_mut()).is_pending(),
             "it waits while the slot is busy"
@@ -302,9 +549,13 @@ mod tests {
         drop(held);
         assert!(waiting.await.is_some(), "and takes the slot once free");
 
-        let _held = d.claim_soon().await.expect("a free slot");
         assert!(
-            d.claim_soon().await.is_none(),
+            d.inline_slot(false).await.is_none(),
+            "a caller that does not allow inline gets no slot"
+        );
+        let _held = d.inline_slot(true).await.expect("a free slot");
+        assert!(
+            d.inline_slot(true).await.is_none(),
             "a slot that stays busy sends the call to the blocking pool"
         );
     }
@@ -333,5 +584,147 @@ mod tests {
             d.streak.load(Ordering::Relaxed) < WARMUP,
             "the overrun reset the streak"
         );
+    }
+
+    #[test]
+    fn a_call_that_returns_gets_its_rescue_back() {
+        let d = leak(2);
+        warm(d);
+        let p = probe();
+        let Claim::Inline(slot) = d.claim() else {
+            panic!("no slot")
+        };
+        match slot.call(Record(p), || 7) {
+            Inline::Returned(7, _rescue) => {}
+            _ => panic!("the call returned 7"),
+        }
+        assert!(d.inline_allowed(), "the slot is free again");
+        d.answer_all();
+        assert_eq!(
+            p.answers.load(Ordering::SeqCst),
+            0,
+            "nothing left to answer"
+        );
+    }
+
+    #[test]
+    fn a_panicking_call_frees_its_slot() {
+        let d = leak(2);
+        warm(d);
+        let Claim::Inline(slot) = d.claim() else {
+            panic!("no slot")
+        };
+        match slot.call(Record(probe()), || -> u8 { panic!("boom") }) {
+            Inline::Panicked(why, _) => assert_eq!(why, "boom"),
+            _ => panic!("the panic is reported"),
+        }
+        // Reporting the panic may take longer than a quick call.
+        warm(d);
+        assert!(d.inline_allowed(), "the slot is free again");
+    }
+
+    /// Claims a slot and runs, on a thread of its own, a call that waits
+    /// until `release` is set. Returns once the call is running.
+    fn hold_inline(
+        d: &'static Dispatch<Record>,
+        p: &'static Probe,
+        release: &'static AtomicBool,
+    ) -> std::thread::JoinHandle<&'static str> {
+        let Claim::Inline(slot) = d.claim() else {
+            panic!("no slot")
+        };
+        let running: &'static AtomicBool = Box::leak(Box::default());
+        let call = std::thread::spawn(move || {
+            let ended = slot.call(Record(p), || {
+                running.store(true, Ordering::SeqCst);
+                while !release.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            match ended {
+                Inline::Returned(..) => "returned",
+                Inline::Answered => "answered",
+                Inline::Panicked(..) => "panicked",
+                Inline::TooLate(_) => "too late",
+            }
+        });
+        while !running.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        call
+    }
+
+    #[test]
+    fn at_the_timeout_a_running_call_is_answered_once_and_told_so() {
+        let d = leak(2);
+        warm(d);
+        let p = probe();
+        let release: &'static AtomicBool = Box::leak(Box::default());
+        let call = hold_inline(d, p, release);
+        d.answer_all();
+        assert_eq!(p.answers.load(Ordering::SeqCst), 1);
+        release.store(true, Ordering::SeqCst);
+        assert_eq!(call.join().unwrap(), "answered", "its task must not answer");
+        assert_eq!(p.answers.load(Ordering::SeqCst), 1);
+
+        warm(d);
+        let Claim::Inline(slot) = d.claim() else {
+            panic!("no slot")
+        };
+        assert!(
+            matches!(slot.call(Record(p), || ()), Inline::TooLate(_)),
+            "no call runs inline once the calls were answered"
+        );
+    }
+
+    #[test]
+    fn the_watchdog_cancels_a_long_call_whose_client_left_and_answers_it_at_expiry() {
+        let d = leak(2);
+        warm(d);
+        let expired: &'static AtomicBool = Box::leak(Box::default());
+        let wakes: &'static AtomicUsize = Box::leak(Box::default());
+        d.start_watchdog(
+            || expired.load(Ordering::SeqCst),
+            || {
+                wakes.fetch_add(1, Ordering::SeqCst);
+            },
+        )
+        .unwrap();
+        // Let the watchdog fall asleep with nothing running.
+        std::thread::sleep(WATCH_EVERY * 2);
+        let p = probe();
+        let release: &'static AtomicBool = Box::leak(Box::default());
+        let call = hold_inline(d, p, release);
+        d.wake_watchdog();
+        std::thread::sleep(WATCH_EVERY * 4);
+        assert_eq!(
+            p.cancels.load(Ordering::SeqCst),
+            0,
+            "a call whose client is there is left alone"
+        );
+        assert!(
+            wakes.load(Ordering::SeqCst) > 0,
+            "a long call wakes the runtime"
+        );
+        assert_eq!(
+            d.streak.load(Ordering::Relaxed),
+            0,
+            "a call running past the overrun limit ends inlining"
+        );
+        p.gone.store(true, Ordering::SeqCst);
+        wait_until(|| p.cancels.load(Ordering::SeqCst) > 0, "the cancel");
+        expired.store(true, Ordering::SeqCst);
+        wait_until(|| p.answers.load(Ordering::SeqCst) == 1, "the answer");
+        release.store(true, Ordering::SeqCst);
+        assert_eq!(call.join().unwrap(), "answered");
+        assert_eq!(p.answers.load(Ordering::SeqCst), 1);
+    }
+
+    fn wait_until(done: impl Fn() -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "the watchdog never did {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 }

@@ -14,8 +14,8 @@
 //! | `GET /readyz`    | 200 while serving, 503 once shutdown started          |
 //! | anything else    | 404 `{"detail":"Not Found"}`, or 405 for a known path |
 //!
-//! Plugin code never runs on the async runtime: every call into the plugin
-//! goes to a blocking thread.
+//! Where each plugin call runs (a blocking thread, or inline for a quick
+//! plugin) is decided in `dispatch`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -33,13 +33,14 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
-use crate::dispatch::Dispatch;
+use crate::dispatch::{self, Dispatch, Inline, Rescue};
 use crate::envelope::{self, Outcome};
 use crate::invocation::{Chunk, Collected, Invocation, Kind};
 use crate::logging::Access;
 use crate::metrics::{self, FailureKind, Route, METRICS};
 use crate::openapi;
 use crate::plugin::Plugin;
+use crate::server::Conn;
 use crate::shutdown::{Drain, InFlightGuard};
 use crate::validate::InputModel;
 
@@ -61,7 +62,7 @@ pub struct App {
     /// running its code when the process exits.
     plugin: &'static Plugin,
     /// Where each plugin call runs.
-    dispatch: &'static Dispatch,
+    dispatch: &'static Dispatch<InlineInvoke>,
     drain: Drain,
     inputs: InputModel,
     max_body: u64,
@@ -112,11 +113,28 @@ impl App {
     pub fn plugin(&self) -> &'static Plugin {
         self.plugin
     }
+
+    /// Starts the thread that watches the plugin calls running inline, and
+    /// answers those still inside the plugin at the drain timeout (see
+    /// `dispatch`). Called once, from inside the runtime.
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    pub fn start_inline_watchdog(&'static self) -> std::io::Result<()> {
+        let drain = self.drain.clone();
+        let runtime = tokio::runtime::Handle::current();
+        self.dispatch.start_watchdog(
+            move || drain.has_expired(),
+            // A task spawned from outside the runtime wakes a parked worker.
+            move || drop(runtime.spawn(async {})),
+        )
+    }
 }
 
 /// Answers one request. Never fails: every problem is an HTTP answer.
 pub async fn handle(
     app: &'static App,
+    conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let request_id = request_id(&req);
@@ -127,7 +145,14 @@ pub async fn handle(
         .access_log
         .then(|| (Instant::now(), req.uri().path().to_owned()));
     let mut response = match (route, &method) {
-        (Route::invoke, &Method::POST) => invoke(app, req).await,
+        (Route::invoke, &Method::POST) => {
+            let from = Requester {
+                conn,
+                request_id: &request_id,
+                received: access.as_ref().map(|(at, _)| *at),
+            };
+            invoke(app, req, from).await
+        }
         (Route::schema, &Method::GET) => json(StatusCode::OK, app.schema_body.clone()),
         (Route::id, &Method::GET) => json(StatusCode::OK, app.id_body.clone()),
         (Route::metadata, &Method::GET) => json(StatusCode::OK, app.metadata_body.clone()),
@@ -276,7 +301,15 @@ fn readyz(drain: &Drain) -> Response<Body> {
     }
 }
 
-async fn invoke(app: &'static App, req: Request<Incoming>) -> Response<Body> {
+/// Who sent an `/invoke`, for answering it from the inline-call watchdog.
+struct Requester<'a> {
+    conn: Arc<Conn>,
+    request_id: &'a HeaderValue,
+    /// When the request arrived, if the access log is on.
+    received: Option<Instant>,
+}
+
+async fn invoke(app: &'static App, req: Request<Incoming>, from: Requester<'_>) -> Response<Body> {
     let (head, body) = req.into_parts();
     let content_type = head
         .headers
@@ -307,7 +340,7 @@ async fn invoke(app: &'static App, req: Request<Incoming>) -> Response<Body> {
     if app.plugin.manifest().streaming {
         invoke_streaming(app, input, in_flight).await
     } else {
-        invoke_plain(app, input, in_flight).await
+        invoke_plain(app, input, in_flight, from).await
     }
 }
 
@@ -355,32 +388,55 @@ async fn read_body(body: Incoming, max: u64) -> Result<Bytes, Response<Body>> {
 async fn invoke_plain(
     app: &'static App,
     input: Vec<u8>,
-    _in_flight: InFlightGuard,
+    in_flight: InFlightGuard,
+    from: Requester<'_>,
 ) -> Response<Body> {
     let plugin = app.plugin;
     let registered = Invocation::start(Kind::Invoke, None);
     let started = registered.started();
     let watch = ClientWatch::new(registered.shared());
-    let call = app.dispatch.run(move || {
+    // Inline only when hyper holds no unsent bytes of this connection: the
+    // watchdog may then write the request's answer straight to the socket.
+    if let Some(slot) = app.dispatch.inline_slot(from.conn.flushed()).await {
+        let rescue = InlineInvoke {
+            conn: from.conn,
+            inv: registered.shared(),
+            request_id: from.request_id.clone(),
+            started,
+            received: from.received,
+            _in_flight: in_flight,
+        };
+        let ended = slot.call(rescue, move || {
+            let rc = plugin.invoke(registered.invocation(), &input);
+            registered.finish(rc)
+        });
+        return match ended {
+            Inline::Returned(c, _rescue) => answer(watch.finished(c), started),
+            Inline::Panicked(why, _rescue) => internal_error(&watch.finished(why)),
+            Inline::TooLate(_rescue) => {
+                let c = watch.abandon();
+                record(&Outcome::Shutdown, started);
+                shutdown_abort(&c)
+            }
+            Inline::Answered => {
+                // The watchdog answered at the drain timeout, and the
+                // process is exiting: this task must never answer.
+                watch.finished(());
+                std::future::pending().await
+            }
+        };
+    }
+    let _in_flight = in_flight;
+    let call = app.dispatch.on_blocking_pool(move || {
         let rc = plugin.invoke(registered.invocation(), &input);
         registered.finish(rc)
     });
     tokio::select! {
         biased;
-        collected = call => {
-            let collected = watch.finished(collected);
-            match collected {
-                Ok(c) => {
-                    let outcome = outcome_of(&c, Kind::Invoke);
-                    record(&outcome, started);
-                    match outcome {
-                        Outcome::Shutdown => shutdown_abort(&c),
-                        outcome => json(StatusCode::OK, envelope::write(&c, &outcome).into()),
-                    }
-                }
-                Err(e) => internal_error(&e.to_string()),
-            }
-        }
+        collected = call => match watch.finished(collected) {
+            Ok(c) => answer(c, started),
+            Err(e) => internal_error(&e.to_string()),
+        },
         // The plugin ignored its flag past the graceful timeout: answer for
         // it with what it reported so far, and abandon its thread.
         () = app.drain.expired() => {
@@ -389,6 +445,82 @@ async fn invoke_plain(
             shutdown_abort(&c)
         }
     }
+}
+
+/// The answer to a plain `/invoke` whose plugin call returned `c`.
+fn answer(c: Collected, started: Instant) -> Response<Body> {
+    let outcome = outcome_of(&c, Kind::Invoke);
+    record(&outcome, started);
+    match outcome {
+        Outcome::Shutdown => shutdown_abort(&c),
+        outcome => json(StatusCode::OK, envelope::write(&c, &outcome).into()),
+    }
+}
+
+/// What an inline `/invoke` call leaves with the watchdog (see `dispatch`).
+struct InlineInvoke {
+    conn: Arc<Conn>,
+    inv: Arc<Invocation>,
+    request_id: HeaderValue,
+    started: Instant,
+    received: Option<Instant>,
+    /// Released once the request is answered, by whichever side does.
+    _in_flight: InFlightGuard,
+}
+
+impl Rescue for InlineInvoke {
+    fn client_gone(&self) -> bool {
+        self.conn.peer_gone()
+    }
+
+    fn cancel_for_client(&self) {
+        self.inv.cancel_for_client();
+    }
+
+    fn answer(self) {
+        let c = self.inv.snapshot();
+        record(&Outcome::Shutdown, self.started);
+        let mut r = shutdown_abort(&c);
+        r.headers_mut()
+            .insert(X_REQUEST_ID, self.request_id.clone());
+        METRICS.request(Route::invoke, r.status().as_u16());
+        let (bytes, body_len) = http1_response(&r);
+        if let Err(e) = self.conn.answer_raw(&bytes) {
+            tracing::warn!(error = %e, "could not send the shutdown-abort of an inline call");
+        }
+        if let Some(started) = self.received {
+            AccessLine {
+                method: Method::POST,
+                path: "/invoke".to_owned(),
+                status: r.status().as_u16(),
+                started,
+                request_id: self.request_id,
+            }
+            .log(body_len as u64);
+        }
+    }
+}
+
+/// `r` (a whole-body response) as HTTP/1.1 bytes, as hyper would write it
+/// but without a `Date` header (optional on a 5xx), and its body's length.
+fn http1_response(r: &Response<Body>) -> (Vec<u8>, usize) {
+    let body: &[u8] = match r.body() {
+        Body::Full(Some(bytes)) => bytes,
+        _ => &[],
+    };
+    let mut out = Vec::with_capacity(256 + body.len());
+    let status = r.status();
+    let reason = status.canonical_reason().unwrap_or("");
+    write!(out, "HTTP/1.1 {} {reason}\r\n", status.as_u16()).expect("writes to a Vec");
+    for (name, value) in r.headers() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    write!(out, "content-length: {}\r\n\r\n", body.len()).expect("writes to a Vec");
+    out.extend_from_slice(body);
+    (out, body.len())
 }
 
 /// Records an invocation's duration and, for a failure, its kind.
@@ -420,7 +552,7 @@ async fn invoke_streaming(
     let started = registered.started();
     let watch = ClientWatch::new(registered.shared());
     // Not awaited: the stream's channel carries the result.
-    drop(Dispatch::blocking(move || {
+    drop(dispatch::blocking(move || {
         let rc = plugin.invoke(registered.invocation(), &input);
         let collected = registered.finish(rc);
         // The receiver is gone only when the client is; nothing to tell then.
@@ -470,7 +602,9 @@ async fn invoke_streaming(
 
 /// Cancels an invocation whose client went away: hyper drops the request's
 /// future (or the response body) when the connection closes, and with it
-/// this watch, unless the invocation finished or was abandoned first.
+/// this watch, unless the invocation finished or was abandoned first. (An
+/// inline call holds its request's future; the dispatch watchdog watches
+/// its client instead.)
 struct ClientWatch {
     inv: Option<Arc<Invocation>>,
 }
@@ -518,7 +652,7 @@ async fn precheck(app: &'static App) -> Response<Body> {
     let plugin = app.plugin;
     let registered = Invocation::start(Kind::Precheck, None);
     let watch = ClientWatch::new(registered.shared());
-    let call = Dispatch::blocking(move || {
+    let call = dispatch::blocking(move || {
         let rc = plugin.precheck(registered.invocation());
         registered.finish(rc)
     });

@@ -152,6 +152,11 @@ impl Drain {
         self.phase() >= Phase::Draining
     }
 
+    /// Whether the graceful timeout has expired.
+    pub fn has_expired(&self) -> bool {
+        self.phase() == Phase::Expired
+    }
+
     /// Counts a request that is about to wait on the plugin, until its
     /// response has been handed to the connection.
     pub fn track(&self) -> InFlightGuard {

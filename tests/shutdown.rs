@@ -570,30 +570,39 @@ fn plugin_calls(s: &Server, thread: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }
 
-#[test]
-fn a_quick_plugin_whose_inline_call_hangs_is_still_answered_at_the_timeout() {
-    let mut s = Server::start(&plugin("slow"), &["--graceful-timeout", "1s"]);
-    // Quick calls earn inline dispatch (the dispatch module's warm-up of
-    // 64). A call the kernel preempts for over 1 ms restarts the warm-up,
-    // so send quick calls until one has just run inline.
+/// Sends quick calls until the last one ran inline (quick calls earn inline
+/// dispatch after the dispatch module's warm-up of 64; a call the kernel
+/// preempts for over 1 ms restarts it). Returns the inline call count.
+fn warm_up_inline(s: &Server) -> u64 {
     let mut inline_before = 0;
     for sent in 1.. {
         let r = s.post_json("/invoke", r#"{"units":0}"#);
         assert_eq!(r.status, 200, "{}", r.text());
         if sent >= 64 {
-            let now = plugin_calls(&s, "inline");
+            let now = plugin_calls(s, "inline");
             if now > inline_before && inline_before > 0 {
-                inline_before = now;
-                break;
+                return now;
             }
             inline_before = now;
         }
         assert!(sent < 2000, "quick calls never ran inline");
     }
+    unreachable!()
+}
+
+#[test]
+fn a_quick_plugin_whose_inline_call_hangs_is_still_answered_at_the_timeout() {
+    let mut s = Server::start(&plugin("slow"), &["--graceful-timeout", "1s"]);
+    let inline_before = warm_up_inline(&s);
 
     // This call looks like the quick ones until it never returns; it runs
     // inline and holds one worker.
-    let call = s.send_in_background(invoke_request(r#"{"units":100000,"cooperative":false}"#));
+    let body = r#"{"units":100000,"cooperative":false}"#;
+    let raw = format!(
+        "POST /invoke HTTP/1.1\r\nHost: t\r\nX-Request-Id: stuck-1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let call = s.send_in_background(raw);
     wait_inside_plugin(&s);
     assert_eq!(
         plugin_calls(&s, "inline"),
@@ -614,12 +623,68 @@ fn a_quick_plugin_whose_inline_call_hangs_is_still_answered_at_the_timeout() {
     let sent = Instant::now();
     s.signal(SIGTERM);
     let (r, answered) = call.join().unwrap();
+    // The worker is still inside the plugin: the watchdog answered.
     assert_shutdown_abort(&r);
+    assert_eq!(r.header("x-request-id"), Some("stuck-1"));
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json"),
+        "{:?}",
+        r.headers
+    );
     let waited = answered - sent;
     assert!(
-        waited >= Duration::from_millis(900) && waited < Duration::from_secs(6),
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
         "answered {waited:?} after the signal, not at the 1 s timeout"
     );
     let status = s.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(
+        sent.elapsed() < Duration::from_secs(3),
+        "exited {:?} after the signal, with a 1 s timeout",
+        sent.elapsed()
+    );
     assert_eq!(status.code(), Some(75), "the timeout code");
+    assert!(
+        s.logs().contains(r#"POST /invoke 503"#),
+        "the answer is in the access log: {}",
+        s.logs()
+    );
+}
+
+#[test]
+fn a_client_that_leaves_a_long_inline_call_cancels_it() {
+    let s = Server::start(&plugin("slow"), &[]);
+    let inline_before = warm_up_inline(&s);
+    // 20 s of cooperative work, run inline; the client leaves after 300 ms.
+    let mut conn = s.connect();
+    let body = r#"{"units":2000,"unit_ms":10}"#;
+    use std::io::Write;
+    conn.stream_mut()
+        .write_all(invoke_request(body).as_bytes())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        plugin_calls(&s, "inline"),
+        inline_before + 1,
+        "the long call ran inline"
+    );
+    drop(conn);
+    assert!(
+        s.wait_for_log(
+            "client went away: invocation cancelled",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        s.logs()
+    );
+    assert!(
+        s.wait_for_log(
+            "plugin returned after its client went away",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        s.logs()
+    );
+    // The worker is free again, and serves.
+    assert_eq!(s.post_json("/invoke", r#"{"units":0}"#).status, 200);
 }

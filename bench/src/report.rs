@@ -811,8 +811,8 @@ fn cost_by_object(w: &mut String, profiles: &[crate::profile::Cost]) {
         w,
         "\nWhat etl-serve does for each `/invoke` that the baseline does not: it validates the input against the \
          plugin's schema (parse, coerce, check, serialise again); registers the invocation, so that callbacks and \
-         cancel flags can find it; runs the plugin call as a task of its own, so that the connection can still \
-         answer the 503 at the drain timeout, or cancel the call when its client leaves; arms hyper's header-read \
+         cancel flags can find it; leaves each inline call where the dispatch watchdog can answer its request at \
+         the drain timeout, or cancel it when its client leaves, should the call turn out long; arms hyper's header-read \
          timer against slow clients; and counts metrics. The table gives their cost together, with the \
          allocations they make; it does not split it among them."
     );
