@@ -3,18 +3,19 @@
 //!
 //! Where things are: `app` (startup and the top-level flow), `shutdown`
 //! (signals and the drain), `reaper` (orphans, when PID 1), `server` (the
-//! accept loop), `routes` (every HTTP route), `plugin` (loading a library
-//! through the C ABI), `invocation` (the host side of one call into the
-//! plugin), `dispatch` (which thread a call runs on), `envelope`,
-//! `validate`, `plugin_id` and `openapi` (what the routes answer), `cli`,
-//! `logging`, `metrics`, `crash` (making a plugin crash visible), `unique`
-//! (ids without a contended counter), and `no_libm` (why the binary does
-//! not load libm).
+//! accept loop), `conn` (one connection's plumbing under hyper), `routes`
+//! (every HTTP route), `plugin` (loading a library through the C ABI),
+//! `invocation` (the host side of one call into the plugin), `dispatch`
+//! (which thread a call runs on), `envelope`, `validate`, `plugin_id` and
+//! `openapi` (what the routes answer), `cli`, `logging`, `metrics`, `crash`
+//! (making a plugin crash visible), `unique` (ids without a contended
+//! counter), and `no_libm` (why the binary does not load libm).
 
 use std::process::ExitCode;
 
 mod app;
 mod cli;
+mod conn;
 mod crash;
 mod dispatch;
 mod envelope;

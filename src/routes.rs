@@ -33,6 +33,7 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
+use crate::conn::Conn;
 use crate::dispatch::{self, Dispatch, Inline, Rescue};
 use crate::envelope::{self, Outcome};
 use crate::invocation::{Chunk, Collected, Invocation, Kind};
@@ -40,7 +41,6 @@ use crate::logging::Access;
 use crate::metrics::{self, FailureKind, Route, METRICS};
 use crate::openapi;
 use crate::plugin::Plugin;
-use crate::server::Conn;
 use crate::shutdown::{Drain, InFlightGuard};
 use crate::validate::InputModel;
 

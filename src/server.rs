@@ -8,26 +8,19 @@
 //! unread would reset it, losing a request the client has already sent.
 
 use std::future::Future;
-use std::io;
-use std::mem::ManuallyDrop;
-use std::os::fd::{AsRawFd, RawFd};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use nix::errno::Errno;
-use nix::sys::socket::{self, MsgFlags, Shutdown};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, warn};
 
+use crate::conn::{ConnIo, HeadTimer};
 use crate::routes::{self, App};
-use crate::shutdown::{TrackGuard, Tracker};
+use crate::shutdown::Tracker;
 
 /// Per-connection limits.
 #[derive(Clone, Copy, Debug)]
@@ -104,13 +97,15 @@ pub async fn accept_until<L: Listener>(
     let connections = Tracker::default();
     let mut builder = http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
         .header_read_timeout(limits.head_timeout)
         .max_header_size(limits.max_header_size);
     let serve = |stream: L::Io| {
         let (io, conn) = ConnIo::new(stream, connections.track());
         let service = service_fn(move |req| routes::handle(app, conn.clone(), req));
-        let served = builder.serve_connection(TokioIo::new(io), service);
+        let served = builder
+            .clone()
+            .timer(HeadTimer::new())
+            .serve_connection(TokioIo::new(io), service);
         tokio::spawn(async move {
             if let Err(e) = served.await {
                 debug!(error = %e, "connection ended with an error");
@@ -140,193 +135,4 @@ pub async fn accept_until<L: Listener>(
         serve(stream);
     }
     connections
-}
-
-/// What the routes, and the inline-call watchdog, know of one connection:
-/// whether hyper has handed the socket every byte it wrote, and the socket
-/// itself, so that a request whose task is held by an inline plugin call
-/// can be answered from another thread (see `dispatch`).
-pub struct Conn {
-    fd: RawFd,
-    /// False from each write until the flush after it: while true, hyper
-    /// holds no bytes that it has not written to the socket. Only the
-    /// connection's own task writes and reads it.
-    flushed: AtomicBool,
-    /// Also the lock under which the socket is closed, so that the
-    /// watchdog never touches a descriptor number that was reused.
-    state: Mutex<ConnState>,
-}
-
-enum ConnState {
-    /// Counted as open until the connection closes or is answered here.
-    Open {
-        _counted: TrackGuard,
-    },
-    /// Answered by [`Conn::answer_raw`]; the socket stays open, unused.
-    Answered,
-    Closed,
-}
-
-/// How long [`Conn::answer_raw`] waits for room in the socket's send
-/// buffer before it gives up on a client that does not read.
-const RAW_SEND_WAIT: Duration = Duration::from_millis(100);
-
-impl Conn {
-    /// Whether hyper has written everything it was given to the socket.
-    pub fn flushed(&self) -> bool {
-        self.flushed.load(Ordering::Relaxed)
-    }
-
-    /// Whether the client has closed its side of the connection (or reset
-    /// it), as hyper would find on its next read.
-    pub fn peer_gone(&self) -> bool {
-        let state = lock(&self.state);
-        if !matches!(*state, ConnState::Open { .. }) {
-            return false;
-        }
-        let revents = poll_once(self.fd, nix::libc::POLLRDHUP, Duration::ZERO);
-        revents & (nix::libc::POLLRDHUP | nix::libc::POLLHUP | nix::libc::POLLERR) != 0
-    }
-
-    /// Writes `response` (a whole HTTP/1.1 response, which must say
-    /// `Connection: close`) straight onto the socket and shuts down its
-    /// sending side, for a request whose task cannot answer it. Only valid
-    /// while that task is held inside the plugin after [`Conn::flushed`]
-    /// said true: then nothing else writes to the socket. The connection
-    /// stops counting as open.
-    pub fn answer_raw(&self, response: &[u8]) -> io::Result<()> {
-        let mut state = lock(&self.state);
-        if !matches!(*state, ConnState::Open { .. }) {
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "the connection is already closed",
-            ));
-        }
-        let sent = send_all(self.fd, response);
-        let _ = socket::shutdown(self.fd, Shutdown::Write);
-        *state = ConnState::Answered;
-        sent
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Sends all of `bytes` on the non-blocking socket `fd`, waiting at most
-/// [`RAW_SEND_WAIT`] in all for room to send.
-fn send_all(fd: RawFd, mut bytes: &[u8]) -> io::Result<()> {
-    let deadline = Instant::now() + RAW_SEND_WAIT;
-    while !bytes.is_empty() {
-        match socket::send(fd, bytes, MsgFlags::MSG_NOSIGNAL) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(Errno::EINTR) => {}
-            Err(Errno::EAGAIN) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::ErrorKind::TimedOut.into());
-                }
-                poll_once(fd, nix::libc::POLLOUT, left);
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
-/// One `poll(2)` of `fd` for `events`, waiting up to `wait`: the events
-/// that happened (none on an error).
-fn poll_once(fd: RawFd, events: nix::libc::c_short, wait: Duration) -> nix::libc::c_short {
-    let mut pfd = nix::libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    let ms = nix::libc::c_int::try_from(wait.as_millis()).unwrap_or(nix::libc::c_int::MAX);
-    // SAFETY: one valid pollfd, for the length of the call. POLLRDHUP is
-    // not in nix's PollFlags, hence libc.
-    let n = unsafe { nix::libc::poll(&mut pfd, 1, ms) };
-    if n > 0 {
-        pfd.revents
-    } else {
-        0
-    }
-}
-
-/// A connection's stream as hyper sees it: every call passes through, and
-/// the writes and flushes keep [`Conn::flushed`] up to date.
-pub struct ConnIo<S> {
-    io: ManuallyDrop<S>,
-    conn: Arc<Conn>,
-}
-
-impl<S: AsRawFd> ConnIo<S> {
-    /// Wraps `io`, which counts as open (`open`) until it closes.
-    pub fn new(io: S, open: TrackGuard) -> (ConnIo<S>, Arc<Conn>) {
-        let conn = Arc::new(Conn {
-            fd: io.as_raw_fd(),
-            flushed: AtomicBool::new(true),
-            state: Mutex::new(ConnState::Open { _counted: open }),
-        });
-        let io = ConnIo {
-            io: ManuallyDrop::new(io),
-            conn: conn.clone(),
-        };
-        (io, conn)
-    }
-}
-
-impl<S> Drop for ConnIo<S> {
-    fn drop(&mut self) {
-        let mut state = lock(&self.conn.state);
-        // SAFETY: dropped once, here, and never used again.
-        unsafe { ManuallyDrop::drop(&mut self.io) };
-        *state = ConnState::Closed;
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.io).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.conn.flushed.store(false, Ordering::Relaxed);
-        Pin::new(&mut *self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.conn.flushed.store(false, Ordering::Relaxed);
-        Pin::new(&mut *self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let flushed = Pin::new(&mut *self.io).poll_flush(cx);
-        if matches!(flushed, Poll::Ready(Ok(()))) {
-            self.conn.flushed.store(true, Ordering::Relaxed);
-        }
-        flushed
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.io).poll_shutdown(cx)
-    }
 }
