@@ -38,9 +38,11 @@ const SHARDS: usize = 16;
 #[repr(align(128))]
 struct Shard(Mutex<Registry>);
 
-/// The registry that holds (or will hold) the invocation `handle`.
+/// The registry that holds (or will hold) the invocation `handle`. By the
+/// handle's block, so that the invocations one thread starts use one shard
+/// for a while, whose lines then stay in that core's cache.
 fn registry(handle: u64) -> MutexGuard<'static, Registry> {
-    lock(&LIVE[(handle % SHARDS as u64) as usize].0)
+    lock(&LIVE[(crate::unique::block_of(handle) % SHARDS as u64) as usize].0)
 }
 
 #[derive(Default)]

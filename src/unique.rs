@@ -33,6 +33,12 @@ pub fn next() -> u64 {
     })
 }
 
+/// Which block `n` came from. Numbers from one block were handed out by one
+/// thread, so this keys per-thread state without asking for the thread.
+pub fn block_of(n: u64) -> u64 {
+    n / BLOCK
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
