@@ -38,7 +38,7 @@
 //!   the watchdog take the rescue out of the slot under its lock, so
 //!   exactly one of them answers the request.
 //!
-//! The watchdog sleeps while no inline call runs. `etl_serve_plugin_calls`
+//! The watchdog sleeps once a tick passes in which no inline call started. `etl_serve_plugin_calls`
 //! counts the calls by where they ran. Streaming plugins and prechecks
 //! always use the blocking pool: a stream's `emit` waits for the client, and
 //! a precheck typically waits on the network.
@@ -107,6 +107,8 @@ pub struct Dispatch<R> {
     /// thread, to wake it.
     watchdog_asleep: AtomicBool,
     watchdog: OnceLock<Thread>,
+    /// Whether an inline call started since the watchdog last looked.
+    started_since_look: AtomicBool,
     /// Set once the watchdog answered the inline calls at the drain
     /// timeout: no call may leave a rescue after that.
     closed: AtomicBool,
@@ -148,6 +150,7 @@ impl<R: Rescue> Dispatch<R> {
             freed: Notify::new(),
             watchdog_asleep: AtomicBool::new(false),
             watchdog: OnceLock::new(),
+            started_since_look: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         }
     }
@@ -169,6 +172,11 @@ impl<R: Rescue> Dispatch<R> {
     /// the flag read) and in the watchdog (flag set, then the slots read):
     /// either this sees the watchdog asleep, or the watchdog sees the slot.
     fn wake_watchdog(&self) {
+        // Read first: a store on every call would move the line between the
+        // cores.
+        if !self.started_since_look.load(Ordering::Relaxed) {
+            self.started_since_look.store(true, Ordering::Relaxed);
+        }
         if self.watchdog_asleep.load(Ordering::SeqCst)
             && self.watchdog_asleep.swap(false, Ordering::SeqCst)
         {
@@ -289,7 +297,10 @@ impl<R: Rescue> Dispatch<R> {
 
     fn watch(&self, expired: &dyn Fn() -> bool, wake_runtime: &dyn Fn()) {
         loop {
-            if !self.any_running() {
+            // Asleep only after a tick in which no inline call started, so
+            // that under load no call pays for waking it.
+            let started = self.started_since_look.swap(false, Ordering::Relaxed);
+            if !started && !self.any_running() {
                 // See wake_watchdog for the other side of this handshake.
                 self.watchdog_asleep.store(true, Ordering::SeqCst);
                 if !self.any_running() {
