@@ -58,13 +58,29 @@ pub enum Phase {
 }
 
 /// Counts live things (requests waiting on the plugin, open connections)
-/// and wakes whoever waits for the count to reach zero. Cheap to clone.
-#[derive(Clone, Default)]
+/// and wakes whoever waits for the count to reach zero. Cheap to copy.
+///
+/// A tracker lives for the process (there are two), so that a guard holds
+/// a plain reference: a reference count taken and dropped by every request,
+/// on whichever worker runs it, would move its cache line between the cores
+/// twice per request.
+#[derive(Clone, Copy)]
 pub struct Tracker {
-    inner: Arc<TrackerInner>,
+    inner: &'static TrackerInner,
 }
 
+impl Default for Tracker {
+    /// A new tracker, kept for the life of the process.
+    fn default() -> Tracker {
+        Tracker {
+            inner: Box::leak(Box::default()),
+        }
+    }
+}
+
+/// Alone on its cache lines, which every request writes.
 #[derive(Default)]
+#[repr(align(128))]
 struct TrackerInner {
     count: AtomicUsize,
     zero: Notify,
@@ -73,7 +89,7 @@ struct TrackerInner {
 /// Counts one live thing until dropped.
 #[must_use = "the thing stops counting when the guard drops"]
 pub struct TrackGuard {
-    inner: Arc<TrackerInner>,
+    inner: &'static TrackerInner,
 }
 
 impl Drop for TrackGuard {
@@ -88,9 +104,7 @@ impl Tracker {
     /// Counts one more, until the guard drops.
     pub fn track(&self) -> TrackGuard {
         self.inner.count.fetch_add(1, Ordering::AcqRel);
-        TrackGuard {
-            inner: self.inner.clone(),
-        }
+        TrackGuard { inner: self.inner }
     }
 
     pub fn count(&self) -> usize {
