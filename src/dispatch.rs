@@ -94,7 +94,9 @@ fn now_ns() -> u64 {
 }
 
 /// Decides, call by call, where the plugin runs, and watches the calls
-/// that run inline.
+/// that run inline. Every call reads it from whichever worker runs it, so
+/// it keeps to its own cache lines, which nothing written often shares.
+#[repr(align(128))]
 pub struct Dispatch<R> {
     /// One per inline call that may run at once.
     slots: Box<[InlineSlot<R>]>,
@@ -114,6 +116,8 @@ pub struct Dispatch<R> {
     closed: AtomicBool,
 }
 
+/// Written by every inline call: alone on its cache lines.
+#[repr(align(128))]
 struct InlineSlot<R> {
     /// The running call's start time ([`now_ns`]), or 0.
     started: AtomicU64,
