@@ -37,7 +37,7 @@ struct Args {
     #[arg(long, default_value = "wrk")]
     wrk: PathBuf,
     /// Rounds of the main comparison, each host once per round.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u16).range(1..))]
     rounds: u16,
     /// Length of each main-comparison run.
     #[arg(long, default_value = "5s", value_parser = whole_seconds)]

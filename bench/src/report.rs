@@ -77,6 +77,18 @@ impl Results<'_> {
             .collect()
     }
 
+    /// Host `a`'s figure over host `b`'s, round by round: the hosts of a
+    /// round run back to back, so a change in the machine's speed between
+    /// rounds moves both sides of a ratio.
+    fn paired(&self, a: usize, b: usize, figure: impl Fn(&crate::wrk::Run) -> f64) -> Paired {
+        paired(
+            self.load
+                .rounds
+                .iter()
+                .map(|r| (figure(&r[a]), figure(&r[b]))),
+        )
+    }
+
     fn key(&self) -> Key {
         let rps = self.round_medians(|r| r.rps);
         let p99 = self.round_medians(|r| r.p99_us);
@@ -119,6 +131,35 @@ impl Results<'_> {
                 false,
             ),
         }
+    }
+}
+
+/// The median of the per-round ratios, and their range.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Paired {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn paired(rounds: impl Iterator<Item = (f64, f64)>) -> Paired {
+    let ratios: Vec<f64> = rounds.map(|(a, b)| a / b).collect();
+    Paired {
+        median: median(&ratios),
+        min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+    }
+}
+
+impl Paired {
+    /// "0.91× (rounds 0.83–0.98×)".
+    fn with_range(&self) -> String {
+        format!(
+            "{} (rounds {}–{})",
+            stats::ratio(self.median),
+            stats::ratio(self.min).trim_end_matches('×'),
+            stats::ratio(self.max)
+        )
     }
 }
 
@@ -246,33 +287,33 @@ pub fn markdown(results: &Results<'_>) -> String {
         let _ = writeln!(w, "| {goal} | {want} | {got} | {met} |");
     };
     if let Some(b) = bare {
-        let r = key.rps[etl] / key.rps[b];
+        let r = results.paired(etl, b, |r| r.rps);
         target(
             "throughput vs bare hyper, 16 connections",
             "≥ 0.85×",
-            stats::ratio(r),
-            Some(r >= 0.85),
+            r.with_range(),
+            Some(r.median >= 0.85),
         );
-        let p = key.p99[etl] / key.p99[b];
+        let p = results.paired(etl, b, |r| r.p99_us);
         target(
             "p99 latency vs bare hyper, 16 connections",
             "≤ 1.5×",
             format!(
                 "{} ({} vs {})",
-                stats::ratio(p),
+                p.with_range(),
                 stats::micros(key.p99[etl]),
                 stats::micros(key.p99[b])
             ),
-            Some(p <= 1.5),
+            Some(p.median <= 1.5),
         );
     }
     if let Some(r) = reference {
-        let ratio = key.rps[etl] / key.rps[r];
+        let ratio = results.paired(etl, r, |r| r.rps);
         target(
             "throughput vs etl-uvicorn, 16 connections",
             "≥ 25×",
-            stats::ratio(ratio),
-            Some(ratio >= 25.0),
+            ratio.with_range(),
+            Some(ratio.median >= 25.0),
         );
     }
     target(
@@ -354,7 +395,9 @@ pub fn markdown(results: &Results<'_>) -> String {
     let _ = writeln!(
         w,
         "{} rounds of {} s per host, the hosts alternating within each round (who goes first rotates). \
-         Medians over the rounds.\n",
+         Requests/s and latencies are medians over the rounds. A ratio is the median of the rounds' own \
+         ratios: the hosts of a round run back to back, so a change in the machine's speed between rounds \
+         moves both sides of it (the targets give the lowest and highest round too).\n",
         results.args.rounds,
         results.args.duration.as_secs()
     );
@@ -383,10 +426,18 @@ pub fn markdown(results: &Results<'_>) -> String {
             stats::micros(key.p99[i])
         );
         if let Some(b) = bare {
-            let _ = write!(w, " {} |", stats::ratio(key.rps[i] / key.rps[b]));
+            let _ = write!(
+                w,
+                " {} |",
+                stats::ratio(results.paired(i, b, |r| r.rps).median)
+            );
         }
         if let Some(r) = reference {
-            let _ = write!(w, " {} |", stats::ratio(key.rps[i] / key.rps[r]));
+            let _ = write!(
+                w,
+                " {} |",
+                stats::ratio(results.paired(i, r, |r| r.rps).median)
+            );
         }
         let _ = writeln!(w);
     }
@@ -678,13 +729,13 @@ pub fn headline(results: &Results<'_>) -> String {
     if let Some(r) = results.index(Host::Reference) {
         throughput.push(format!(
             "**{}** etl-uvicorn's",
-            stats::ratio(key.rps[etl] / key.rps[r])
+            stats::ratio(results.paired(etl, r, |r| r.rps).median)
         ));
     }
     if let Some(b) = results.index(Host::BareHyper) {
         throughput.push(format!(
             "**{}** a bare hyper server's that does no plugin work",
-            stats::ratio(key.rps[etl] / key.rps[b])
+            stats::ratio(results.paired(etl, b, |r| r.rps).median)
         ));
     }
     if !throughput.is_empty() {
@@ -835,6 +886,17 @@ mod tests {
                 .collect(),
             top: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_paired_ratio_is_the_median_of_the_rounds_ratios() {
+        let p = paired([(90.0, 100.0), (98.0, 100.0), (83.0, 100.0)].into_iter());
+        assert!((p.median - 0.90).abs() < 1e-9, "{p:?}");
+        assert!((p.min - 0.83).abs() < 1e-9 && (p.max - 0.98).abs() < 1e-9);
+        // Not the ratio of the medians: a slow round of both cancels out.
+        let p = paired([(50.0, 60.0), (90.0, 100.0), (91.0, 100.0)].into_iter());
+        assert!((p.median - 0.90).abs() < 1e-9, "{p:?}");
+        assert_eq!(p.with_range(), "0.90× (rounds 0.83–0.91×)");
     }
 
     #[test]
