@@ -8,7 +8,6 @@
 //! - [`HeadTimer`], hyper's header-read timer, with one runtime timer per
 //!   connection instead of one per request.
 
-use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::mem::ManuallyDrop;
@@ -214,29 +213,26 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
     }
 }
 
-/// hyper's timer, which hyper uses for the header-read timeout only: it
-/// starts a sleep each time it waits for a request head and drops it once
-/// the head is in, so once per request. Its sleeps work only in a
-/// connection's future wrapped by [`with_head_timer`].
+/// hyper's timer for one connection, which hyper uses for the header-read
+/// timeout only: it starts a sleep each time it waits for a request head
+/// and drops it once the head is in, so once per request.
 ///
 /// A runtime timer per sleep costs a registration and a removal in the
-/// runtime's timer wheel per request, and hyper boxes each sleep. Here the
-/// sleeps of a connection share one runtime timer, kept with the
-/// connection's task, which moves only when it fires before the deadline of
-/// the sleep that polls it (or is armed later than that deadline): about
-/// once per timeout period on a busy connection. It may then wake the
-/// connection's task early, once, which hyper takes as a spurious wake-up.
-/// The sleeps themselves are empty, so boxing them allocates nothing.
+/// runtime's timer wheel per request. Here every sleep of the connection
+/// shares one runtime timer, which moves only when it fires before the
+/// deadline of the sleep that polls it (or is armed later than that
+/// deadline): about once per timeout period on a busy connection. It may
+/// then wake the connection's task early, once, which hyper takes as a
+/// spurious wake-up.
 ///
-/// One sleep at a time per connection, as hyper uses it: a new sleep's
-/// deadline replaces the last one's.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct HeadTimer;
+/// Meant for one sleep at a time, polled from the connection's task: the
+/// runtime timer keeps the waker of the last poll only.
+#[derive(Clone)]
+pub struct HeadTimer {
+    shared: Arc<Mutex<Shared>>,
+}
 
-/// What a connection's task keeps for [`HeadTimer`].
 struct Shared {
-    /// The deadline of the connection's current sleep.
-    deadline: Instant,
     /// Made on first use, from inside the runtime.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Where `timer` is armed, if it is.
@@ -245,20 +241,16 @@ struct Shared {
     waker: Option<Waker>,
 }
 
-tokio::task_local! {
-    static HEAD_TIMER: RefCell<Shared>;
-}
-
-/// `conn` (a connection's future) with the state its [`HeadTimer`] sleeps
-/// need.
-pub fn with_head_timer<F: Future>(conn: F) -> impl Future<Output = F::Output> {
-    let shared = Shared {
-        deadline: Instant::now(),
-        timer: None,
-        armed_at: None,
-        waker: None,
-    };
-    HEAD_TIMER.scope(RefCell::new(shared), conn)
+impl HeadTimer {
+    pub fn new() -> HeadTimer {
+        HeadTimer {
+            shared: Arc::new(Mutex::new(Shared {
+                timer: None,
+                armed_at: None,
+                waker: None,
+            })),
+        }
+    }
 }
 
 impl hyper::rt::Timer for HeadTimer {
@@ -267,49 +259,47 @@ impl hyper::rt::Timer for HeadTimer {
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        let _ = HEAD_TIMER.try_with(|shared| shared.borrow_mut().deadline = deadline);
-        Box::pin(HeadSleep)
+        Box::pin(HeadSleep {
+            shared: self.shared.clone(),
+            deadline,
+        })
     }
 }
 
-/// A [`HeadTimer`] sleep: its deadline is the connection's current one.
-struct HeadSleep;
+/// One of [`HeadTimer`]'s sleeps.
+struct HeadSleep {
+    shared: Arc<Mutex<Shared>>,
+    deadline: Instant,
+}
 
 impl Future for HeadSleep {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        // Outside with_head_timer there is no timer: never time out.
-        HEAD_TIMER
-            .try_with(|shared| shared.borrow_mut().poll(cx))
-            .unwrap_or(Poll::Pending)
-    }
-}
-
-impl hyper::rt::Sleep for HeadSleep {}
-
-impl Shared {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = self.deadline;
-        let timer = self
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+        let mut shared = lock(&self.shared);
+        let Shared {
+            timer,
+            armed_at,
+            waker,
+        } = &mut *shared;
+        let timer =
+            timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.deadline.into())));
         loop {
-            match self.armed_at {
-                Some(at) if at <= deadline => {
+            match *armed_at {
+                Some(at) if at <= self.deadline => {
                     // Polling the timer again would only register the same
                     // waker again.
-                    let same_waker = self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+                    let same_waker = waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
                     if same_waker && !timer.is_elapsed() {
                         return Poll::Pending;
                     }
                     if timer.as_mut().poll(cx).is_pending() {
                         if !same_waker {
-                            self.waker = Some(cx.waker().clone());
+                            *waker = Some(cx.waker().clone());
                         }
                         return Poll::Pending;
                     }
-                    if at == deadline {
+                    if at == self.deadline {
                         return Poll::Ready(());
                     }
                     // It fired for an earlier sleep's deadline.
@@ -317,14 +307,16 @@ impl Shared {
                 // Not armed, or armed past this deadline.
                 _ => {}
             }
-            timer.as_mut().reset(deadline.into());
-            self.armed_at = Some(deadline);
+            timer.as_mut().reset(self.deadline.into());
+            *armed_at = Some(self.deadline);
             // Poll it again whatever the waker: one that fired has let go
             // of the waker it had.
-            self.waker = None;
+            *waker = None;
         }
     }
 }
+
+impl hyper::rt::Sleep for HeadSleep {}
 
 #[cfg(test)]
 mod tests {
@@ -340,11 +332,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_sleep_ends_at_its_deadline_and_not_before() {
-        with_head_timer(sleep_ends_at_its_deadline()).await;
-    }
-
-    async fn sleep_ends_at_its_deadline() {
-        let timer = HeadTimer;
+        let timer = HeadTimer::new();
         let start = Instant::now();
         timer.sleep(ms(100)).await;
         let slept = start.elapsed();
@@ -353,11 +341,7 @@ mod tests {
 
     #[tokio::test]
     async fn later_sleeps_share_the_timer_and_still_end_at_their_own_deadline() {
-        with_head_timer(later_sleeps_share_the_timer()).await;
-    }
-
-    async fn later_sleeps_share_the_timer() {
-        let timer = HeadTimer;
+        let timer = HeadTimer::new();
         let start = Instant::now();
         // One sleep per request head, each dropped once the head is in.
         for _ in 0..3 {
@@ -375,11 +359,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_sleep_with_an_earlier_deadline_moves_the_timer_forward() {
-        with_head_timer(an_earlier_deadline_moves_the_timer()).await;
-    }
-
-    async fn an_earlier_deadline_moves_the_timer() {
-        let timer = HeadTimer;
+        let timer = HeadTimer::new();
         let mut long = timer.sleep(Duration::from_secs(60));
         assert!(futures_util::poll!(long.as_mut()).is_pending());
         drop(long);
@@ -387,11 +367,5 @@ mod tests {
         timer.sleep(ms(50)).await;
         let slept = start.elapsed();
         assert!(slept >= ms(50) && slept < ms(50) + LATE, "{slept:?}");
-    }
-
-    #[tokio::test]
-    async fn outside_a_connection_a_sleep_never_ends() {
-        let mut sleep = HeadTimer.sleep(Duration::ZERO);
-        assert!(futures_util::poll!(sleep.as_mut()).is_pending());
     }
 }

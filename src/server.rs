@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, warn};
 
-use crate::conn::{with_head_timer, ConnIo, HeadTimer};
+use crate::conn::{ConnIo, HeadTimer};
 use crate::routes::{self, App};
 use crate::shutdown::Tracker;
 
@@ -97,18 +97,20 @@ pub async fn accept_until<L: Listener>(
     let connections = Tracker::default();
     let mut builder = http1::Builder::new();
     builder
-        .timer(HeadTimer)
         .header_read_timeout(limits.head_timeout)
         .max_header_size(limits.max_header_size);
     let serve = |stream: L::Io| {
         let (io, conn) = ConnIo::new(stream, connections.track());
         let service = service_fn(move |req| routes::handle(app, conn.clone(), req));
-        let served = builder.serve_connection(TokioIo::new(io), service);
-        tokio::spawn(with_head_timer(async move {
+        let served = builder
+            .clone()
+            .timer(HeadTimer::new())
+            .serve_connection(TokioIo::new(io), service);
+        tokio::spawn(async move {
             if let Err(e) = served.await {
                 debug!(error = %e, "connection ended with an error");
             }
-        }));
+        });
     };
     tokio::pin!(stop);
     loop {
