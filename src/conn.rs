@@ -14,7 +14,7 @@ use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use nix::sys::socket::{self, MsgFlags, Shutdown};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::shutdown::TrackGuard;
+use crate::sync::lock;
 
 /// What the routes, and the inline-call watchdog, know of one connection:
 /// whether hyper has handed the socket every byte it wrote, and the socket
@@ -89,10 +90,6 @@ impl Conn {
         *state = ConnState::Answered;
         sent
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Sends all of `bytes` on the non-blocking socket `fd`, waiting at most

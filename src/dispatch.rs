@@ -38,20 +38,21 @@
 //!   the watchdog take the rescue out of the slot under its lock, so
 //!   exactly one of them answers the request.
 //!
-//! The watchdog sleeps once a tick passes in which no inline call started. `etl_serve_plugin_calls`
-//! counts the calls by where they ran. Streaming plugins and prechecks
-//! always use the blocking pool: a stream's `emit` waits for the client, and
-//! a precheck typically waits on the network.
+//! The watchdog sleeps once a tick passes in which no inline call started.
+//! `etl_serve_plugin_calls` counts the calls by where they ran. Streaming
+//! plugins and prechecks always use the blocking pool: a stream's `emit`
+//! waits for the client, and a precheck typically waits on the network.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{LazyLock, Mutex, MutexGuard, OnceLock};
+use std::sync::{LazyLock, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
 use crate::metrics::{CallThread, METRICS};
+use crate::sync::lock;
 
 /// How long a call may take and still count as quick.
 pub const QUICK: Duration = Duration::from_millis(1);
@@ -324,6 +325,7 @@ impl<R: Rescue> Dispatch<R> {
             }
         }
     }
+
     fn any_running(&self) -> bool {
         self.slots
             .iter()
@@ -387,12 +389,6 @@ pub fn blocking<T: Send + 'static>(
 /// `now`.
 fn overran(now: u64, started: u64) -> bool {
     now.saturating_sub(started) > OVERRUN.as_nanos() as u64
-}
-
-/// A poisoned slot lock only means a rescue method panicked; the slot's
-/// state is still an `Option` that is either there or not.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What [`Dispatch::claim`] found.

@@ -20,6 +20,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::envelope::{self, Usage};
+use crate::sync::lock;
 
 /// The process-wide cancel flag (`process_cancel_flag`).
 static PROCESS_CANCEL: AtomicU32 = AtomicU32::new(0);
@@ -83,12 +84,6 @@ static HOST_API: abi::EtlHostApi = abi::EtlHostApi {
     set_filedata_meta: cb_set_filedata_meta,
     set_failure: cb_set_failure,
 };
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves consistent data (each
-    // critical section is a single push or insert), so poisoning is ignored.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// The process-wide flag's address, for `etl_init_ctx`.
 pub fn process_cancel_flag() -> *const u32 {

@@ -9,7 +9,8 @@
 //! (which thread a call runs on), `envelope`, `validate`, `plugin_id` and
 //! `openapi` (what the routes answer), `cli`, `logging`, `metrics`, `crash`
 //! (making a plugin crash visible), `unique` (ids without a contended
-//! counter), and `no_libm` (why the binary does not load libm).
+//! counter), `sync` (locking that outlives a panic), and `no_libm` (why the
+//! binary does not load libm).
 
 use std::process::ExitCode;
 
@@ -32,6 +33,7 @@ mod reaper;
 mod routes;
 mod server;
 mod shutdown;
+mod sync;
 mod unique;
 mod validate;
 
