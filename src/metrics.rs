@@ -14,7 +14,7 @@
 //!
 //! The hot path pays one hash lookup under a read lock per labelled update.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::LazyLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,7 +33,7 @@ type HotCounter = Counter<u64, Aligned>;
 /// A counter value alone on its cache lines.
 #[derive(Debug, Default)]
 #[repr(align(128))]
-pub struct Aligned(AtomicU64);
+struct Aligned(AtomicU64);
 
 impl counter::Atomic<u64> for Aligned {
     fn inc(&self) -> u64 {
@@ -41,11 +41,11 @@ impl counter::Atomic<u64> for Aligned {
     }
 
     fn inc_by(&self, v: u64) -> u64 {
-        self.0.fetch_add(v, std::sync::atomic::Ordering::Relaxed)
+        self.0.fetch_add(v, Ordering::Relaxed)
     }
 
     fn get(&self) -> u64 {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
+        self.0.load(Ordering::Relaxed)
     }
 }
 

@@ -200,6 +200,7 @@ pub async fn handle(
     }
     let status = response.status().as_u16();
     METRICS.request(route, status);
+    // Cloned only for the access log: a clone of a generated id allocates.
     let Some((started, path)) = access else {
         response.headers_mut().insert(X_REQUEST_ID, request_id);
         return Ok(response);
@@ -207,19 +208,17 @@ pub async fn handle(
     response
         .headers_mut()
         .insert(X_REQUEST_ID, request_id.clone());
-    {
-        let line = AccessLine {
-            method,
-            path,
-            status,
-            started,
-            request_id,
-        };
-        match response.body_mut() {
-            // A stream is logged when it ends, with the bytes it sent.
-            Body::Stream(stream) => stream.access = Some((line, 0)),
-            Body::Full(bytes) => line.log(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-        }
+    let line = AccessLine {
+        method,
+        path,
+        status,
+        started,
+        request_id,
+    };
+    match response.body_mut() {
+        // A stream is logged when it ends, with the bytes it sent.
+        Body::Stream(stream) => stream.access = Some((line, 0)),
+        Body::Full(bytes) => line.log(bytes.as_ref().map_or(0, |b| b.len() as u64)),
     }
     Ok(response)
 }
