@@ -401,33 +401,32 @@ fn a_client_that_goes_away_cancels_its_invocation() {
     use std::io::Write;
     conn.stream_mut().write_all(raw.as_bytes()).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let closed = Instant::now();
     drop(conn);
-    assert!(
-        s.wait_for_log(
-            "client went away: invocation cancelled",
-            Duration::from_secs(5)
-        ),
-        "{}",
-        s.logs()
-    );
-    // slow checks its flag between 10 ms units, so it returns early, as a
-    // shutdown (result 2), instead of after 20 s.
-    assert!(
-        s.wait_for_log(
-            "plugin returned after its client went away",
-            Duration::from_secs(5)
-        ),
-        "{}",
-        s.logs()
-    );
-    assert!(closed.elapsed() < Duration::from_secs(5));
-    assert!(s.logs().contains("result=2"), "{}", s.logs());
+    assert_cancelled_for_its_client(&s);
     assert!(
         s.logs().contains("client_disconnect_cancels=1"),
         "{}",
         s.logs()
     );
+}
+
+/// After the client of a 20 s `slow` call closed its connection: the
+/// invocation was cancelled, and the plugin, which checks its flag between
+/// 10 ms units, returned early as a shutdown (result 2), not after 20 s.
+fn assert_cancelled_for_its_client(s: &Server) {
+    let closed = Instant::now();
+    for line in [
+        "client went away: invocation cancelled",
+        "plugin returned after its client went away",
+    ] {
+        assert!(
+            s.wait_for_log(line, Duration::from_secs(5)),
+            "no {line:?} in {}",
+            s.logs()
+        );
+    }
+    assert!(closed.elapsed() < Duration::from_secs(5));
+    assert!(s.logs().contains("result=2"), "{}", s.logs());
 }
 
 /// The host pids of `pid`'s children.
@@ -675,22 +674,29 @@ fn a_client_that_leaves_a_long_inline_call_cancels_it() {
         conn
     });
     drop(conn);
-    assert!(
-        s.wait_for_log(
-            "client went away: invocation cancelled",
-            Duration::from_secs(5)
-        ),
-        "{}",
-        s.logs()
-    );
-    assert!(
-        s.wait_for_log(
-            "plugin returned after its client went away",
-            Duration::from_secs(5)
-        ),
-        "{}",
-        s.logs()
-    );
+    assert_cancelled_for_its_client(&s);
     // The worker is free again, and serves.
     assert_eq!(s.post_json("/invoke", r#"{"units":0}"#).status, 200);
+}
+
+#[test]
+fn a_cooperative_inline_call_stops_at_sigterm_and_its_caller_gets_the_503() {
+    // 1000 s of cooperative work, run inline on an HTTP worker.
+    let (mut s, call) = long_call_inline(&[], |s| {
+        s.send_in_background(invoke_request(r#"{"units":100000}"#))
+    });
+    let sent = Instant::now();
+    s.signal(SIGTERM);
+    let (r, answered) = call.join().unwrap();
+    // The plugin saw its flag and returned: its own task answered, with
+    // what the plugin had recorded, and the drain ended without a timeout.
+    assert_shutdown_abort(&r);
+    assert!(
+        r.json()["usage"][0]["value"].as_u64().is_some(),
+        "{}",
+        r.text()
+    );
+    assert!(answered - sent < Duration::from_secs(5));
+    let status = s.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(status.code(), Some(0), "{}", s.logs());
 }
