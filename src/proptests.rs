@@ -74,8 +74,118 @@ fn escape(s: &str) -> String {
     out
 }
 
+/// The schema the fast-path property runs against: every scalar type,
+/// nullable and not, required and defaulted.
+fn flat_schema() -> Value {
+    json!({
+        "type": "object", "required": ["text", "n"],
+        "properties": {
+            "text": {"type": "string"},
+            "n": {"type": "integer", "title": "N"},
+            "x": {"type": "number", "default": 1.5},
+            "flag": {"anyOf": [{"type": "boolean"}, {"type": "null"}], "default": null},
+            "opt": {"type": "string", "default": "d\u{e9}\"q"},
+            "k": {"anyOf": [{"type": "null"}, {"type": "integer"}]}
+        }
+    })
+}
+
+/// The JSON text of one body value: what each declared type accepts, what
+/// needs a conversion, escapes, and every other kind.
+fn value_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+        "[a-z ]{0,12}".prop_map(|s| format!("\"{s}\"")),
+        any::<i64>().prop_map(|n| n.to_string()),
+        any::<u64>().prop_map(|n| n.to_string()),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| f.to_string()),
+        prop::sample::select(vec![
+            "true",
+            "false",
+            "null",
+            "0",
+            "-0",
+            "2.0",
+            "2.5",
+            "1e3",
+            "-1E-2",
+            "0.10",
+            "123456789012345678901234567890",
+            "\"3\"",
+            "\" 4 \"",
+            "\"true\"",
+            "\"yes\"",
+            "\"a\\/b\"",
+            "\"\\u00e9\"",
+            "\"\\ud83d\\ude00\"",
+            "[]",
+            "{}",
+            "[1,2]",
+            "{\"a\":1}",
+            "\"\"",
+        ])
+        .prop_map(str::to_owned),
+        json_value().prop_map(|v| v.to_string()),
+    ]
+}
+
+/// A body object's JSON text: declared keys (some spelt with escapes),
+/// unknown keys, repeats, and spacing.
+fn flat_body() -> impl Strategy<Value = String> {
+    let key = prop::sample::select(vec![
+        "text",
+        "n",
+        "x",
+        "flag",
+        "opt",
+        "k",
+        "t\\u0065xt",
+        "extra",
+        "",
+        "N",
+    ]);
+    let members = prop::collection::vec((key, value_text(), any::<bool>()), 0..8);
+    // Half of the bodies start with well-typed required inputs, so that
+    // many reach the end of the fast path.
+    let required = prop_oneof![
+        Just(Vec::new()),
+        ("[a-z ]{0,8}", any::<i32>())
+            .prop_map(|(t, n)| vec![format!("\"text\":\"{t}\""), format!("\"n\":{n}")]),
+    ];
+    (required, members).prop_map(|(required, members)| {
+        let parts: Vec<String> = members
+            .into_iter()
+            .map(|(k, v, spaced)| {
+                if spaced {
+                    format!(" \"{k}\" : {v} ")
+                } else {
+                    format!("\"{k}\":{v}")
+                }
+            })
+            .collect();
+        format!("{{{}}}", [required, parts].concat().join(","))
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The fast path answers exactly as the general path, byte for byte,
+    /// for every body.
+    #[test]
+    fn the_validation_fast_path_answers_as_the_general_path(body in flat_body()) {
+        let fast = InputModel::new(&flat_schema()).unwrap();
+        prop_assert!(fast.has_fast_path());
+        let general = InputModel::new(&flat_schema()).unwrap().without_fast_path();
+        let ct = Some("application/json");
+        match (fast.prepare(ct, body.as_bytes()), general.prepare(ct, body.as_bytes())) {
+            (Ok(a), Ok(b)) => prop_assert_eq!(String::from_utf8(a).unwrap(), String::from_utf8(b).unwrap()),
+            (Err(a), Err(b)) => prop_assert_eq!(a.body, b.body),
+            (a, b) => prop_assert!(false, "fast {:?}, general {:?}", a, b),
+        }
+    }
 
     #[test]
     fn python_dumps_matches_the_reference(v in json_value()) {

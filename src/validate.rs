@@ -18,10 +18,14 @@ use jsonschema::paths::LocationSegment;
 use jsonschema::{JsonType, Validator};
 use serde_json::{json, Map, Value};
 
+mod fast;
+
 /// The request's input model, compiled once from the inputs schema.
 pub struct InputModel {
     schema: Value,
     validator: Validator,
+    /// The fast path, when the schema is simple enough for it.
+    plan: Option<fast::FlatPlan>,
     /// Some input is required, so an empty body is refused.
     body_required: bool,
 }
@@ -50,8 +54,23 @@ impl InputModel {
         Ok(InputModel {
             schema: schema.clone(),
             validator,
+            plan: fast::FlatPlan::compile(schema),
             body_required,
         })
+    }
+
+    /// The same model without its fast path, to hold the fast path to the
+    /// general one in tests.
+    #[cfg(test)]
+    pub fn without_fast_path(mut self) -> InputModel {
+        self.plan = None;
+        self
+    }
+
+    /// Whether the schema is simple enough for the fast path.
+    #[cfg(test)]
+    pub fn has_fast_path(&self) -> bool {
+        self.plan.is_some()
     }
 
     /// The input for the plugin, as JSON bytes, or the 422 to answer.
@@ -73,6 +92,9 @@ impl InputModel {
             if !is_json_content_type(content_type) {
                 let text = String::from_utf8_lossy(body).into_owned();
                 return Err(detail(vec![not_a_dict(Value::String(text))]));
+            }
+            if let Some(input) = self.plan.as_ref().and_then(|plan| plan.prepare(body)) {
+                return Ok(input);
             }
             serde_json::from_slice::<Value>(body).map_err(|_| Rejection {
                 body: json!({"detail": "Invalid JSON body", "reason": "malformed_envelope"}),
