@@ -393,7 +393,10 @@ async fn invoke(app: &'static App, req: Request<Incoming>, from: Requester<'_>) 
 
 /// Reads the whole body, refusing one over `max` bytes with 413: at once
 /// when its Content-Length says so, else as soon as it grows past `max`.
-async fn read_body(body: Incoming, max: u64) -> Result<Bytes, Response<Body>> {
+///
+/// A small body arrives in one frame, which is returned as it is: no copy,
+/// and no list of buffers to gather it in.
+async fn read_body(mut body: Incoming, max: u64) -> Result<Bytes, Response<Body>> {
     let too_large = |len: Option<u64>| {
         let text = match len {
             Some(n) => format!(
@@ -414,22 +417,41 @@ async fn read_body(body: Incoming, max: u64) -> Result<Bytes, Response<Body>> {
     if let Some(len) = declared.filter(|len| *len > max) {
         return Err(too_large(Some(len)));
     }
-    match http_body_util::Limited::new(body, max as usize)
-        .collect()
-        .await
-    {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large(None)),
-        Err(e) => Err(json(
-            StatusCode::BAD_REQUEST,
-            Bytes::from(
-                serde_json::to_vec(
-                    &serde_json::json!({"detail": format!("cannot read the request body: {e}")}),
-                )
-                .unwrap(),
-            ),
-        )),
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<Vec<u8>> = None;
+    let mut len = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            json(
+                StatusCode::BAD_REQUEST,
+                Bytes::from(
+                    serde_json::to_vec(
+                        &serde_json::json!({"detail": format!("cannot read the request body: {e}")}),
+                    )
+                    .unwrap(),
+                ),
+            )
+        })?;
+        // Trailers carry nothing the plugin reads.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        len += data.len() as u64;
+        if len > max {
+            return Err(too_large(None));
+        }
+        match (&mut joined, first.take()) {
+            (Some(all), _) => all.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(earlier)) => {
+                let mut all = Vec::with_capacity(declared.unwrap_or(0).max(len) as usize);
+                all.extend_from_slice(&earlier);
+                all.extend_from_slice(&data);
+                joined = Some(all);
+            }
+        }
     }
+    Ok(joined.map(Bytes::from).or(first).unwrap_or_default())
 }
 
 async fn invoke_plain(

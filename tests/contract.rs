@@ -4,6 +4,9 @@
 
 mod support;
 
+use std::io::Write;
+use std::time::Duration;
+
 use serde_json::{json, Value};
 use support::{fixture, plugin, Server};
 
@@ -418,6 +421,72 @@ fn a_panicking_rust_plugin_answers_a_500_envelope_and_keeps_serving() {
 fn an_explicit_id_is_served_as_is() {
     let s = Server::start(&fixture(None), &[]);
     assert_eq!(s.get("/id").json(), json!("faulty-explicit-id"));
+}
+
+/// Sends `pieces` on one connection with a pause between them, so that
+/// the server reads them as separate frames, and reads the answer. Stops
+/// sending when the server has answered and closed early.
+fn send_in_pieces(s: &Server, pieces: &[String]) -> support::Response {
+    let mut c = s.connect();
+    for piece in pieces {
+        if c.stream_mut().write_all(piece.as_bytes()).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    support::read_response(&mut std::io::BufReader::new(
+        c.stream_mut().try_clone().unwrap(),
+    ))
+    .unwrap()
+}
+
+#[test]
+fn a_body_that_arrives_in_pieces_is_read_whole() {
+    let s = Server::start(&plugin("wordcount"), &["--max-body-size", "1KiB"]);
+    let head = "POST /invoke HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\n";
+    let chunk = |t: &str| format!("{:x}\r\n{t}\r\n", t.len());
+
+    // Chunked, one chunk per write.
+    let chunked = format!("{head}Transfer-Encoding: chunked\r\n\r\n");
+    let r = send_in_pieces(
+        &s,
+        &[
+            chunked.clone() + &chunk(r#"{"text":"one "#),
+            chunk("two three "),
+            chunk(r#"four","repeat":2}"#) + "0\r\n\r\n",
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["output"], json!({"words": 8, "chars": 36}));
+
+    // With a Content-Length, split across writes.
+    let body = r#"{"text":"alpha beta gamma"}"#;
+    let r = send_in_pieces(
+        &s,
+        &[
+            format!(
+                "{head}Content-Length: {}\r\n\r\n{}",
+                body.len(),
+                &body[..10]
+            ),
+            body[10..20].to_owned(),
+            body[20..].to_owned(),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["output"], json!({"words": 3, "chars": 16}));
+
+    // Chunks that pass the cap only together are refused.
+    let filler = "x".repeat(600);
+    let r = send_in_pieces(
+        &s,
+        &[
+            chunked + &chunk(&format!(r#"{{"text":"{filler}"#)),
+            chunk(&filler),
+            chunk(r#""}"#) + "0\r\n\r\n",
+        ],
+    );
+    assert_eq!(r.status, 413, "{}", r.text());
 }
 
 #[test]
