@@ -110,7 +110,7 @@ fn write_usage_and_status(out: &mut Vec<u8>, collected: &Collected, outcome: &Ou
     out.extend_from_slice(b"{\"usage\":");
     write_usage(out, &collected.usage);
     out.extend_from_slice(b",\"status_code\":");
-    out.extend_from_slice(outcome.status_code().to_string().as_bytes());
+    write_int(out, outcome.status_code());
 }
 
 /// `,"status_code_text":...,"failure_category":null,"plugin_error":...`
@@ -157,12 +157,17 @@ fn write_usage(out: &mut Vec<u8>, usage: &[Usage]) {
             out.push(b',');
         }
         out.extend_from_slice(b"{\"value\":");
-        out.extend_from_slice(u.value.to_string().as_bytes());
+        write_int(out, u.value);
         out.extend_from_slice(b",\"name\":");
         write_str(out, &u.name);
         out.push(b'}');
     }
     out.push(b']');
+}
+
+/// An integer's digits, without a temporary string.
+fn write_int(out: &mut Vec<u8>, n: impl itoa::Integer) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 fn write_strings(out: &mut Vec<u8>, items: &[String]) {

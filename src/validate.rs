@@ -150,6 +150,10 @@ impl InputModel {
 
 fn is_json_content_type(content_type: Option<&str>) -> bool {
     let Some(ct) = content_type else { return false };
+    // What nearly every client sends, checked before any splitting.
+    if ct == "application/json" {
+        return true;
+    }
     let mime = ct.split(';').next().unwrap_or("").trim().as_bytes();
     let (kind, suffix) = ("application/".as_bytes(), "+json".as_bytes());
     mime.eq_ignore_ascii_case(b"application/json")
