@@ -8,6 +8,7 @@
 //! pointer. Cancel flags come from a pool that is never freed, so a plugin
 //! that reads its flag late reads a valid word.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -72,6 +73,14 @@ impl Hasher for HandleHasher {
     fn write_u64(&mut self, n: u64) {
         self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
+}
+
+thread_local! {
+    /// The invocation this thread is calling the plugin for, as its handle
+    /// and address ((0, null) when none). A callback made on the calling
+    /// thread, as nearly all are, finds its invocation here, without the
+    /// registry's lock and lookup. Set only by [`Invocation::call`].
+    static CURRENT: Cell<(u64, *const Invocation)> = const { Cell::new((0, std::ptr::null())) };
 }
 
 /// The callbacks, static for the life of the process.
@@ -226,8 +235,23 @@ impl Invocation {
         Registered { inv }
     }
 
+    /// Calls into the plugin through `call`, which gets the context to
+    /// hand it, on this thread. Callbacks on this thread find the
+    /// invocation without the registry until `call` returns.
+    pub fn call<T>(&self, call: impl FnOnce(&abi::EtlInvokeCtx) -> T) -> T {
+        /// Puts back what was current before, even if `call` unwinds.
+        struct Restore((u64, *const Invocation));
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                CURRENT.set(self.0);
+            }
+        }
+        let _restore = Restore(CURRENT.replace((self.handle, self)));
+        call(&self.ctx())
+    }
+
     /// The context handed to the plugin. Valid while `self` is registered.
-    pub fn ctx(&self) -> abi::EtlInvokeCtx {
+    fn ctx(&self) -> abi::EtlInvokeCtx {
         abi::EtlInvokeCtx {
             struct_size: std::mem::size_of::<abi::EtlInvokeCtx>() as u32,
             invocation: self.handle as *mut abi::EtlInvocation,
@@ -361,7 +385,18 @@ fn parse_raw(json: &[u8]) -> Result<Box<RawValue>, String> {
 /// Runs `f` on the live invocation named by `handle`, or answers
 /// `ETL_CB_CLOSED` when there is none. Never unwinds.
 fn with_live(handle: *mut abi::EtlInvocation, f: impl FnOnce(&Invocation) -> i32) -> i32 {
-    let inv = registry(handle as u64).live.get(&(handle as u64)).cloned();
+    let handle = handle as u64;
+    let (current, inv) = CURRENT.get();
+    // Handles are never 0, so the empty (0, null) never matches.
+    if handle == current {
+        // SAFETY: CURRENT holds this address only while Invocation::call
+        // runs on this thread with a borrow of the invocation, and this
+        // callback runs inside that call.
+        let inv = unsafe { &*inv };
+        return std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(inv)))
+            .unwrap_or(abi::CB_INVALID);
+    }
+    let inv = registry(handle).live.get(&handle).cloned();
     let Some(inv) = inv else {
         return abi::CB_CLOSED;
     };

@@ -240,10 +240,9 @@ impl Plugin {
     /// Calls `invoke` on this thread with `request` (a JSON object) and
     /// returns its result code. Blocking: call it from a blocking thread.
     pub fn invoke(&self, invocation: &Invocation, request: &[u8]) -> i32 {
-        let ctx = invocation.ctx();
         // SAFETY: ctx and request are valid until the call returns; the hook
         // belongs to the library we keep loaded.
-        unsafe { (self.invoke)(&ctx, abi::EtlStr::from_bytes(request)) }
+        invocation.call(|ctx| unsafe { (self.invoke)(ctx, abi::EtlStr::from_bytes(request)) })
     }
 
     /// Calls `precheck`, or answers OK when the plugin has none.
@@ -251,9 +250,8 @@ impl Plugin {
         let Some(precheck) = self.precheck else {
             return abi::RESULT_OK;
         };
-        let ctx = invocation.ctx();
         // SAFETY: as in invoke.
-        unsafe { precheck(&ctx) }
+        invocation.call(|ctx| unsafe { precheck(ctx) })
     }
 
     /// Calls the plugin's `shutdown` hook. Only call it once no invocation

@@ -366,6 +366,30 @@ fn a_callback_after_invoke_returned_is_refused_harmlessly() {
 }
 
 #[test]
+fn callbacks_from_a_plugin_thread_reach_the_running_invocation() {
+    let s = Server::start(&fixture(None), &[]);
+    for _ in 0..3 {
+        let e = s.post_json("/invoke", r#"{"mode":"helper_thread"}"#).json();
+        assert_eq!(e["status_code"], 200, "{e}");
+        assert_eq!(e["output"], json!({"from": "helper"}));
+        assert_eq!(e["usage"], json!([{"value": 5, "name": "helper"}]));
+    }
+}
+
+#[test]
+fn a_handle_kept_from_an_earlier_call_is_closed() {
+    let s = Server::start(&fixture(None), &[]);
+    let stale = || s.post_json("/invoke", r#"{"mode":"stale"}"#).json();
+    assert_eq!(stale()["output"]["stale_rc"], 1, "no earlier handle yet");
+    // Enough calls that both worker threads make some, inline or not.
+    for _ in 0..100 {
+        let e = stale();
+        assert_eq!(e["output"]["stale_rc"], -3, "ETL_CB_CLOSED: {e}");
+        assert_eq!(e["usage"], json!([]));
+    }
+}
+
+#[test]
 fn a_plugin_bailing_out_answers_the_shutdown_abort() {
     let s = Server::start(&fixture(None), &[]);
     let r = s.post_json("/invoke", r#"{"mode":"shutdown"}"#);
