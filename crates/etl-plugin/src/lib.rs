@@ -440,11 +440,12 @@ impl<T: Serialize> Emitter<'_, T> {
     /// [`Error::shutdown`] when the client went away or the invocation was
     /// cancelled: stop and return it.
     pub fn emit(&mut self, item: &T) -> Result<(), Error> {
-        let json = serde_json::to_vec(item)
-            .map_err(|e| Error::new(format!("cannot serialise item: {e}")))?;
-        // SAFETY: the host table is static; the handle is valid during invoke.
-        let rc =
-            unsafe { ((*self.raw.host).emit)(self.raw.invocation, abi::EtlStr::from_bytes(&json)) };
+        let rc = with_json(item, |json| {
+            // SAFETY: the host table is static; the handle is valid during
+            // invoke.
+            unsafe { ((*self.raw.host).emit)(self.raw.invocation, abi::EtlStr::from_bytes(json)) }
+        })
+        .map_err(|e| Error::new(format!("cannot serialise item: {e}")))?;
         match rc {
             abi::CB_OK => Ok(()),
             abi::CB_CLOSED => Err(Error::shutdown()),
@@ -453,6 +454,28 @@ impl<T: Serialize> Emitter<'_, T> {
             ))),
         }
     }
+}
+
+/// Serialises `value` as JSON and passes the bytes to `f`, in a buffer this
+/// thread keeps for the next value: no allocation per output once the
+/// buffer has grown to the outputs' size. (A buffer grown past 64 KiB is
+/// let go, so one huge output does not stay resident.)
+fn with_json<T: Serialize + ?Sized, R>(
+    value: &T,
+    f: impl FnOnce(&[u8]) -> R,
+) -> Result<R, serde_json::Error> {
+    thread_local! {
+        static BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    // Taken out of the cell, so a nested call (none is expected) would
+    // simply start a buffer of its own.
+    let mut buf = BUFFER.take();
+    buf.clear();
+    let result = serde_json::to_writer(&mut buf, value).map(|()| f(&buf));
+    if buf.capacity() <= 64 * 1024 {
+        BUFFER.set(buf);
+    }
+    result
 }
 
 // ---------------------------------------------------------------------------
@@ -528,10 +551,11 @@ mod runtime {
         }
         fn run(p: &P, input: P::Input, raw: &abi::EtlInvokeCtx) -> Result<(), Error> {
             let output = p.invoke(input, &mut Context { raw })?;
-            let json = serde_json::to_vec(&output)
-                .map_err(|e| Error::new(format!("cannot serialise output: {e}")))?;
-            // SAFETY: static host table, handle valid during invoke.
-            let rc = unsafe { ((*raw.host).emit)(raw.invocation, abi::EtlStr::from_bytes(&json)) };
+            let rc = super::with_json(&output, |json| {
+                // SAFETY: static host table, handle valid during invoke.
+                unsafe { ((*raw.host).emit)(raw.invocation, abi::EtlStr::from_bytes(json)) }
+            })
+            .map_err(|e| Error::new(format!("cannot serialise output: {e}")))?;
             if rc == abi::CB_OK || rc == abi::CB_CLOSED {
                 Ok(())
             } else {
@@ -806,3 +830,26 @@ macro_rules! export_plugin {
 
 #[doc(hidden)]
 pub use etl_abi as __abi;
+
+#[cfg(test)]
+mod tests {
+    use super::with_json;
+
+    #[test]
+    fn each_value_gets_exactly_its_own_json() {
+        let long = with_json(&serde_json::json!({"a": "x".repeat(100)}), <[u8]>::to_vec).unwrap();
+        assert_eq!(long.len(), 108);
+        // Shorter after longer: nothing of the earlier value is left over.
+        assert_eq!(with_json(&[1, 2], <[u8]>::to_vec).unwrap(), b"[1,2]");
+        let huge = "y".repeat(100 * 1024);
+        assert_eq!(with_json(&huge, <[u8]>::len).unwrap(), huge.len() + 2);
+        assert_eq!(with_json("z", <[u8]>::to_vec).unwrap(), b"\"z\"");
+    }
+
+    #[test]
+    fn a_value_that_cannot_be_serialised_is_an_error() {
+        let mut map = std::collections::HashMap::new();
+        map.insert((1, 2), 3);
+        assert!(with_json(&map, |_| ()).is_err());
+    }
+}
