@@ -5,16 +5,19 @@
 //! - [`Conn`], what the routes and the inline-call watchdog know of the
 //!   connection, and how the watchdog answers a request whose task is held
 //!   by the plugin (see `dispatch`);
-//! - [`HeadTimer`], hyper's header-read timer, with one runtime timer per
-//!   connection instead of one per request.
+//! - the head deadline: how long a connection may wait for a request head
+//!   (the keep-alive and header-read timeouts), kept by [`ConnIo`] with one
+//!   runtime timer per connection, and the [`Busy`] guard that suspends it
+//!   while a request is being served.
 
 use std::future::Future;
 use std::io;
 use std::mem::ManuallyDrop;
+use std::ops::Deref;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -38,6 +41,53 @@ pub struct Conn {
     /// Also the lock under which the socket is closed, so that the
     /// watchdog never touches a descriptor number that was reused.
     state: Mutex<ConnState>,
+    /// Requests being served: from the call of the route until their
+    /// response is done (see [`Busy`]). Only the connection's task, and
+    /// the inline-call watchdog when it answers, change it.
+    busy: AtomicU32,
+    /// When the connection last became idle, accepted or done with its
+    /// last response ([`since_epoch`]): where its head deadline counts from.
+    idle_since: AtomicU64,
+}
+
+/// The moment connection times count from.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// `at`, as nanoseconds since [`EPOCH`].
+fn since_epoch(at: Instant) -> u64 {
+    at.saturating_duration_since(*EPOCH).as_nanos() as u64
+}
+
+/// Marks a request as being served on its connection, from the call of the
+/// route until its response is done: hold it as long as the response's
+/// body. While any is held, the connection waits for no request head, so
+/// the head deadline is off; once the last drops, the deadline starts.
+pub struct Busy(Arc<Conn>);
+
+impl Busy {
+    pub fn begin(conn: Arc<Conn>) -> Busy {
+        conn.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(conn)
+    }
+}
+
+impl Deref for Busy {
+    type Target = Arc<Conn>;
+
+    fn deref(&self) -> &Arc<Conn> {
+        &self.0
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        // The time first, so that the task never sees the connection idle
+        // with an older start.
+        self.0
+            .idle_since
+            .store(since_epoch(Instant::now()), Ordering::Relaxed);
+        self.0.busy.fetch_sub(1, Ordering::Release);
+    }
 }
 
 enum ConnState {
@@ -132,26 +182,56 @@ fn poll_once(fd: RawFd, events: nix::libc::c_short, wait: Duration) -> nix::libc
     }
 }
 
-/// A connection's stream as hyper sees it: every call passes through, and
-/// the writes and flushes keep [`Conn::flushed`] up to date.
+/// A connection's stream as hyper sees it: every call passes through; the
+/// writes and flushes keep [`Conn::flushed`] up to date, and the reads keep
+/// the head deadline.
+///
+/// The head deadline: a connection that is not serving a request (no
+/// [`Busy`] held) must deliver a whole request head within `head_timeout`
+/// of becoming idle, or a read fails with `TimedOut` and hyper closes it.
+/// That is both the keep-alive timeout (no byte comes) and the
+/// header-read timeout (a head trickles in). It is kept here rather than
+/// by hyper's header-read timer, which costs hyper an extra turn of its
+/// connection loop and a timer registration per request.
 pub struct ConnIo<S> {
     io: ManuallyDrop<S>,
     conn: Arc<Conn>,
+    head_timeout: Duration,
+    head_timer: HeadTimer,
 }
 
 impl<S: AsRawFd> ConnIo<S> {
-    /// Wraps `io`, which counts as open (`open`) until it closes.
-    pub fn new(io: S, open: TrackGuard) -> (ConnIo<S>, Arc<Conn>) {
+    /// Wraps `io`, which counts as open (`open`) until it closes and must
+    /// deliver each request head within `head_timeout` of becoming idle.
+    pub fn new(io: S, open: TrackGuard, head_timeout: Duration) -> (ConnIo<S>, Arc<Conn>) {
         let conn = Arc::new(Conn {
             fd: io.as_raw_fd(),
             flushed: AtomicBool::new(true),
             state: Mutex::new(ConnState::Open { _counted: open }),
+            busy: AtomicU32::new(0),
+            idle_since: AtomicU64::new(since_epoch(Instant::now())),
         });
         let io = ConnIo {
             io: ManuallyDrop::new(io),
             conn: conn.clone(),
+            head_timeout,
+            head_timer: HeadTimer::default(),
         };
         (io, conn)
+    }
+}
+
+impl<S> ConnIo<S> {
+    /// Whether an idle connection is past its head deadline. When it is
+    /// not, the task is woken at the deadline (or a little before, see
+    /// [`HeadTimer`]) to look again.
+    fn past_head_deadline(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.conn.busy.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        let idle_since = Duration::from_nanos(self.conn.idle_since.load(Ordering::Relaxed));
+        let deadline = *EPOCH + idle_since + self.head_timeout;
+        self.head_timer.poll_until(deadline, cx).is_ready()
     }
 }
 
@@ -170,7 +250,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.io).poll_read(cx, buf)
+        let read = Pin::new(&mut *self.io).poll_read(cx, buf);
+        if read.is_pending() && self.past_head_deadline(cx) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no request head within the keep-alive or header-read timeout",
+            )));
+        }
+        read
     }
 }
 
@@ -210,115 +297,65 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
     }
 }
 
-/// hyper's timer for one connection, which hyper uses for the header-read
-/// timeout only: it starts a sleep each time it waits for a request head
-/// and drops it once the head is in, so once per request.
+/// The runtime timer behind one connection's head deadline.
 ///
-/// A runtime timer per sleep costs a registration and a removal in the
-/// runtime's timer wheel per request. Here every sleep of the connection
-/// shares one runtime timer, which moves only when it fires before the
-/// deadline of the sleep that polls it (or is armed later than that
-/// deadline): about once per timeout period on a busy connection. It may
-/// then wake the connection's task early, once, which hyper takes as a
-/// spurious wake-up.
-///
-/// Meant for one sleep at a time, polled from the connection's task: the
-/// runtime timer keeps the waker of the last poll only.
-#[derive(Clone)]
-pub struct HeadTimer {
-    shared: Arc<Mutex<Shared>>,
-}
-
-struct Shared {
+/// The deadline moves with every request, and moving a runtime timer costs
+/// a removal and an insertion in the runtime's timer wheel. So the timer
+/// stays where it is while it is set no later than the deadline: when it
+/// fires early, the task looks at the deadline again and the timer moves,
+/// about once per timeout period on a busy connection.
+#[derive(Default)]
+struct HeadTimer {
     /// Made on first use, from inside the runtime.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Where `timer` is armed, if it is.
-    armed_at: Option<Instant>,
-    /// The waker `timer` was last polled with.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Where `sleep` is set.
+    set_for: Option<Instant>,
+    /// The waker `sleep` was last polled with.
     waker: Option<Waker>,
 }
 
 impl HeadTimer {
-    pub fn new() -> HeadTimer {
-        HeadTimer {
-            shared: Arc::new(Mutex::new(Shared {
-                timer: None,
-                armed_at: None,
-                waker: None,
-            })),
-        }
-    }
-}
-
-impl hyper::rt::Timer for HeadTimer {
-    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        self.sleep_until(Instant::now() + duration)
-    }
-
-    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(HeadSleep {
-            shared: self.shared.clone(),
-            deadline,
-        })
-    }
-}
-
-/// One of [`HeadTimer`]'s sleeps.
-struct HeadSleep {
-    shared: Arc<Mutex<Shared>>,
-    deadline: Instant,
-}
-
-impl Future for HeadSleep {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut shared = lock(&self.shared);
-        let Shared {
-            timer,
-            armed_at,
-            waker,
-        } = &mut *shared;
-        let timer =
-            timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.deadline.into())));
+    /// Ready once `deadline` has passed; else pending, with the task to be
+    /// woken at or before `deadline`.
+    fn poll_until(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
         loop {
-            match *armed_at {
-                Some(at) if at <= self.deadline => {
+            match self.set_for {
+                Some(at) if at <= deadline => {
                     // Polling the timer again would only register the same
                     // waker again.
-                    let same_waker = waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-                    if same_waker && !timer.is_elapsed() {
+                    let same_waker = self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+                    if same_waker && !sleep.is_elapsed() {
                         return Poll::Pending;
                     }
-                    if timer.as_mut().poll(cx).is_pending() {
+                    if sleep.as_mut().poll(cx).is_pending() {
                         if !same_waker {
-                            *waker = Some(cx.waker().clone());
+                            self.waker = Some(cx.waker().clone());
                         }
                         return Poll::Pending;
                     }
-                    if at == self.deadline {
+                    if at == deadline {
                         return Poll::Ready(());
                     }
-                    // It fired for an earlier sleep's deadline.
+                    // It fired for an earlier deadline.
                 }
-                // Not armed, or armed past this deadline.
+                // Not set yet, or set past the deadline.
                 _ => {}
             }
-            timer.as_mut().reset(self.deadline.into());
-            *armed_at = Some(self.deadline);
+            sleep.as_mut().reset(deadline.into());
+            self.set_for = Some(deadline);
             // Poll it again whatever the waker: one that fired has let go
             // of the waker it had.
-            *waker = None;
+            self.waker = None;
         }
     }
 }
-
-impl hyper::rt::Sleep for HeadSleep {}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hyper::rt::Timer;
 
     /// The runtime timer's resolution is 1 ms; allow for a loaded machine.
     const LATE: Duration = Duration::from_millis(150);
@@ -327,41 +364,47 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    async fn until(timer: &mut HeadTimer, deadline: Instant) {
+        std::future::poll_fn(|cx| timer.poll_until(deadline, cx)).await;
+    }
+
     #[tokio::test]
-    async fn a_sleep_ends_at_its_deadline_and_not_before() {
-        let timer = HeadTimer::new();
+    async fn the_timer_ends_at_its_deadline_and_not_before() {
+        let mut timer = HeadTimer::default();
         let start = Instant::now();
-        timer.sleep(ms(100)).await;
+        until(&mut timer, start + ms(100)).await;
         let slept = start.elapsed();
         assert!(slept >= ms(100) && slept < ms(100) + LATE, "{slept:?}");
     }
 
     #[tokio::test]
-    async fn later_sleeps_share_the_timer_and_still_end_at_their_own_deadline() {
-        let timer = HeadTimer::new();
+    async fn a_later_deadline_keeps_the_timer_and_is_still_met() {
+        let mut timer = HeadTimer::default();
         let start = Instant::now();
-        // One sleep per request head, each dropped once the head is in.
-        for _ in 0..3 {
-            let mut head = timer.sleep(ms(200));
-            assert!(futures_util::poll!(head.as_mut()).is_pending());
-            drop(head);
+        // One look per request, each with a later deadline.
+        for i in 0..3 {
+            let deadline = start + ms(200 + 50 * i);
+            let looked =
+                futures_util::poll!(std::future::poll_fn(|cx| timer.poll_until(deadline, cx)));
+            assert!(looked.is_pending());
             tokio::time::sleep(ms(50)).await;
         }
-        // The shared timer is armed for the first sleep's deadline (200
-        // ms); this one's is 150 ms later.
-        timer.sleep(ms(200)).await;
+        // The timer is set for the first deadline (200 ms); this one is
+        // 150 ms later.
+        until(&mut timer, start + ms(350)).await;
         let slept = start.elapsed();
         assert!(slept >= ms(350) && slept < ms(350) + LATE, "{slept:?}");
     }
 
     #[tokio::test]
-    async fn a_sleep_with_an_earlier_deadline_moves_the_timer_forward() {
-        let timer = HeadTimer::new();
-        let mut long = timer.sleep(Duration::from_secs(60));
-        assert!(futures_util::poll!(long.as_mut()).is_pending());
-        drop(long);
+    async fn an_earlier_deadline_moves_the_timer_forward() {
+        let mut timer = HeadTimer::default();
         let start = Instant::now();
-        timer.sleep(ms(50)).await;
+        let far = futures_util::poll!(std::future::poll_fn(
+            |cx| timer.poll_until(start + Duration::from_secs(60), cx)
+        ));
+        assert!(far.is_pending());
+        until(&mut timer, start + ms(50)).await;
         let slept = start.elapsed();
         assert!(slept >= ms(50) && slept < ms(50) + LATE, "{slept:?}");
     }

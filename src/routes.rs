@@ -33,7 +33,7 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::mpsc;
 
-use crate::conn::Conn;
+use crate::conn::{Busy, Conn};
 use crate::dispatch::{self, Dispatch, Inline, Rescue};
 use crate::envelope::{self, Outcome};
 use crate::invocation::{Chunk, Collected, Invocation, Kind};
@@ -137,6 +137,8 @@ pub async fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    // Until the response is done: the connection waits for no head.
+    let busy = Busy::begin(conn);
     let request_id = request_id(&req);
     let method = req.method().clone();
     let route = route_of(req.uri().path());
@@ -147,7 +149,7 @@ pub async fn handle(
     let mut response = match (route, &method) {
         (Route::invoke, &Method::POST) => {
             let from = Requester {
-                conn,
+                busy,
                 request_id: &request_id,
                 received: access.as_ref().map(|(at, _)| *at),
             };
@@ -350,7 +352,8 @@ fn readyz(drain: &Drain) -> Response<Body> {
 
 /// Who sent an `/invoke`, for answering it from the inline-call watchdog.
 struct Requester<'a> {
-    conn: Arc<Conn>,
+    /// The request's connection, marked busy until the response is done.
+    busy: Busy,
     request_id: &'a HeaderValue,
     /// When the request arrived, if the access log is on.
     received: Option<Instant>,
@@ -385,7 +388,7 @@ async fn invoke(app: &'static App, req: Request<Incoming>, from: Requester<'_>) 
         }
     };
     if app.plugin.manifest().streaming {
-        invoke_streaming(app, input, in_flight).await
+        invoke_streaming(app, input, in_flight, from.busy).await
     } else {
         invoke_plain(app, input, in_flight, from).await
     }
@@ -466,9 +469,9 @@ async fn invoke_plain(
     let watch = ClientWatch::new(registered.shared());
     // Inline only when hyper holds no unsent bytes of this connection: the
     // watchdog may then write the request's answer straight to the socket.
-    if let Some(slot) = app.dispatch.inline_slot(from.conn.flushed()).await {
+    if let Some(slot) = app.dispatch.inline_slot(from.busy.flushed()).await {
         let rescue = InlineInvoke {
-            conn: from.conn,
+            conn: from.busy,
             inv: registered.shared(),
             request_id: RequestId::new(from.request_id),
             started,
@@ -528,7 +531,8 @@ fn answer(c: Collected, started: Instant) -> Response<Body> {
 
 /// What an inline `/invoke` call leaves with the watchdog (see `dispatch`).
 struct InlineInvoke {
-    conn: Arc<Conn>,
+    /// Its connection, busy until the call's request is answered.
+    conn: Busy,
     inv: Arc<Invocation>,
     request_id: RequestId,
     started: Instant,
@@ -614,6 +618,7 @@ async fn invoke_streaming(
     app: &'static App,
     input: Vec<u8>,
     in_flight: InFlightGuard,
+    busy: Busy,
 ) -> Response<Body> {
     let plugin = app.plugin;
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
@@ -646,6 +651,7 @@ async fn invoke_streaming(
                 watch: Some(watch),
                 started,
                 _in_flight: in_flight,
+                _busy: busy,
                 access: None,
             });
             with_type_body(StatusCode::OK, "application/x-ndjson", body)
@@ -867,6 +873,8 @@ pub struct StreamBody {
     watch: Option<ClientWatch>,
     started: Instant,
     _in_flight: InFlightGuard,
+    /// Keeps the connection's head deadline off while the stream runs.
+    _busy: Busy,
     /// The access log line to write when the stream ends, and the bytes
     /// sent so far.
     access: Option<(AccessLine, u64)>,

@@ -18,7 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, warn};
 
-use crate::conn::{ConnIo, HeadTimer};
+use crate::conn::ConnIo;
 use crate::routes::{self, App};
 use crate::shutdown::Tracker;
 
@@ -96,16 +96,14 @@ pub async fn accept_until<L: Listener>(
 ) -> Tracker {
     let connections = Tracker::default();
     let mut builder = http1::Builder::new();
+    // No header-read timeout in hyper: ConnIo keeps the head deadline.
     builder
-        .header_read_timeout(limits.head_timeout)
+        .header_read_timeout(None)
         .max_header_size(limits.max_header_size);
     let serve = |stream: L::Io| {
-        let (io, conn) = ConnIo::new(stream, connections.track());
+        let (io, conn) = ConnIo::new(stream, connections.track(), limits.head_timeout);
         let service = service_fn(move |req| routes::handle(app, conn.clone(), req));
-        let served = builder
-            .clone()
-            .timer(HeadTimer::new())
-            .serve_connection(TokioIo::new(io), service);
+        let served = builder.clone().serve_connection(TokioIo::new(io), service);
         tokio::spawn(async move {
             if let Err(e) = served.await {
                 debug!(error = %e, "connection ended with an error");

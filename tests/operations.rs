@@ -323,6 +323,33 @@ fn an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout() {
 }
 
 #[test]
+fn a_request_that_outlasts_the_keep_alive_timeout_is_served_whole() {
+    // The timeouts bound the wait for a request head, never the serving of
+    // a request: a 2.5 s call, and a 2.5 s stream, on 1 s timeouts.
+    let args = ["--timeout-keep-alive", "1", "--header-read-timeout", "1s"];
+    let s = Server::start(&plugin("slow"), &args);
+    let mut conn = s.connect();
+    let r = conn
+        .send("POST", "/invoke", Some(r#"{"units":25,"unit_ms":100}"#))
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["status_code"], 200);
+    // The same connection serves the next request.
+    assert_eq!(conn.send("GET", "/healthz", None).unwrap().status, 200);
+
+    let t = Server::start(&plugin("ticker"), &args);
+    let mut conn = t.connect();
+    let r = conn
+        .send("POST", "/invoke", Some(r#"{"count":25,"interval_ms":100}"#))
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let lines = r.lines();
+    assert_eq!(lines.len(), 25, "{}", r.text());
+    assert!(lines.iter().all(|l| l["status_code"] == 200));
+    assert_eq!(conn.send("GET", "/healthz", None).unwrap().status, 200);
+}
+
+#[test]
 fn a_slow_loris_client_is_cut_off_by_the_header_read_timeout() {
     let s = Server::start(
         &plugin("wordcount"),

@@ -861,11 +861,12 @@ fn cost_by_object(w: &mut String, profiles: &[crate::profile::Cost]) {
     let _ = writeln!(
         w,
         "\nWhat etl-serve does for each `/invoke` that the baseline does not: it validates the input against the \
-         plugin's schema (parse, coerce, check, serialise again); registers the invocation, so that callbacks and \
-         cancel flags can find it; leaves each inline call where the dispatch watchdog can answer its request at \
-         the drain timeout, or cancel it when its client leaves, should the call turn out long; arms hyper's header-read \
-         timer against slow clients; and counts metrics. The table gives their cost together, with the \
-         allocations they make; it does not split it among them."
+         plugin's schema (for wordcount's flat schema, straight from the body's bytes); registers the invocation, so \
+         that callbacks from other threads and cancel flags can find it; leaves each inline call where the dispatch \
+         watchdog can answer its request at the drain timeout, or cancel it when its client leaves, should the call \
+         turn out long; keeps each connection's head deadline (the keep-alive and header-read timeouts); gives the \
+         request an id; and counts metrics. The table gives their cost together, with the allocations they make; it \
+         does not split it among them."
     );
 }
 
