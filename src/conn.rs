@@ -45,8 +45,9 @@ pub struct Conn {
     /// response is done (see [`Busy`]). Only the connection's task, and
     /// the inline-call watchdog when it answers, change it.
     busy: AtomicU32,
-    /// When the connection last became idle, accepted or done with its
-    /// last response ([`since_epoch`]): where its head deadline counts from.
+    /// When the connection last became idle ([`since_epoch`]), where its
+    /// head deadline counts from; 0 while it is not idle or not yet seen
+    /// idle (see [`ConnIo::past_head_deadline`]).
     idle_since: AtomicU64,
 }
 
@@ -59,14 +60,16 @@ fn since_epoch(at: Instant) -> u64 {
 }
 
 /// Marks a request as being served on its connection, from the call of the
-/// route until its response is done: hold it as long as the response's
-/// body. While any is held, the connection waits for no request head, so
-/// the head deadline is off; once the last drops, the deadline starts.
+/// route until its response is handed to hyper (a stream's body holds it
+/// until the stream ends). While any is held, the connection waits for no
+/// request head, so the head deadline is off; so it is while hyper still
+/// holds bytes of a response it could not yet write.
 pub struct Busy(Arc<Conn>);
 
 impl Busy {
     pub fn begin(conn: Arc<Conn>) -> Busy {
         conn.busy.fetch_add(1, Ordering::Relaxed);
+        conn.idle_since.store(0, Ordering::Relaxed);
         Busy(conn)
     }
 }
@@ -81,11 +84,6 @@ impl Deref for Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        // The time first, so that the task never sees the connection idle
-        // with an older start.
-        self.0
-            .idle_since
-            .store(since_epoch(Instant::now()), Ordering::Relaxed);
         self.0.busy.fetch_sub(1, Ordering::Release);
     }
 }
@@ -186,9 +184,10 @@ fn poll_once(fd: RawFd, events: nix::libc::c_short, wait: Duration) -> nix::libc
 /// writes and flushes keep [`Conn::flushed`] up to date, and the reads keep
 /// the head deadline.
 ///
-/// The head deadline: a connection that is not serving a request (no
-/// [`Busy`] held) must deliver a whole request head within `head_timeout`
-/// of becoming idle, or a read fails with `TimedOut` and hyper closes it.
+/// The head deadline: a connection that is idle (serving no request, no
+/// [`Busy`] held, and every byte of its last response handed to the
+/// socket) must deliver a whole request head within `head_timeout` of
+/// becoming idle, or a read fails with `TimedOut` and hyper closes it.
 /// That is both the keep-alive timeout (no byte comes) and the
 /// header-read timeout (a head trickles in). It is kept here rather than
 /// by hyper's header-read timer, which costs hyper an extra turn of its
@@ -209,7 +208,7 @@ impl<S: AsRawFd> ConnIo<S> {
             flushed: AtomicBool::new(true),
             state: Mutex::new(ConnState::Open { _counted: open }),
             busy: AtomicU32::new(0),
-            idle_since: AtomicU64::new(since_epoch(Instant::now())),
+            idle_since: AtomicU64::new(since_epoch(Instant::now()).max(1)),
         });
         let io = ConnIo {
             io: ManuallyDrop::new(io),
@@ -222,15 +221,25 @@ impl<S: AsRawFd> ConnIo<S> {
 }
 
 impl<S> ConnIo<S> {
-    /// Whether an idle connection is past its head deadline. When it is
-    /// not, the task is woken at the deadline (or a little before, see
-    /// [`HeadTimer`]) to look again.
+    /// Whether the connection is idle and past its head deadline. When it
+    /// is idle but not past it, the task is woken at the deadline (or a
+    /// little before, see [`HeadTimer`]) to look again.
+    ///
+    /// The moment the connection became idle is taken here, at the first
+    /// read that finds it idle and nothing to read: hyper reads for the
+    /// next head as soon as it has sent a response, so this is that
+    /// moment, and it costs no clock read in the request's path.
     fn past_head_deadline(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.conn.busy.load(Ordering::Acquire) != 0 {
+        let conn = &*self.conn;
+        if conn.busy.load(Ordering::Acquire) != 0 || !conn.flushed.load(Ordering::Relaxed) {
             return false;
         }
-        let idle_since = Duration::from_nanos(self.conn.idle_since.load(Ordering::Relaxed));
-        let deadline = *EPOCH + idle_since + self.head_timeout;
+        let mut idle_since = conn.idle_since.load(Ordering::Relaxed);
+        if idle_since == 0 {
+            idle_since = since_epoch(Instant::now()).max(1);
+            conn.idle_since.store(idle_since, Ordering::Relaxed);
+        }
+        let deadline = *EPOCH + Duration::from_nanos(idle_since) + self.head_timeout;
         self.head_timer.poll_until(deadline, cx).is_ready()
     }
 }
@@ -268,6 +277,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         self.conn.flushed.store(false, Ordering::Relaxed);
+        self.conn.idle_since.store(0, Ordering::Relaxed);
         Pin::new(&mut *self.io).poll_write(cx, buf)
     }
 
@@ -277,6 +287,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         self.conn.flushed.store(false, Ordering::Relaxed);
+        self.conn.idle_since.store(0, Ordering::Relaxed);
         Pin::new(&mut *self.io).poll_write_vectored(cx, bufs)
     }
 

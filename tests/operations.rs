@@ -350,6 +350,33 @@ fn a_request_that_outlasts_the_keep_alive_timeout_is_served_whole() {
 }
 
 #[test]
+fn a_response_that_a_client_reads_slowly_is_not_cut_off() {
+    // 100 MB, more than the socket buffers hold: the server is still
+    // writing the response when the 1 s timeouts pass, which must not
+    // count as waiting for a request head.
+    let args = ["--timeout-keep-alive", "1", "--header-read-timeout", "1s"];
+    let s = Server::start(&fixture(None), &args);
+    let mut conn = s.connect();
+    let body = r#"{"mode":"huge"}"#;
+    let raw = format!(
+        "POST /invoke HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.stream_mut().write_all(raw.as_bytes()).unwrap();
+    // Read a little, so that the server goes on writing, then stall for
+    // more than twice the timeout.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut reader = BufReader::with_capacity(64 * 1024, conn.stream_mut().try_clone().unwrap());
+    let mut first = [0u8; 64 * 1024];
+    reader.read_exact(&mut first).unwrap();
+    std::thread::sleep(Duration::from_millis(3500));
+    let r =
+        read_response(&mut std::io::Read::chain(&first[..], reader)).expect("the whole response");
+    assert_eq!(r.status, 200);
+    assert!(r.body.len() > 100 * 1024 * 1024, "{} bytes", r.body.len());
+}
+
+#[test]
 fn a_slow_loris_client_is_cut_off_by_the_header_read_timeout() {
     let s = Server::start(
         &plugin("wordcount"),

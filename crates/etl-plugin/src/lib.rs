@@ -742,7 +742,13 @@ mod runtime {
             // SAFETY: the request is borrowed for the duration of invoke.
             let bytes = unsafe { request.as_bytes() };
             let outcome = catch_unwind(AssertUnwindSafe(|| {
-                let input: A::Input = serde_json::from_slice(bytes).map_err(|e| {
+                // One UTF-8 check of the whole input, so that the parser
+                // need not check each string in it again.
+                let text = std::str::from_utf8(bytes).map_err(|e| {
+                    Error::with_status(422, format!("invalid input: not UTF-8 ({e})"))
+                        .with_type("InputError")
+                })?;
+                let input: A::Input = serde_json::from_str(text).map_err(|e| {
                     Error::with_status(422, format!("invalid input: {e}")).with_type("InputError")
                 })?;
                 A::run(p, input, raw)
