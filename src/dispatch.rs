@@ -89,9 +89,14 @@ pub trait Rescue: Send + 'static {
 /// The moment inline-call start times count from.
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
-/// Nanoseconds since [`EPOCH`], never 0 (0 marks a free slot).
+/// `at` as nanoseconds since [`EPOCH`], never 0 (0 marks a free slot).
+fn ns_at(at: Instant) -> u64 {
+    at.saturating_duration_since(*EPOCH).as_nanos() as u64 | 1
+}
+
+/// Now, as [`ns_at`].
 fn now_ns() -> u64 {
-    EPOCH.elapsed().as_nanos() as u64 | 1
+    ns_at(Instant::now())
 }
 
 /// Decides, call by call, where the plugin runs, and watches the calls
@@ -128,8 +133,9 @@ struct InlineSlot<R> {
 
 /// How an inline call ended.
 pub enum Inline<T, R> {
-    /// The plugin returned; the rescue comes back unused.
-    Returned(T, R),
+    /// The plugin returned (at the instant given); the rescue comes back
+    /// unused.
+    Returned(T, R, Instant),
     /// The call panicked (with this message).
     Panicked(String, R),
     /// The watchdog answered the request at the drain timeout: the call's
@@ -162,13 +168,14 @@ impl<R: Rescue> Dispatch<R> {
 
     /// A slot to run the next call inline in, when the rules above allow it
     /// and `allowed`, else `None` (use [`Dispatch::on_blocking_pool`]).
+    /// `now` is the time of asking, which the caller has at hand.
     ///
     /// Waits up to [`BUSY_WAIT`] for a slot when the plugin is quick but
     /// every slot is taken: a quick call frees its slot within
     /// microseconds, sooner than a hand-off to the blocking pool would
     /// take. The call that frees a slot wakes one waiter.
-    pub async fn inline_slot(&'static self, allowed: bool) -> Option<Slot<R>> {
-        let slot = self.claim_soon(allowed).await?;
+    pub async fn inline_slot(&'static self, allowed: bool, now: Instant) -> Option<Slot<R>> {
+        let slot = self.claim_soon(allowed, now).await?;
         self.wake_watchdog();
         Some(slot)
     }
@@ -191,11 +198,11 @@ impl<R: Rescue> Dispatch<R> {
         }
     }
 
-    async fn claim_soon(&'static self, allowed: bool) -> Option<Slot<R>> {
+    async fn claim_soon(&'static self, allowed: bool, now: Instant) -> Option<Slot<R>> {
         if !allowed {
             return None;
         }
-        match self.claim() {
+        match self.claim(ns_at(now)) {
             Claim::Inline(slot) => return Some(slot),
             Claim::Blocking => return None,
             Claim::Busy => {}
@@ -209,7 +216,7 @@ impl<R: Rescue> Dispatch<R> {
             // Registered before the check, so a slot freed after the check
             // wakes this call (Slot::drop reads `waiting` after freeing).
             freed.as_mut().enable();
-            match self.claim() {
+            match self.claim(now_ns()) {
                 Claim::Inline(slot) => return Some(slot),
                 Claim::Blocking => return None,
                 Claim::Busy => {}
@@ -233,12 +240,11 @@ impl<R: Rescue> Dispatch<R> {
         })
     }
 
-    /// Whether the next call may run inline now.
-    fn claim(&'static self) -> Claim<R> {
+    /// Whether the next call may run inline, at `now` ([`ns_at`]).
+    fn claim(&'static self, now: u64) -> Claim<R> {
         if self.streak.load(Ordering::Relaxed) < WARMUP {
             return Claim::Blocking;
         }
-        let now = now_ns();
         let mut free = None;
         for (i, slot) in self.slots.iter().enumerate() {
             match slot.started.load(Ordering::Relaxed) {
@@ -372,7 +378,7 @@ impl<R: Rescue> Dispatch<R> {
     /// Whether the next call may run inline now (for tests).
     #[cfg(test)]
     fn inline_allowed(&'static self) -> bool {
-        matches!(self.claim(), Claim::Inline(_))
+        matches!(self.claim(now_ns()), Claim::Inline(_))
     }
 }
 
@@ -426,11 +432,12 @@ impl<R: Rescue> Slot<R> {
         // between (storing the rescue) takes nanoseconds.
         let started = self.slot.started.load(Ordering::Relaxed);
         let result = catch_unwind(AssertUnwindSafe(call));
-        d.observe(Duration::from_nanos(now_ns().saturating_sub(started)));
+        let ended = Instant::now();
+        d.observe(Duration::from_nanos(ns_at(ended).saturating_sub(started)));
         let rescue = lock(&self.slot.rescue).take();
         match (rescue, result) {
             (None, _) => Inline::Answered,
-            (Some(rescue), Ok(value)) => Inline::Returned(value, rescue),
+            (Some(rescue), Ok(value)) => Inline::Returned(value, rescue, ended),
             (Some(rescue), Err(panic)) => {
                 let why = panic
                     .downcast_ref::<&str>()
@@ -530,14 +537,14 @@ mod tests {
         for _ in 0..WARMUP {
             d.observe(Duration::from_micros(1));
         }
-        let Claim::Inline(a) = d.claim() else {
+        let Claim::Inline(a) = d.claim(now_ns()) else {
             panic!("no first slot")
         };
-        let Claim::Inline(b) = d.claim() else {
+        let Claim::Inline(b) = d.claim(now_ns()) else {
             panic!("no second slot")
         };
         assert!(
-            matches!(d.claim(), Claim::Busy),
+            matches!(d.claim(now_ns()), Claim::Busy),
             "a third inline call would leave no free worker"
         );
         drop(a);
@@ -551,10 +558,10 @@ mod tests {
         for _ in 0..WARMUP {
             d.observe(Duration::from_micros(1));
         }
-        let Claim::Inline(held) = d.claim() else {
+        let Claim::Inline(held) = d.claim(now_ns()) else {
             panic!("no slot")
         };
-        let mut waiting = std::pin::pin!(d.inline_slot(true));
+        let mut waiting = std::pin::pin!(d.inline_slot(true, Instant::now()));
         assert!(
             futures_util::poll!(waiting.as_mut()).is_pending(),
             "it waits while the slot is busy"
@@ -563,12 +570,15 @@ mod tests {
         assert!(waiting.await.is_some(), "and takes the slot once free");
 
         assert!(
-            d.inline_slot(false).await.is_none(),
+            d.inline_slot(false, Instant::now()).await.is_none(),
             "a caller that does not allow inline gets no slot"
         );
-        let _held = d.inline_slot(true).await.expect("a free slot");
+        let _held = d
+            .inline_slot(true, Instant::now())
+            .await
+            .expect("a free slot");
         assert!(
-            d.inline_slot(true).await.is_none(),
+            d.inline_slot(true, Instant::now()).await.is_none(),
             "a slot that stays busy sends the call to the blocking pool"
         );
     }
@@ -588,11 +598,11 @@ mod tests {
         for _ in 0..WARMUP {
             d.observe(Duration::from_micros(1));
         }
-        let Claim::Inline(_running) = d.claim() else {
+        let Claim::Inline(_running) = d.claim(now_ns()) else {
             panic!("no slot")
         };
         std::thread::sleep(OVERRUN + Duration::from_millis(5));
-        assert!(matches!(d.claim(), Claim::Blocking));
+        assert!(matches!(d.claim(now_ns()), Claim::Blocking));
         assert!(
             d.streak.load(Ordering::Relaxed) < WARMUP,
             "the overrun reset the streak"
@@ -604,11 +614,11 @@ mod tests {
         let d = leak(2);
         warm(d);
         let p = probe();
-        let Claim::Inline(slot) = d.claim() else {
+        let Claim::Inline(slot) = d.claim(now_ns()) else {
             panic!("no slot")
         };
         match slot.call(Record(p), || 7) {
-            Inline::Returned(7, _rescue) => {}
+            Inline::Returned(7, _rescue, _) => {}
             _ => panic!("the call returned 7"),
         }
         assert!(d.inline_allowed(), "the slot is free again");
@@ -624,7 +634,7 @@ mod tests {
     fn a_panicking_call_frees_its_slot() {
         let d = leak(2);
         warm(d);
-        let Claim::Inline(slot) = d.claim() else {
+        let Claim::Inline(slot) = d.claim(now_ns()) else {
             panic!("no slot")
         };
         match slot.call(Record(probe()), || -> u8 { panic!("boom") }) {
@@ -643,7 +653,7 @@ mod tests {
         p: &'static Probe,
         release: &'static AtomicBool,
     ) -> std::thread::JoinHandle<&'static str> {
-        let Claim::Inline(slot) = d.claim() else {
+        let Claim::Inline(slot) = d.claim(now_ns()) else {
             panic!("no slot")
         };
         let running: &'static AtomicBool = Box::leak(Box::default());
@@ -681,7 +691,7 @@ mod tests {
         assert_eq!(p.answers.load(Ordering::SeqCst), 1);
 
         warm(d);
-        let Claim::Inline(slot) = d.claim() else {
+        let Claim::Inline(slot) = d.claim(now_ns()) else {
             panic!("no slot")
         };
         assert!(

@@ -24,7 +24,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::LazyLock;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -220,7 +220,7 @@ pub async fn handle(
     match response.body_mut() {
         // A stream is logged when it ends, with the bytes it sent.
         Body::Stream(stream) => stream.access = Some((line, 0)),
-        Body::Full(bytes) => line.log(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+        Body::Full(payload) => line.log(payload.as_ref().map_or(0, |p| p.len() as u64)),
     }
     Ok(response)
 }
@@ -469,7 +469,7 @@ async fn invoke_plain(
     let watch = ClientWatch::new(registered.shared());
     // Inline only when hyper holds no unsent bytes of this connection: the
     // watchdog may then write the request's answer straight to the socket.
-    if let Some(slot) = app.dispatch.inline_slot(from.busy.flushed()).await {
+    if let Some(slot) = app.dispatch.inline_slot(from.busy.flushed(), started).await {
         let rescue = InlineInvoke {
             conn: from.busy,
             inv: registered.shared(),
@@ -483,11 +483,11 @@ async fn invoke_plain(
             registered.finish(rc)
         });
         return match ended {
-            Inline::Returned(c, _rescue) => answer(watch.finished(c), started),
+            Inline::Returned(c, _rescue, ended) => answer(watch.finished(c), ended - started),
             Inline::Panicked(why, _rescue) => internal_error(&watch.finished(why)),
             Inline::TooLate(_rescue) => {
                 let c = watch.abandon();
-                record(&Outcome::Shutdown, started);
+                record(&Outcome::Shutdown, started.elapsed());
                 shutdown_abort(&c)
             }
             Inline::Answered => {
@@ -506,26 +506,26 @@ async fn invoke_plain(
     tokio::select! {
         biased;
         collected = call => match watch.finished(collected) {
-            Ok(c) => answer(c, started),
+            Ok(c) => answer(c, started.elapsed()),
             Err(e) => internal_error(&e.to_string()),
         },
         // The plugin ignored its flag past the graceful timeout: answer for
         // it with what it reported so far, and abandon its thread.
         () = app.drain.expired() => {
             let c = watch.abandon();
-            record(&Outcome::Shutdown, started);
+            record(&Outcome::Shutdown, started.elapsed());
             shutdown_abort(&c)
         }
     }
 }
 
 /// The answer to a plain `/invoke` whose plugin call returned `c`.
-fn answer(c: Collected, started: Instant) -> Response<Body> {
+fn answer(c: Collected, took: Duration) -> Response<Body> {
     let outcome = outcome_of(&c, Kind::Invoke);
-    record(&outcome, started);
+    record(&outcome, took);
     match outcome {
         Outcome::Shutdown => shutdown_abort(&c),
-        outcome => json(StatusCode::OK, envelope::write(&c, &outcome).into()),
+        outcome => json_written(StatusCode::OK, envelope::write(&c, &outcome)),
     }
 }
 
@@ -552,7 +552,7 @@ impl Rescue for InlineInvoke {
 
     fn answer(self) {
         let c = self.inv.snapshot();
-        record(&Outcome::Shutdown, self.started);
+        record(&Outcome::Shutdown, self.started.elapsed());
         let mut r = shutdown_abort(&c);
         let request_id = self.request_id.header();
         r.headers_mut().insert(X_REQUEST_ID, request_id.clone());
@@ -578,7 +578,7 @@ impl Rescue for InlineInvoke {
 /// but without a `Date` header (optional on a 5xx), and its body's length.
 fn http1_response(r: &Response<Body>) -> (Vec<u8>, usize) {
     let body: &[u8] = match r.body() {
-        Body::Full(Some(bytes)) => bytes,
+        Body::Full(Some(payload)) => payload.bytes(),
         _ => &[],
     };
     let mut out = Vec::with_capacity(256 + body.len());
@@ -597,7 +597,7 @@ fn http1_response(r: &Response<Body>) -> (Vec<u8>, usize) {
 }
 
 /// Records an invocation's duration and, for a failure, its kind.
-fn record(outcome: &Outcome<'_>, started: Instant) {
+fn record(outcome: &Outcome<'_>, took: Duration) {
     let label = match outcome {
         Outcome::Ok(_) => metrics::Outcome::ok,
         Outcome::Failed { text, .. } => {
@@ -611,7 +611,7 @@ fn record(outcome: &Outcome<'_>, started: Instant) {
         }
         Outcome::Shutdown => metrics::Outcome::shutdown,
     };
-    METRICS.invocation(label, started.elapsed());
+    METRICS.invocation(label, took);
 }
 
 async fn invoke_streaming(
@@ -637,7 +637,7 @@ async fn invoke_streaming(
         first = rx.recv() => first,
         () = app.drain.expired() => {
             let c = watch.abandon();
-            record(&Outcome::Shutdown, started);
+            record(&Outcome::Shutdown, started.elapsed());
             return shutdown_abort(&c);
         }
     };
@@ -659,7 +659,7 @@ async fn invoke_streaming(
         Some(Chunk::Done(c)) => {
             watch.finished(());
             let outcome = outcome_of(&c, Kind::Stream);
-            record(&outcome, started);
+            record(&outcome, started.elapsed());
             match outcome {
                 // Nothing sent yet: the shutdown-abort is a plain 503.
                 Outcome::Shutdown => shutdown_abort(&c),
@@ -844,7 +844,13 @@ fn json(status: StatusCode, body: Bytes) -> Response<Body> {
 }
 
 fn with_type(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
-    with_type_body(status, content_type, Body::Full(Some(body)))
+    with_type_body(status, content_type, Body::Full(Some(Payload::Shared(body))))
+}
+
+/// A JSON answer written for this response (an envelope).
+fn json_written(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let payload = Payload::Written(std::io::Cursor::new(body));
+    with_type_body(status, "application/json", Body::Full(Some(payload)))
 }
 
 fn with_type_body(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
@@ -858,8 +864,54 @@ fn with_type_body(status: StatusCode, content_type: &'static str, body: Body) ->
 /// A response body: one buffer, or the lines of a stream as the plugin
 /// emits them.
 pub enum Body {
-    Full(Option<Bytes>),
+    Full(Option<Payload>),
     Stream(StreamBody),
+}
+
+/// The bytes of a whole response body.
+pub enum Payload {
+    /// Shared or static bytes: the schemas, the fixed answers.
+    Shared(Bytes),
+    /// A buffer written for this response, an envelope, handed to hyper as
+    /// it is: turning a `Vec` with room to spare into `Bytes` allocates.
+    Written(std::io::Cursor<Vec<u8>>),
+}
+
+impl Payload {
+    /// The bytes not yet sent.
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Shared(b) => b,
+            Payload::Written(w) => &w.get_ref()[w.position() as usize..],
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.bytes().len()
+    }
+}
+
+impl bytes::Buf for Payload {
+    fn remaining(&self) -> usize {
+        match self {
+            Payload::Shared(b) => b.remaining(),
+            Payload::Written(w) => w.remaining(),
+        }
+    }
+
+    fn chunk(&self) -> &[u8] {
+        match self {
+            Payload::Shared(b) => b.chunk(),
+            Payload::Written(w) => w.chunk(),
+        }
+    }
+
+    fn advance(&mut self, n: usize) {
+        match self {
+            Payload::Shared(b) => b.advance(n),
+            Payload::Written(w) => w.advance(n),
+        }
+    }
 }
 
 /// The NDJSON lines of a streaming plugin. Dropping it (the client went
@@ -905,7 +957,7 @@ impl StreamBody {
                     w.finished(());
                 }
                 let outcome = outcome_of(&c, Kind::Stream);
-                record(&outcome, self.started);
+                record(&outcome, self.started.elapsed());
                 match outcome {
                     Outcome::Ok(_) => Poll::Ready(None),
                     last => Poll::Ready(Some(last_line(&c, &last))),
@@ -927,7 +979,7 @@ impl StreamBody {
                     .take()
                     .map(ClientWatch::abandon)
                     .unwrap_or_default();
-                record(&Outcome::Shutdown, self.started);
+                record(&Outcome::Shutdown, self.started.elapsed());
                 Poll::Ready(Some(last_line(&c, &Outcome::Shutdown)))
             }
         }
@@ -945,26 +997,26 @@ fn last_line(c: &Collected, outcome: &Outcome<'_>) -> Bytes {
 }
 
 impl HttpBody for Body {
-    type Data = Bytes;
+    type Data = Payload;
     type Error = Infallible;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Payload>, Infallible>>> {
         match self.get_mut() {
-            Body::Full(bytes) => Poll::Ready(
-                bytes
+            Body::Full(payload) => Poll::Ready(
+                payload
                     .take()
-                    .filter(|b| !b.is_empty())
-                    .map(|b| Ok(Frame::data(b))),
+                    .filter(|p| p.len() > 0)
+                    .map(|p| Ok(Frame::data(p))),
             ),
             Body::Stream(s) => s.poll_next(cx).map(|chunk| {
                 chunk.map(|b| {
                     if let Some((_, sent)) = &mut s.access {
                         *sent += b.len() as u64;
                     }
-                    Ok(Frame::data(b))
+                    Ok(Frame::data(Payload::Shared(b)))
                 })
             }),
         }
@@ -972,14 +1024,14 @@ impl HttpBody for Body {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Body::Full(b) => b.as_ref().is_none_or(Bytes::is_empty),
+            Body::Full(p) => p.as_ref().is_none_or(|p| p.len() == 0),
             Body::Stream(s) => s.first.is_none() && s.rx.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Full(p) => SizeHint::with_exact(p.as_ref().map_or(0, |p| p.len() as u64)),
             Body::Stream(_) => SizeHint::default(),
         }
     }
