@@ -17,11 +17,27 @@ use serde_json::Value;
 
 use crate::invocation::{Collected, Failure};
 
-/// One usage record.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Usage {
-    pub name: String,
-    pub value: i64,
+/// The usage records an invocation reported, kept as the text of the
+/// envelope's `usage` list (without its brackets): a record costs no
+/// allocation of its own, and the envelope copies them in one go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageList(Vec<u8>);
+
+impl UsageList {
+    /// Adds `{"value":value,"name":name}`.
+    pub fn push(&mut self, name: &str, value: i64) {
+        let out = &mut self.0;
+        if out.is_empty() {
+            out.reserve(64);
+        } else {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"value\":");
+        write_int(out, value);
+        out.extend_from_slice(b",\"name\":");
+        write_str(out, name);
+        out.push(b'}');
+    }
 }
 
 /// The `status_code_text` of a shutdown-abort.
@@ -71,7 +87,7 @@ pub fn write(collected: &Collected, outcome: &Outcome<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(320);
     write_usage_and_status(&mut out, collected, outcome);
     out.extend_from_slice(b",\"file_data\":null,\"filedata_meta\":");
-    match &collected.filedata_meta {
+    match &collected.more().filedata_meta {
         Some(meta) => serde_json::to_writer(&mut out, meta).expect("a Value always serialises"),
         None => out.extend_from_slice(DEFAULT_FILEDATA_META.as_bytes()),
     }
@@ -82,9 +98,9 @@ pub fn write(collected: &Collected, outcome: &Outcome<'_>) -> Vec<u8> {
         _ => out.extend_from_slice(b"null"),
     }
     out.extend_from_slice(b",\"message_channels\":{\"infos\":");
-    write_strings(&mut out, &collected.infos);
+    write_strings(&mut out, &collected.more().infos);
     out.extend_from_slice(b",\"warnings\":");
-    write_strings(&mut out, &collected.warnings);
+    write_strings(&mut out, &collected.more().warnings);
     out.extend_from_slice(b"}}");
     out
 }
@@ -150,18 +166,9 @@ pub fn filedata_meta_from_json(text: &str) -> Result<Value, String> {
     Ok(serde_json::json!({ "terminate_current": terminate, "new_records": records }))
 }
 
-fn write_usage(out: &mut Vec<u8>, usage: &[Usage]) {
+fn write_usage(out: &mut Vec<u8>, usage: &UsageList) {
     out.push(b'[');
-    for (i, u) in usage.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(b"{\"value\":");
-        write_int(out, u.value);
-        out.extend_from_slice(b",\"name\":");
-        write_str(out, &u.name);
-        out.push(b'}');
-    }
+    out.extend_from_slice(&usage.0);
     out.push(b']');
 }
 
@@ -185,10 +192,7 @@ mod tests {
     #[test]
     fn success_envelope_has_every_key_in_order() {
         let mut c = Collected::default();
-        c.usage.push(Usage {
-            name: "chars".into(),
-            value: 15,
-        });
+        c.usage.push("chars", 15);
         let out: Box<RawValue> = serde_json::from_str(r#"{"words":3,"chars":15}"#).unwrap();
         let text = String::from_utf8(write(&c, &Outcome::Ok(Some(&out)))).unwrap();
         assert_eq!(
@@ -200,11 +204,8 @@ mod tests {
     #[test]
     fn shutdown_envelope_is_distinct_and_keeps_usage() {
         let mut c = Collected::default();
-        c.usage.push(Usage {
-            name: "units_done".into(),
-            value: 7,
-        });
-        c.infos.push("stopped".into());
+        c.usage.push("units_done", 7);
+        c.more_mut().infos.push("stopped".into());
         let v: Value = serde_json::from_slice(&write(&c, &Outcome::Shutdown)).unwrap();
         assert_eq!(v["status_code"], 503);
         assert_eq!(v["plugin_error"]["error_type"], "shutdown");

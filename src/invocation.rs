@@ -20,7 +20,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::envelope::{self, Usage};
+use crate::envelope::{self, UsageList};
 use crate::sync::lock;
 
 /// The process-wide cancel flag (`process_cancel_flag`).
@@ -161,7 +161,15 @@ pub struct Collected {
     pub output: Option<Box<RawValue>>,
     /// Items a streaming plugin emitted.
     pub items: u64,
-    pub usage: Vec<Usage>,
+    pub usage: UsageList,
+    /// The rest, which most invocations never report: boxed, so that a
+    /// `Collected` stays small as it is moved on to the answer.
+    more: Option<Box<Reported>>,
+}
+
+/// What an invocation reported besides its output and usage.
+#[derive(Debug, Default, Clone)]
+pub struct Reported {
     pub infos: Vec<String>,
     pub warnings: Vec<String>,
     /// A validated `{"terminate_current": bool, "new_records": [...]}`.
@@ -171,10 +179,30 @@ pub struct Collected {
     pub violation: Option<String>,
 }
 
+/// What an invocation that reported none of it reports.
+static NOTHING_MORE: Reported = Reported {
+    infos: Vec::new(),
+    warnings: Vec::new(),
+    filedata_meta: None,
+    failure: None,
+    violation: None,
+};
+
 impl Collected {
+    /// The infos, warnings, filedata meta, failure and violation.
+    pub fn more(&self) -> &Reported {
+        self.more.as_deref().unwrap_or(&NOTHING_MORE)
+    }
+
+    /// The same, to add to.
+    pub fn more_mut(&mut self) -> &mut Reported {
+        self.more.get_or_insert_with(Box::default)
+    }
+
     fn violate(&mut self, why: impl Into<String>) {
-        if self.violation.is_none() {
-            self.violation = Some(why.into());
+        let more = self.more_mut();
+        if more.violation.is_none() {
+            more.violation = Some(why.into());
         }
     }
 }
@@ -431,10 +459,7 @@ unsafe extern "C" fn cb_add_usage(
         let Some(name) = text(inv, "a usage name", name) else {
             return abi::CB_INVALID;
         };
-        lock(&inv.state).usage.push(Usage {
-            name: name.to_owned(),
-            value,
-        });
+        lock(&inv.state).usage.push(name, value);
         abi::CB_OK
     })
 }
@@ -444,7 +469,7 @@ unsafe extern "C" fn cb_add_info(handle: *mut abi::EtlInvocation, message: abi::
         let Some(m) = text(inv, "an info message", message) else {
             return abi::CB_INVALID;
         };
-        lock(&inv.state).infos.push(m.to_owned());
+        lock(&inv.state).more_mut().infos.push(m.to_owned());
         abi::CB_OK
     })
 }
@@ -454,7 +479,7 @@ unsafe extern "C" fn cb_add_warning(handle: *mut abi::EtlInvocation, message: ab
         let Some(m) = text(inv, "a warning message", message) else {
             return abi::CB_INVALID;
         };
-        lock(&inv.state).warnings.push(m.to_owned());
+        lock(&inv.state).more_mut().warnings.push(m.to_owned());
         abi::CB_OK
     })
 }
@@ -469,7 +494,7 @@ unsafe extern "C" fn cb_set_filedata_meta(
         };
         match envelope::filedata_meta_from_json(t) {
             Ok(meta) => {
-                lock(&inv.state).filedata_meta = Some(meta);
+                lock(&inv.state).more_mut().filedata_meta = Some(meta);
                 abi::CB_OK
             }
             Err(why) => {
@@ -500,7 +525,7 @@ unsafe extern "C" fn cb_set_failure(
         } else {
             error_type.into_owned()
         };
-        lock(&inv.state).failure = Some(Failure {
+        lock(&inv.state).more_mut().failure = Some(Failure {
             status,
             error_type,
             message: String::from_utf8_lossy(m).into_owned(),

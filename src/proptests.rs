@@ -6,7 +6,7 @@
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 
-use crate::envelope::{self, Outcome, Usage};
+use crate::envelope::{self, Outcome};
 use crate::invocation::Collected;
 use crate::plugin_id::python_dumps_sorted;
 use crate::validate::InputModel;
@@ -240,11 +240,11 @@ proptest! {
         output in json_value(),
         which in 0..3u8,
     ) {
-        let c = Collected {
-            usage: names.into_iter().enumerate().map(|(i, name)| Usage { name, value: i as i64 - 1 }).collect(),
-            infos,
-            ..Collected::default()
-        };
+        let mut c = Collected::default();
+        for (i, name) in names.iter().enumerate() {
+            c.usage.push(name, i as i64 - 1);
+        }
+        c.more_mut().infos.clone_from(&infos);
         let raw = serde_json::value::to_raw_value(&output).unwrap();
         let outcome = match which {
             0 => Outcome::Ok(Some(&raw)),
@@ -260,6 +260,13 @@ proptest! {
         if which == 0 {
             prop_assert_eq!(&v["output"], &output);
         }
+        let usage: Vec<Value> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| json!({"value": i as i64 - 1, "name": name}))
+            .collect();
+        prop_assert_eq!(&v["usage"], &Value::Array(usage));
+        prop_assert_eq!(&v["message_channels"]["infos"], &json!(infos));
         let p: Value = serde_json::from_slice(&envelope::precheck(&c, &outcome)).unwrap();
         prop_assert_eq!(&p["usage"], &v["usage"]);
     }

@@ -644,7 +644,7 @@ async fn invoke_streaming(
     match first {
         Some(Chunk::Line(first)) => {
             let drain = app.drain.clone();
-            let body = Body::Stream(StreamBody {
+            let body = Body::Stream(Box::new(StreamBody {
                 first: Some(first),
                 rx: Some(rx),
                 expired: Box::pin(async move { drain.expired().await }),
@@ -653,7 +653,7 @@ async fn invoke_streaming(
                 _in_flight: in_flight,
                 _busy: busy,
                 access: None,
-            });
+            }));
             with_type_body(StatusCode::OK, "application/x-ndjson", body)
         }
         Some(Chunk::Done(c)) => {
@@ -756,7 +756,7 @@ async fn precheck(app: &'static App) -> Response<Body> {
 
 /// How an invocation ended, from what the plugin reported.
 fn outcome_of(c: &Collected, kind: Kind) -> Outcome<'_> {
-    if let Some(why) = &c.violation {
+    if let Some(why) = &c.more().violation {
         return Outcome::Failed {
             status: 500,
             text: envelope::violation_text(why),
@@ -771,7 +771,7 @@ fn outcome_of(c: &Collected, kind: Kind) -> Outcome<'_> {
             },
             _ => Outcome::Ok(None),
         },
-        etl_abi::RESULT_FAILED => match &c.failure {
+        etl_abi::RESULT_FAILED => match &c.more().failure {
             Some(f) => Outcome::Failed {
                 status: f.status,
                 text: envelope::failure_text(f),
@@ -844,7 +844,11 @@ fn json(status: StatusCode, body: Bytes) -> Response<Body> {
 }
 
 fn with_type(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
-    with_type_body(status, content_type, Body::Full(Some(Payload::Shared(body))))
+    with_type_body(
+        status,
+        content_type,
+        Body::Full(Some(Payload::Shared(body))),
+    )
 }
 
 /// A JSON answer written for this response (an envelope).
@@ -865,7 +869,9 @@ fn with_type_body(status: StatusCode, content_type: &'static str, body: Body) ->
 /// emits them.
 pub enum Body {
     Full(Option<Payload>),
-    Stream(StreamBody),
+    /// Boxed: a response is moved several times on its way to hyper, and
+    /// the stream's state is large.
+    Stream(Box<StreamBody>),
 }
 
 /// The bytes of a whole response body.
