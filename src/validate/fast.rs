@@ -101,7 +101,8 @@ impl FlatPlan {
         // One UTF-8 check of the whole body, rather than one per string.
         let text = std::str::from_utf8(body).ok()?;
         let mut de = serde_json::Deserializer::from_str(text);
-        let found = de.deserialize_map(Fields(self)).ok()?;
+        let mut found: Found<'_> = [None; MAX_FIELDS];
+        de.deserialize_map(Fields(self, &mut found)).ok()?;
         de.end().ok()?;
         let mut out = Vec::with_capacity(body.len() + 16);
         out.push(b'{');
@@ -144,7 +145,9 @@ impl Field {
         }
         match self.scalar {
             // Without escapes, a string's text is what serde_json writes.
-            Scalar::String => (raw.starts_with('"') && !raw.contains('\\'))
+            // (A plain loop: these strings are short, shorter than a call
+            // to memchr is worth.)
+            Scalar::String => (raw.starts_with('"') && !raw.bytes().any(|b| b == b'\\'))
                 .then_some(Text::Verbatim(raw.as_bytes())),
             Scalar::Boolean => {
                 (raw == "true" || raw == "false").then_some(Text::Verbatim(raw.as_bytes()))
@@ -212,30 +215,31 @@ fn scalar(t: &str) -> Option<Scalar> {
     })
 }
 
-/// Reads a body object: each declared input's raw text, by field index.
-/// A repeated key keeps its last value, as serde_json's map does.
-struct Fields<'p>(&'p FlatPlan);
+/// Reads a body object into the second field: each declared input's raw
+/// text, by field index (written in place rather than returned, as the
+/// array is a few hundred bytes). A repeated key keeps its last value, as
+/// serde_json's map does.
+struct Fields<'p, 'f, 'de>(&'p FlatPlan, &'f mut Found<'de>);
 
 type Found<'de> = [Option<&'de RawValue>; MAX_FIELDS];
 
-impl<'de> Visitor<'de> for Fields<'_> {
-    type Value = Found<'de>;
+impl<'de> Visitor<'de> for Fields<'_, '_, 'de> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an object")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Found<'de>, A::Error> {
-        let mut found: Found<'de> = [None; MAX_FIELDS];
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(index) = map.next_key_seed(Key(self.0))? {
             match index {
-                Some(i) => found[i] = Some(map.next_value()?),
+                Some(i) => self.1[i] = Some(map.next_value()?),
                 None => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
-        Ok(found)
+        Ok(())
     }
 }
 
