@@ -97,8 +97,11 @@ pub async fn accept_until<L: Listener>(
     let connections = Tracker::default();
     let mut builder = http1::Builder::new();
     // No header-read timeout in hyper: ConnIo keeps the head deadline.
+    // Responses are small: one buffer and one write(2) each cost less than
+    // queueing the body behind the head for a writev(2).
     builder
         .header_read_timeout(None)
+        .writev(false)
         .max_header_size(limits.max_header_size);
     let serve = |stream: L::Io| {
         let (io, conn) = ConnIo::new(stream, connections.track(), limits.head_timeout);

@@ -97,7 +97,10 @@ async fn main() {
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
+            // As etl-serve does: the baseline gets every hyper setting
+            // that makes a host faster.
             let _ = http1::Builder::new()
+                .writev(false)
                 .serve_connection(TokioIo::new(stream), service_fn(invoke))
                 .await;
         });
