@@ -9,12 +9,13 @@
 //! (which thread a call runs on), `envelope`, `validate`, `plugin_id` and
 //! `openapi` (what the routes answer), `cli`, `logging`, `metrics`, `crash`
 //! (making a plugin crash visible), `unique` (ids without a contended
-//! counter), `sync` (locking that outlives a panic), and `no_libm` (why the
-//! binary does not load libm).
+//! counter), `sync` (locking that outlives a panic), `buffers` (byte buffers
+//! a worker reuses), and `no_libm` (why the binary does not load libm).
 
 use std::process::ExitCode;
 
 mod app;
+mod buffers;
 mod cli;
 mod conn;
 mod crash;

@@ -480,6 +480,8 @@ async fn invoke_plain(
         };
         let ended = slot.call(rescue, move || {
             let rc = plugin.invoke(registered.invocation(), &input);
+            // On a worker thread, which keeps buffers for the next request.
+            crate::buffers::give(input);
             registered.finish(rc)
         });
         return match ended {
@@ -894,6 +896,15 @@ impl Payload {
 
     fn len(&self) -> usize {
         self.bytes().len()
+    }
+}
+
+impl Drop for Payload {
+    fn drop(&mut self) {
+        // hyper drops the body on the connection's worker thread once sent.
+        if let Payload::Written(w) = self {
+            crate::buffers::give(std::mem::take(w.get_mut()));
+        }
     }
 }
 
