@@ -9,8 +9,9 @@
 //! (which thread a call runs on), `envelope`, `validate`, `plugin_id` and
 //! `openapi` (what the routes answer), `cli`, `logging`, `metrics`, `crash`
 //! (making a plugin crash visible), `unique` (ids without a contended
-//! counter), `sync` (locking that outlives a panic), `buffers` (byte buffers
-//! a worker reuses), and `no_libm` (why the binary does not load libm).
+//! counter), `sharded` (counters with a cell per thread), `sync` (locking
+//! that outlives a panic), `buffers` (byte buffers a worker reuses), and
+//! `no_libm` (why the binary does not load libm).
 
 use std::process::ExitCode;
 
@@ -33,6 +34,7 @@ mod proptests;
 mod reaper;
 mod routes;
 mod server;
+mod sharded;
 mod shutdown;
 mod sync;
 mod unique;

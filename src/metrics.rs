@@ -15,37 +15,127 @@
 //! The hot path pays one hash lookup under a read lock per labelled update.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{
+    EncodeLabelSet, EncodeLabelValue, EncodeMetric, MetricEncoder, NoLabelSet,
+};
 use prometheus_client::metrics::counter::{self, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::exponential_buckets;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
-/// A counter that every request may update, from either worker: alone on
-/// its cache lines, so that the updates do not slow down whatever else
-/// would share them.
-type HotCounter = Counter<u64, Aligned>;
+use crate::sharded::{self, Count};
 
-/// A counter value alone on its cache lines.
+/// A counter that every request may update, from either worker: spread
+/// over a cell per thread (see `sharded`), so that the updates do not move
+/// cache lines between the cores.
+type HotCounter = Counter<u64, Sharded>;
+
+/// A `u64` counter value spread over per-thread cells.
 #[derive(Debug, Default)]
-#[repr(align(128))]
-struct Aligned(AtomicU64);
+struct Sharded(Count);
 
-impl counter::Atomic<u64> for Aligned {
+impl counter::Atomic<u64> for Sharded {
     fn inc(&self) -> u64 {
         self.inc_by(1)
     }
 
+    /// Returns this thread's cell's previous value (nothing here reads it).
     fn inc_by(&self, v: u64) -> u64 {
-        self.0.fetch_add(v, Ordering::Relaxed)
+        self.0.add(v as i64, Ordering::Relaxed) as u64
     }
 
     fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.total(Ordering::Relaxed) as u64
+    }
+}
+
+/// The invocation-duration histogram of one outcome: the classic
+/// Prometheus histogram, with its counts in per-thread cells. (The
+/// prometheus-client one locks a mutex per observation, which both workers
+/// take on every request.)
+#[derive(Clone, Debug)]
+struct Durations(Arc<DurationsInner>);
+
+#[derive(Debug)]
+struct DurationsInner {
+    /// Upper bounds in seconds, ascending; the last is +Inf.
+    bounds: Box<[f64]>,
+    shards: Box<[DurationCell]>,
+}
+
+/// One thread's share of a [`Durations`]: observations per bucket, and
+/// their sum (an `f64`, as bits).
+#[derive(Debug)]
+#[repr(align(128))]
+struct DurationCell {
+    buckets: [AtomicU64; BUCKETS],
+    sum: AtomicU64,
+}
+
+/// 17 bounds from 100 µs to about 3.5 min, and +Inf.
+const BUCKETS: usize = 18;
+
+impl Durations {
+    fn new() -> Durations {
+        let bounds: Box<[f64]> = exponential_buckets(0.0001, 2.5, (BUCKETS - 1) as u16)
+            .chain(std::iter::once(f64::INFINITY))
+            .collect();
+        assert_eq!(bounds.len(), BUCKETS);
+        Durations(Arc::new(DurationsInner {
+            bounds,
+            shards: (0..sharded::SHARDS)
+                .map(|_| DurationCell {
+                    buckets: Default::default(),
+                    sum: AtomicU64::new(0f64.to_bits()),
+                })
+                .collect(),
+        }))
+    }
+
+    fn observe(&self, seconds: f64) {
+        let cell = &self.0.shards[sharded::shard()];
+        // The first bucket whose bound is at least `seconds` (+Inf for NaN).
+        let i = self
+            .0
+            .bounds
+            .partition_point(|b| *b < seconds)
+            .min(BUCKETS - 1);
+        cell.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let _ = cell
+            .sum
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                Some((f64::from_bits(bits) + seconds).to_bits())
+            });
+    }
+}
+
+impl TypedMetric for Durations {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Durations {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut sum = 0.0;
+        let mut buckets: Vec<(f64, u64)> = self.0.bounds.iter().map(|b| (*b, 0)).collect();
+        for cell in &self.0.shards[..] {
+            sum += f64::from_bits(cell.sum.load(Ordering::Relaxed));
+            for (b, n) in buckets.iter_mut().zip(&cell.buckets) {
+                b.1 += n.load(Ordering::Relaxed);
+            }
+        }
+        // The count is the buckets' total, so the +Inf bucket always
+        // equals it, whatever observations land while this reads.
+        let count = buckets.iter().map(|b| b.1).sum();
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
     }
 }
 
@@ -118,7 +208,7 @@ struct FailureLabels {
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, HotCounter>,
-    durations: Family<OutcomeLabels, Histogram>,
+    durations: Family<OutcomeLabels, Durations>,
     in_flight: Gauge,
     shutdown_aborts: Counter,
     client_disconnects: Counter,
@@ -127,7 +217,7 @@ pub struct Metrics {
     // The series every successful invocation touches, looked up once so
     // the hot path does not hash labels under a lock.
     invoke_ok: HotCounter,
-    duration_ok: Histogram,
+    duration_ok: Durations,
     calls_inline: HotCounter,
     calls_blocking: HotCounter,
 }
@@ -144,10 +234,8 @@ impl Metrics {
             "HTTP requests answered, by route and status",
             requests.clone(),
         );
-        let durations = Family::<OutcomeLabels, Histogram>::new_with_constructor(|| {
-            // 100 µs to about 3.5 min.
-            Histogram::new(exponential_buckets(0.0001, 2.5, 17))
-        });
+        let durations: Family<OutcomeLabels, Durations> =
+            Family::new_with_constructor(Durations::new);
         registry.register(
             "etl_serve_invocation_duration_seconds",
             "Time from a request reaching the plugin to its answer, by outcome",
@@ -280,5 +368,38 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_encode_as_a_classic_histogram_summed_over_threads() {
+        let d = Durations::new();
+        let mut registry = Registry::default();
+        registry.register("d", "test", d.clone());
+        d.observe(0.00005); // first bucket (<= 0.0001)
+        let other = d.clone();
+        std::thread::spawn(move || {
+            other.observe(0.0002); // <= 0.00025
+            other.observe(1e9); // +Inf
+        })
+        .join()
+        .unwrap();
+        d.observe(0.0001); // a bound is inclusive
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "d_sum 1000000000.00035",
+            "d_count 4",
+            "d_bucket{le=\"0.0001\"} 2",
+            "d_bucket{le=\"0.00025\"} 3",
+            "d_bucket{le=\"0.000625\"} 3",
+            "d_bucket{le=\"+Inf\"} 4",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+        }
     }
 }

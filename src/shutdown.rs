@@ -34,6 +34,7 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::invocation;
+use crate::sharded::Count;
 
 /// Exit codes of a shutdown (also in docs/shutdown.md).
 pub mod exit {
@@ -78,11 +79,15 @@ impl Default for Tracker {
     }
 }
 
-/// Alone on its cache lines, which every request writes.
+/// What a tracker counts with. The count is spread over per-thread cells
+/// (every request changes it, on whichever worker runs it), and the guards
+/// wake the waiters only when there are any: shutdown is the only time
+/// anyone waits.
 #[derive(Default)]
-#[repr(align(128))]
 struct TrackerInner {
-    count: AtomicUsize,
+    count: Count,
+    /// How many [`Tracker::zero`] calls are waiting.
+    waiters: AtomicUsize,
     zero: Notify,
 }
 
@@ -94,7 +99,10 @@ pub struct TrackGuard {
 
 impl Drop for TrackGuard {
     fn drop(&mut self) {
-        if self.inner.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // SeqCst here and in `zero` (waiter counted, then the count read):
+        // either this sees the waiter, or the waiter sees this decrement.
+        self.inner.count.add(-1, Ordering::SeqCst);
+        if self.inner.waiters.load(Ordering::SeqCst) > 0 {
             self.inner.zero.notify_waiters();
         }
     }
@@ -103,16 +111,25 @@ impl Drop for TrackGuard {
 impl Tracker {
     /// Counts one more, until the guard drops.
     pub fn track(&self) -> TrackGuard {
-        self.inner.count.fetch_add(1, Ordering::AcqRel);
+        self.inner.count.add(1, Ordering::SeqCst);
         TrackGuard { inner: self.inner }
     }
 
     pub fn count(&self) -> usize {
-        self.inner.count.load(Ordering::Acquire)
+        usize::try_from(self.inner.count.total(Ordering::SeqCst)).unwrap_or(0)
     }
 
     /// Resolves once the count is zero. Cancellation safe.
     pub async fn zero(&self) {
+        /// Counts this call among the waiters until it returns.
+        struct Waiting(&'static AtomicUsize);
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.inner.waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.inner.waiters);
         loop {
             let notified = self.inner.zero.notified();
             tokio::pin!(notified);
