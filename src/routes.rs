@@ -137,7 +137,8 @@ pub async fn handle(
     conn: Arc<Conn>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    // Until the response is done: the connection waits for no head.
+    // Until the response is handed to hyper (a stream: until it ends), the
+    // connection waits for no request head.
     let busy = Busy::begin(conn);
     let request_id = request_id(&req);
     let method = req.method().clone();
@@ -352,7 +353,7 @@ fn readyz(drain: &Drain) -> Response<Body> {
 
 /// Who sent an `/invoke`, for answering it from the inline-call watchdog.
 struct Requester<'a> {
-    /// The request's connection, marked busy until the response is done.
+    /// The request's connection, marked busy while the request is served.
     busy: Busy,
     request_id: &'a HeaderValue,
     /// When the request arrived, if the access log is on.
