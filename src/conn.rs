@@ -228,7 +228,7 @@ impl<S> ConnIo<S> {
     /// The moment the connection became idle is taken here, at the first
     /// read that finds it idle and nothing to read: hyper reads for the
     /// next head as soon as it has sent a response, so this is that
-    /// moment, and it costs no clock read in the request's path.
+    /// moment, read from the clock once per idle spell.
     fn past_head_deadline(&mut self, cx: &mut Context<'_>) -> bool {
         let conn = &*self.conn;
         if conn.busy.load(Ordering::Acquire) != 0 || !conn.flushed.load(Ordering::Relaxed) {
