@@ -56,7 +56,9 @@ mod tests {
         let threads: Vec<_> = (0..2 * SHARDS)
             .map(|_| std::thread::spawn(move || count.add(3, Ordering::Relaxed)))
             .collect();
-        threads.into_iter().for_each(|t| drop(t.join()));
+        for t in threads {
+            t.join().unwrap();
+        }
         assert_eq!(count.total(Ordering::Relaxed), 6 * SHARDS as i64);
         // Up on one thread, down on another.
         count.add(1, Ordering::Relaxed);
