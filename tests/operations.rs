@@ -357,11 +357,7 @@ fn a_response_that_a_client_reads_slowly_is_not_cut_off() {
     let args = ["--timeout-keep-alive", "1", "--header-read-timeout", "1s"];
     let s = Server::start(&fixture(None), &args);
     let mut conn = s.connect();
-    let body = r#"{"mode":"huge"}"#;
-    let raw = format!(
-        "POST /invoke HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let raw = invoke_request(r#"{"mode":"huge"}"#);
     conn.stream_mut().write_all(raw.as_bytes()).unwrap();
     // Read a little, so that the server goes on writing, then stall for
     // more than twice the timeout.

@@ -393,11 +393,7 @@ fn a_client_that_goes_away_cancels_its_invocation() {
     let s = Server::start(&plugin("slow"), &[]);
     let mut conn = s.connect();
     // 20 s of work; the client gives up after 300 ms by closing the socket.
-    let body = r#"{"units":2000,"unit_ms":10}"#;
-    let raw = format!(
-        "POST /invoke HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let raw = invoke_request(r#"{"units":2000,"unit_ms":10}"#);
     use std::io::Write;
     conn.stream_mut().write_all(raw.as_bytes()).unwrap();
     std::thread::sleep(Duration::from_millis(300));
