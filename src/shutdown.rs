@@ -34,7 +34,6 @@ use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use crate::invocation;
-use crate::sharded::Count;
 
 /// Exit codes of a shutdown (also in docs/shutdown.md).
 pub mod exit {
@@ -61,10 +60,9 @@ pub enum Phase {
 /// Counts live things (requests waiting on the plugin, open connections)
 /// and wakes whoever waits for the count to reach zero. Cheap to copy.
 ///
+/// The count is one atomic, so zero means zero: no live guard anywhere.
 /// A tracker lives for the process (there are two), so that a guard holds
-/// a plain reference: a reference count taken and dropped by every request,
-/// on whichever worker runs it, would move its cache line between the cores
-/// twice per request.
+/// a plain reference rather than a reference count of its own.
 #[derive(Clone, Copy)]
 pub struct Tracker {
     inner: &'static TrackerInner,
@@ -79,14 +77,12 @@ impl Default for Tracker {
     }
 }
 
-/// What a tracker counts with. The count is spread over per-thread cells
-/// (every request changes it, on whichever worker runs it), and the guards
-/// wake the waiters only when there are any: shutdown is the only time
-/// anyone waits.
 #[derive(Default)]
 struct TrackerInner {
-    count: Count,
-    /// How many [`Tracker::zero`] calls are waiting.
+    count: AtomicUsize,
+    /// How many [`Tracker::zero`] calls are waiting. A guard wakes them
+    /// only when there are any: shutdown is the only time anyone waits, and
+    /// waking takes the `Notify`'s lock.
     waiters: AtomicUsize,
     zero: Notify,
 }
@@ -101,8 +97,8 @@ impl Drop for TrackGuard {
     fn drop(&mut self) {
         // SeqCst here and in `zero` (waiter counted, then the count read):
         // either this sees the waiter, or the waiter sees this decrement.
-        self.inner.count.add(-1, Ordering::SeqCst);
-        if self.inner.waiters.load(Ordering::SeqCst) > 0 {
+        let before = self.inner.count.fetch_sub(1, Ordering::SeqCst);
+        if before == 1 && self.inner.waiters.load(Ordering::SeqCst) > 0 {
             self.inner.zero.notify_waiters();
         }
     }
@@ -110,13 +106,17 @@ impl Drop for TrackGuard {
 
 impl Tracker {
     /// Counts one more, until the guard drops.
+    ///
+    /// SeqCst, so that a caller that tracks and then reads the drain's
+    /// phase is either seen by a drain that starts meanwhile (which sets
+    /// the phase, then reads the count), or sees that drain.
     pub fn track(&self) -> TrackGuard {
-        self.inner.count.add(1, Ordering::SeqCst);
+        self.inner.count.fetch_add(1, Ordering::SeqCst);
         TrackGuard { inner: self.inner }
     }
 
     pub fn count(&self) -> usize {
-        usize::try_from(self.inner.count.total(Ordering::SeqCst)).unwrap_or(0)
+        self.inner.count.load(Ordering::SeqCst)
     }
 
     /// Resolves once the count is zero. Cancellation safe.
@@ -399,6 +399,40 @@ mod tests {
         assert!(futures_util::poll!(idle.as_mut()).is_pending());
         drop(b);
         assert!(futures_util::poll!(idle.as_mut()).is_ready());
+    }
+
+    #[test]
+    fn the_count_never_reads_zero_while_a_guard_lives() {
+        // Guards taken on some threads and dropped on others, while one
+        // guard stays alive throughout: no read may ever see zero.
+        let tracker = Tracker::default();
+        let held = tracker.track();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<TrackGuard>(64);
+        let takers: Vec<_> = (0..2)
+            .map(|_| {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..20_000 {
+                        tx.send(tracker.track()).unwrap();
+                    }
+                })
+            })
+            .collect();
+        drop(tx);
+        let dropper = std::thread::spawn(move || rx.into_iter().for_each(drop));
+        let mut reads = 0u64;
+        while !dropper.is_finished() {
+            assert!(tracker.count() >= 1, "read zero with a guard alive");
+            reads += 1;
+        }
+        for t in takers {
+            t.join().unwrap();
+        }
+        dropper.join().unwrap();
+        assert!(reads > 0);
+        assert_eq!(tracker.count(), 1);
+        drop(held);
+        assert_eq!(tracker.count(), 0);
     }
 
     #[tokio::test]
