@@ -34,7 +34,6 @@ mod proptests;
 mod reaper;
 mod routes;
 mod server;
-mod sharded;
 mod shutdown;
 mod sync;
 mod unique;
