@@ -84,7 +84,7 @@ pub fn violation_text(why: &str) -> String {
 
 /// Writes the whole envelope for `collected` ending as `outcome`.
 pub fn write(collected: &Collected, outcome: &Outcome<'_>) -> Vec<u8> {
-    let mut out = crate::buffers::take(320);
+    let mut out = Vec::with_capacity(320);
     write_usage_and_status(&mut out, collected, outcome);
     out.extend_from_slice(b",\"file_data\":null,\"filedata_meta\":");
     match &collected.more().filedata_meta {

@@ -16,7 +16,6 @@
 use std::process::ExitCode;
 
 mod app;
-mod buffers;
 mod cli;
 mod conn;
 mod crash;

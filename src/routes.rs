@@ -221,7 +221,7 @@ pub async fn handle(
     match response.body_mut() {
         // A stream is logged when it ends, with the bytes it sent.
         Body::Stream(stream) => stream.access = Some((line, 0)),
-        Body::Full(payload) => line.log(payload.as_ref().map_or(0, |p| p.len() as u64)),
+        Body::Full(bytes) => line.log(bytes.as_ref().map_or(0, |b| b.len() as u64)),
     }
     Ok(response)
 }
@@ -481,8 +481,6 @@ async fn invoke_plain(
         };
         let ended = slot.call(rescue, move || {
             let rc = plugin.invoke(registered.invocation(), &input);
-            // On a worker thread, which keeps buffers for the next request.
-            crate::buffers::give(input);
             registered.finish(rc)
         });
         return match ended {
@@ -528,7 +526,7 @@ fn answer(c: Collected, took: Duration) -> Response<Body> {
     record(&outcome, took);
     match outcome {
         Outcome::Shutdown => shutdown_abort(&c),
-        outcome => json_written(StatusCode::OK, envelope::write(&c, &outcome)),
+        outcome => json(StatusCode::OK, envelope::write(&c, &outcome).into()),
     }
 }
 
@@ -581,7 +579,7 @@ impl Rescue for InlineInvoke {
 /// but without a `Date` header (optional on a 5xx), and its body's length.
 fn http1_response(r: &Response<Body>) -> (Vec<u8>, usize) {
     let body: &[u8] = match r.body() {
-        Body::Full(Some(payload)) => payload.bytes(),
+        Body::Full(Some(bytes)) => bytes,
         _ => &[],
     };
     let mut out = Vec::with_capacity(256 + body.len());
@@ -847,17 +845,7 @@ fn json(status: StatusCode, body: Bytes) -> Response<Body> {
 }
 
 fn with_type(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
-    with_type_body(
-        status,
-        content_type,
-        Body::Full(Some(Payload::Shared(body))),
-    )
-}
-
-/// A JSON answer written for this response (an envelope).
-fn json_written(status: StatusCode, body: Vec<u8>) -> Response<Body> {
-    let payload = Payload::Written(std::io::Cursor::new(body));
-    with_type_body(status, "application/json", Body::Full(Some(payload)))
+    with_type_body(status, content_type, Body::Full(Some(body)))
 }
 
 fn with_type_body(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
@@ -871,65 +859,10 @@ fn with_type_body(status: StatusCode, content_type: &'static str, body: Body) ->
 /// A response body: one buffer, or the lines of a stream as the plugin
 /// emits them.
 pub enum Body {
-    Full(Option<Payload>),
+    Full(Option<Bytes>),
     /// Boxed: a response is moved several times on its way to hyper, and
     /// the stream's state is large.
     Stream(Box<StreamBody>),
-}
-
-/// The bytes of a whole response body.
-pub enum Payload {
-    /// Shared or static bytes: the schemas, the fixed answers.
-    Shared(Bytes),
-    /// A buffer written for this response, an envelope, handed to hyper as
-    /// it is: turning a `Vec` with room to spare into `Bytes` allocates.
-    Written(std::io::Cursor<Vec<u8>>),
-}
-
-impl Payload {
-    /// The bytes not yet sent.
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Payload::Shared(b) => b,
-            Payload::Written(w) => &w.get_ref()[w.position() as usize..],
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.bytes().len()
-    }
-}
-
-impl Drop for Payload {
-    fn drop(&mut self) {
-        // hyper drops the body on the connection's worker thread once sent.
-        if let Payload::Written(w) = self {
-            crate::buffers::give(std::mem::take(w.get_mut()));
-        }
-    }
-}
-
-impl bytes::Buf for Payload {
-    fn remaining(&self) -> usize {
-        match self {
-            Payload::Shared(b) => b.remaining(),
-            Payload::Written(w) => w.remaining(),
-        }
-    }
-
-    fn chunk(&self) -> &[u8] {
-        match self {
-            Payload::Shared(b) => b.chunk(),
-            Payload::Written(w) => w.chunk(),
-        }
-    }
-
-    fn advance(&mut self, n: usize) {
-        match self {
-            Payload::Shared(b) => b.advance(n),
-            Payload::Written(w) => w.advance(n),
-        }
-    }
 }
 
 /// The NDJSON lines of a streaming plugin. Dropping it (the client went
@@ -1015,26 +948,26 @@ fn last_line(c: &Collected, outcome: &Outcome<'_>) -> Bytes {
 }
 
 impl HttpBody for Body {
-    type Data = Payload;
+    type Data = Bytes;
     type Error = Infallible;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Payload>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
-            Body::Full(payload) => Poll::Ready(
-                payload
+            Body::Full(bytes) => Poll::Ready(
+                bytes
                     .take()
-                    .filter(|p| p.len() > 0)
-                    .map(|p| Ok(Frame::data(p))),
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
             ),
             Body::Stream(s) => s.poll_next(cx).map(|chunk| {
                 chunk.map(|b| {
                     if let Some((_, sent)) = &mut s.access {
                         *sent += b.len() as u64;
                     }
-                    Ok(Frame::data(Payload::Shared(b)))
+                    Ok(Frame::data(b))
                 })
             }),
         }
@@ -1042,14 +975,14 @@ impl HttpBody for Body {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Body::Full(p) => p.as_ref().is_none_or(|p| p.len() == 0),
+            Body::Full(b) => b.as_ref().is_none_or(Bytes::is_empty),
             Body::Stream(s) => s.first.is_none() && s.rx.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Body::Full(p) => SizeHint::with_exact(p.as_ref().map_or(0, |p| p.len() as u64)),
+            Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Body::Stream(_) => SizeHint::default(),
         }
     }

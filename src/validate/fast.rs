@@ -104,7 +104,7 @@ impl FlatPlan {
         let mut found: Found<'_> = [None; MAX_FIELDS];
         de.deserialize_map(Fields(self, &mut found)).ok()?;
         de.end().ok()?;
-        let mut out = crate::buffers::take(body.len() + 16);
+        let mut out = Vec::with_capacity(body.len() + 16);
         out.push(b'{');
         for (field, raw) in self.fields.iter().zip(&found) {
             let text = match raw {
