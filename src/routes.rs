@@ -264,57 +264,8 @@ fn request_id(req: &Request<Incoming>) -> HeaderValue {
             return given.clone();
         }
     }
-    let mut buf = [0u8; 8 + 1 + 16];
-    let len = write_id(&mut buf, PREFIX.as_bytes(), crate::unique::next());
-    HeaderValue::from_bytes(&buf[..len]).expect("hex digits and a dash")
-}
-
-/// Writes "{prefix}-{n:x}" (an 8-byte prefix) into `buf` by hand, as this
-/// runs for every request, and returns its length.
-fn write_id(buf: &mut [u8; 8 + 1 + 16], prefix: &[u8], n: u64) -> usize {
-    buf[..8].copy_from_slice(&prefix[..8]);
-    buf[8] = b'-';
-    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
-    for (i, b) in buf[9..9 + digits].iter_mut().rev().enumerate() {
-        *b = b"0123456789abcdef"[((n >> (4 * i)) & 0xf) as usize];
-    }
-    9 + digits
-}
-
-#[cfg(test)]
-#[test]
-fn ids_are_the_prefix_a_dash_and_the_number_in_hex() {
-    for n in [0, 1, 9, 10, 15, 16, 255, 4096, 0xdead_beef, u64::MAX] {
-        let mut buf = [0u8; 25];
-        let len = write_id(&mut buf, b"0badf00d", n);
-        assert_eq!(&buf[..len], format!("0badf00d-{n:x}").as_bytes());
-    }
-}
-
-/// A request id kept without a heap allocation, for the rare answer the
-/// inline-call watchdog writes (cloning the `HeaderValue` would allocate).
-struct RequestId {
-    bytes: [u8; 128],
-    len: u8,
-}
-
-impl RequestId {
-    /// `id` is at most 128 bytes (see `request_id`).
-    fn new(id: &HeaderValue) -> RequestId {
-        let id = id.as_bytes();
-        let len = id.len().min(128);
-        let mut bytes = [0u8; 128];
-        bytes[..len].copy_from_slice(&id[..len]);
-        RequestId {
-            bytes,
-            len: len as u8,
-        }
-    }
-
-    fn header(&self) -> HeaderValue {
-        HeaderValue::from_bytes(&self.bytes[..usize::from(self.len)])
-            .expect("copied from a header value")
-    }
+    let id = format!("{}-{:x}", *PREFIX, crate::unique::next());
+    HeaderValue::try_from(id).expect("hex digits and a dash")
 }
 
 /// What the access log says of one request.
@@ -474,7 +425,7 @@ async fn invoke_plain(
         let rescue = InlineInvoke {
             conn: from.busy,
             inv: registered.shared(),
-            request_id: RequestId::new(from.request_id),
+            request_id: from.request_id.clone(),
             started,
             received: from.received,
             _in_flight: in_flight,
@@ -535,7 +486,7 @@ struct InlineInvoke {
     /// Its connection, busy until the call's request is answered.
     conn: Busy,
     inv: Arc<Invocation>,
-    request_id: RequestId,
+    request_id: HeaderValue,
     started: Instant,
     received: Option<Instant>,
     /// Released once the request is answered, by whichever side does.
@@ -555,7 +506,7 @@ impl Rescue for InlineInvoke {
         let c = self.inv.snapshot();
         record(&Outcome::Shutdown, self.started.elapsed());
         let mut r = shutdown_abort(&c);
-        let request_id = self.request_id.header();
+        let request_id = self.request_id;
         r.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         METRICS.request(Route::invoke, r.status().as_u16());
         let (bytes, body_len) = http1_response(&r);
