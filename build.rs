@@ -8,8 +8,9 @@
 //!   startup, so the classic form kept about 600 KiB of the file resident.
 //!   Needs glibc 2.36 or later at run time (Debian 12, the image's base);
 //!   linkers that do not know the option ignore it with a warning.
-//! - `--wrap=pow` sends the binary's only libm call to `__wrap_pow` in
-//!   `src/no_libm.rs`, so libm is not loaded at all (see there).
+//! - `--wrap=pow` sends the binary's calls to `pow`, the only libm
+//!   function it uses, to `__wrap_pow` in `src/no_libm.rs`, so libm is not
+//!   loaded at all (see there).
 
 fn main() {
     let target = std::env::var("TARGET").unwrap_or_default();
