@@ -1,20 +1,24 @@
-//! Startup: load the plugin, bind, serve, and shut down. `main` calls
-//! [`run`] and turns its error into one line and an exit code.
+//! Startup: load the plugin, build the [`App`] the routes serve, bind,
+//! serve, and shut down. `main` calls [`run`] and turns its error into one
+//! line and an exit code.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use bytes::Bytes;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::info;
 
 use crate::cli::Cli;
+use crate::inline::{InlineCalls, InvokeRescue};
+use crate::openapi;
 use crate::plugin::{LoadError, Plugin};
 use crate::reaper;
-use crate::routes::{App, Options};
 use crate::server::{self, ConnLimits, Listener};
 use crate::shutdown::{self, Drain, ShutdownSignals};
+use crate::validate::InputModel;
 
 /// Exit codes of a failed start (those of a shutdown are in
 /// [`crate::shutdown::exit`]).
@@ -61,6 +65,89 @@ impl fmt::Display for Fatal {
             Fatal::Bind { addr, error } => write!(f, "cannot listen on {addr}: {error}"),
             Fatal::Os(why) => f.write_str(why),
         }
+    }
+}
+
+/// What the routes are configured with.
+pub struct Options {
+    /// Largest request body, in bytes.
+    pub max_body: u64,
+    /// Most requests waiting on the plugin at once; more get 503.
+    pub limit_concurrency: Option<usize>,
+    /// Whether to log one line per request.
+    pub access_log: bool,
+    /// The async runtime's worker threads (see `inline`).
+    pub workers: usize,
+}
+
+/// Everything the routes need, built once at startup.
+pub struct App {
+    /// Never unloaded: a thread abandoned at the drain timeout may still be
+    /// running its code when the process exits.
+    pub plugin: &'static Plugin,
+    /// Which plugin calls run inline (see `inline`).
+    pub inline: &'static InlineCalls<InvokeRescue>,
+    pub drain: Drain,
+    pub inputs: InputModel,
+    pub max_body: u64,
+    pub limit_concurrency: Option<usize>,
+    pub access_log: bool,
+    pub schema_body: Bytes,
+    pub id_body: Bytes,
+    pub metadata_body: Bytes,
+    pub openapi_body: Bytes,
+    pub docs_body: Bytes,
+}
+
+impl App {
+    /// Prepares the routes for `plugin`, refusing bodies over `max_body`
+    /// bytes.
+    ///
+    /// # Errors
+    /// The inputs schema cannot be compiled into a validator.
+    pub fn new(plugin: Plugin, options: Options, drain: Drain) -> Result<App, String> {
+        let m = plugin.manifest();
+        let inputs = InputModel::new(m.inputs())?;
+        let json = |v: &serde_json::Value| {
+            Bytes::from(serde_json::to_vec(v).expect("a Value always serialises"))
+        };
+        let openapi = openapi::document(m);
+        Ok(App {
+            inputs,
+            max_body: options.max_body,
+            limit_concurrency: options.limit_concurrency,
+            access_log: options.access_log,
+            schema_body: json(&m.schema),
+            id_body: json(&serde_json::Value::from(m.id.as_str())),
+            // Written in the reference's key order. No capabilities: etl-serve
+            // does not implement the reserved invocation_settings and
+            // invocation_context fields, so it must not advertise them.
+            metadata_body: Bytes::from(format!(
+                r#"{{"api_version":"3","identifier":{},"capabilities":[]}}"#,
+                serde_json::Value::from(m.id.as_str())
+            )),
+            docs_body: Bytes::from(openapi::docs_page(m)),
+            openapi_body: json(&openapi),
+            plugin: Box::leak(Box::new(plugin)),
+            inline: Box::leak(Box::new(InlineCalls::new(options.workers))),
+            drain,
+        })
+    }
+
+    /// Starts the thread that watches the plugin calls running inline, and
+    /// answers those still inside the plugin at the drain timeout (see
+    /// `inline`). Called once, from inside the runtime.
+    ///
+    /// # Errors
+    /// The thread cannot be started.
+    pub fn start_inline_watchdog(&'static self) -> std::io::Result<()> {
+        let drain = self.drain.clone();
+        let runtime = tokio::runtime::Handle::current();
+        self.inline.start_watchdog(
+            move || drain.has_expired(),
+            // A task spawned from outside the runtime wakes a parked worker.
+            move || drop(runtime.spawn(async {})),
+        )
     }
 }
 
@@ -171,7 +258,7 @@ async fn serve_on<L: Listener>(
     let connections = server
         .await
         .map_err(|e| Fatal::Os(format!("the accept loop failed: {e}")))?;
-    let plugin = app.plugin();
+    let plugin = app.plugin;
     Ok(shutdown::finish(&connections, signals, || plugin.shutdown(), code).await)
 }
 

@@ -3,11 +3,11 @@
 //! - [`ConnIo`], the stream hyper reads and writes, which keeps track of
 //!   whether hyper has handed the socket every byte it wrote;
 //! - [`Conn`], what the routes and the inline-call watchdog know of the
-//!   connection, and how the watchdog answers a request whose task is held
-//!   by the plugin (see `dispatch`);
+//!   connection, and its socket for the watchdog to answer on (see
+//!   `inline`);
 //! - the head deadline: how long a connection may wait for a request head
 //!   (the keep-alive and header-read timeouts), kept by [`ConnIo`] with one
-//!   runtime timer per connection, and the [`Busy`] guard that suspends it
+//!   runtime timer per connection, and the [`AnswerPending`] guard that suspends it
 //!   while a request is being served.
 
 use std::future::Future;
@@ -21,8 +21,6 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-use nix::sys::socket::{self, MsgFlags, Shutdown};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::shutdown::TrackGuard;
@@ -31,7 +29,7 @@ use crate::sync::lock;
 /// What the routes, and the inline-call watchdog, know of one connection:
 /// whether hyper has handed the socket every byte it wrote, and the socket
 /// itself, so that a request whose task is held by an inline plugin call
-/// can be answered from another thread (see `dispatch`).
+/// can be answered from another thread (see `inline`).
 pub struct Conn {
     fd: RawFd,
     /// False from each write until the flush after it: while true, hyper
@@ -42,9 +40,9 @@ pub struct Conn {
     /// watchdog never touches a descriptor number that was reused.
     state: Mutex<ConnState>,
     /// Requests being served: from the call of the route until their
-    /// response is done (see [`Busy`]). Only the connection's task, and
+    /// response is done (see [`AnswerPending`]). Only the connection's task, and
     /// the inline-call watchdog when it answers, change it.
-    busy: AtomicU32,
+    answers_pending: AtomicU32,
     /// When the connection last became idle ([`since_epoch`]), where its
     /// head deadline counts from; 0 while it is not idle or not yet seen
     /// idle (see [`ConnIo::past_head_deadline`]).
@@ -64,17 +62,17 @@ fn since_epoch(at: Instant) -> u64 {
 /// until the stream ends). While any is held, the connection waits for no
 /// request head, so the head deadline is off; so it is while hyper still
 /// holds bytes of a response it could not yet write.
-pub struct Busy(Arc<Conn>);
+pub struct AnswerPending(Arc<Conn>);
 
-impl Busy {
-    pub fn begin(conn: Arc<Conn>) -> Busy {
-        conn.busy.fetch_add(1, Ordering::Relaxed);
+impl AnswerPending {
+    pub fn begin(conn: Arc<Conn>) -> AnswerPending {
+        conn.answers_pending.fetch_add(1, Ordering::Relaxed);
         conn.idle_since.store(0, Ordering::Relaxed);
-        Busy(conn)
+        AnswerPending(conn)
     }
 }
 
-impl Deref for Busy {
+impl Deref for AnswerPending {
     type Target = Arc<Conn>;
 
     fn deref(&self) -> &Arc<Conn> {
@@ -82,9 +80,9 @@ impl Deref for Busy {
     }
 }
 
-impl Drop for Busy {
+impl Drop for AnswerPending {
     fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::Release);
+        self.0.answers_pending.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -93,14 +91,11 @@ enum ConnState {
     Open {
         _counted: TrackGuard,
     },
-    /// Answered by [`Conn::answer_raw`]; the socket stays open, unused.
+    /// Answered by [`Conn::answer_on_socket`]; the socket stays open,
+    /// unused.
     Answered,
     Closed,
 }
-
-/// How long [`Conn::answer_raw`] waits for room in the socket's send
-/// buffer before it gives up on a client that does not read.
-const RAW_SEND_WAIT: Duration = Duration::from_millis(100);
 
 impl Conn {
     /// Whether hyper has written everything it was given to the socket.
@@ -108,75 +103,25 @@ impl Conn {
         self.flushed.load(Ordering::Relaxed)
     }
 
-    /// Whether the client has closed its side of the connection (or reset
-    /// it), as hyper would find on its next read.
-    pub fn peer_gone(&self) -> bool {
+    /// Runs `f` on the socket while the connection is open, under the lock
+    /// the socket is closed under, so that `f` never touches a descriptor
+    /// number that was reused. `None` once closed or answered.
+    pub fn peek_socket<T>(&self, f: impl FnOnce(RawFd) -> T) -> Option<T> {
         let state = lock(&self.state);
-        if !matches!(*state, ConnState::Open { .. }) {
-            return false;
-        }
-        let revents = poll_once(self.fd, nix::libc::POLLRDHUP, Duration::ZERO);
-        revents & (nix::libc::POLLRDHUP | nix::libc::POLLHUP | nix::libc::POLLERR) != 0
+        matches!(*state, ConnState::Open { .. }).then(|| f(self.fd))
     }
 
-    /// Writes `response` (a whole HTTP/1.1 response, which must say
-    /// `Connection: close`) straight onto the socket and shuts down its
-    /// sending side, for a request whose task cannot answer it. Only valid
-    /// while that task is held inside the plugin after [`Conn::flushed`]
-    /// said true: then nothing else writes to the socket. The connection
-    /// stops counting as open.
-    pub fn answer_raw(&self, response: &[u8]) -> io::Result<()> {
+    /// As [`Conn::peek_socket`], for `f` answering the request on the raw
+    /// socket (see `inline`): the connection then stops counting as open,
+    /// and its socket is left unused until it closes.
+    pub fn answer_on_socket<T>(&self, f: impl FnOnce(RawFd) -> T) -> Option<T> {
         let mut state = lock(&self.state);
         if !matches!(*state, ConnState::Open { .. }) {
-            return Err(io::Error::new(
-                io::ErrorKind::NotConnected,
-                "the connection is already closed",
-            ));
+            return None;
         }
-        let sent = send_all(self.fd, response);
-        let _ = socket::shutdown(self.fd, Shutdown::Write);
+        let answered = f(self.fd);
         *state = ConnState::Answered;
-        sent
-    }
-}
-
-/// Sends all of `bytes` on the non-blocking socket `fd`, waiting at most
-/// [`RAW_SEND_WAIT`] in all for room to send.
-fn send_all(fd: RawFd, mut bytes: &[u8]) -> io::Result<()> {
-    let deadline = Instant::now() + RAW_SEND_WAIT;
-    while !bytes.is_empty() {
-        match socket::send(fd, bytes, MsgFlags::MSG_NOSIGNAL) {
-            Ok(n) => bytes = &bytes[n..],
-            Err(Errno::EINTR) => {}
-            Err(Errno::EAGAIN) => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(io::ErrorKind::TimedOut.into());
-                }
-                poll_once(fd, nix::libc::POLLOUT, left);
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
-/// One `poll(2)` of `fd` for `events`, waiting up to `wait`: the events
-/// that happened (none on an error).
-fn poll_once(fd: RawFd, events: nix::libc::c_short, wait: Duration) -> nix::libc::c_short {
-    let mut pfd = nix::libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    let ms = nix::libc::c_int::try_from(wait.as_millis()).unwrap_or(nix::libc::c_int::MAX);
-    // SAFETY: one valid pollfd, for the length of the call. POLLRDHUP is
-    // not in nix's PollFlags, hence libc.
-    let n = unsafe { nix::libc::poll(&mut pfd, 1, ms) };
-    if n > 0 {
-        pfd.revents
-    } else {
-        0
+        Some(answered)
     }
 }
 
@@ -185,7 +130,7 @@ fn poll_once(fd: RawFd, events: nix::libc::c_short, wait: Duration) -> nix::libc
 /// the head deadline.
 ///
 /// The head deadline: a connection that is idle (serving no request, no
-/// [`Busy`] held, and every byte of its last response handed to the
+/// [`AnswerPending`] held, and every byte of its last response handed to the
 /// socket) must deliver a whole request head within `head_timeout` of
 /// becoming idle, or a read fails with `TimedOut` and hyper closes it.
 /// That is both the keep-alive timeout (no byte comes) and the
@@ -207,7 +152,7 @@ impl<S: AsRawFd> ConnIo<S> {
             fd: io.as_raw_fd(),
             flushed: AtomicBool::new(true),
             state: Mutex::new(ConnState::Open { _counted: open }),
-            busy: AtomicU32::new(0),
+            answers_pending: AtomicU32::new(0),
             idle_since: AtomicU64::new(since_epoch(Instant::now()).max(1)),
         });
         let io = ConnIo {
@@ -231,7 +176,9 @@ impl<S> ConnIo<S> {
     /// moment, read from the clock once per idle spell.
     fn past_head_deadline(&mut self, cx: &mut Context<'_>) -> bool {
         let conn = &*self.conn;
-        if conn.busy.load(Ordering::Acquire) != 0 || !conn.flushed.load(Ordering::Relaxed) {
+        if conn.answers_pending.load(Ordering::Acquire) != 0
+            || !conn.flushed.load(Ordering::Relaxed)
+        {
             return false;
         }
         let mut idle_since = conn.idle_since.load(Ordering::Relaxed);

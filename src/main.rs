@@ -1,17 +1,18 @@
 //! etl-serve: serve an ETL plugin loaded from a shared library over the etl
 //! plugin HTTP contract.
 //!
-//! Where things are: `app` (startup and the top-level flow), `shutdown`
-//! (signals and the drain), `reaper` (orphans, when PID 1), `server` (the
-//! accept loop), `conn` (one connection's plumbing under hyper), `routes`
-//! (every HTTP route), `plugin` (loading a library through the C ABI),
-//! `invocation` (the host side of one call into the plugin), `dispatch`
-//! (which thread a call runs on), `envelope`, `validate`, `plugin_id` and
+//! Where things are: `app` (startup, the [`app::App`] the routes serve,
+//! and the top-level flow), `shutdown` (signals and the drain: the whole
+//! sequence from SIGTERM to the exit code), `reaper` (orphans, when PID 1),
+//! `server` (the accept loop), `conn` (one connection's plumbing under
+//! hyper), `routes` (every HTTP route, a file per concern), `inline` (which
+//! thread a plugin call runs on, and the inline path whole), `plugin`
+//! (loading a library through the C ABI), `invocation` (the host side of
+//! one call into the plugin), `envelope`, `validate`, `plugin_id` and
 //! `openapi` (what the routes answer), `cli`, `logging`, `metrics`, `crash`
 //! (making a plugin crash visible), `unique` (ids without a contended
-//! counter), `sharded` (counters with a cell per thread), `sync` (locking
-//! that outlives a panic), `buffers` (byte buffers a worker reuses), and
-//! `no_libm` (why the binary does not load libm).
+//! counter), `sync` (locking that outlives a panic), and `no_libm` (why the
+//! binary does not load libm).
 
 use std::process::ExitCode;
 
@@ -19,8 +20,8 @@ mod app;
 mod cli;
 mod conn;
 mod crash;
-mod dispatch;
 mod envelope;
+mod inline;
 mod invocation;
 mod logging;
 mod metrics;

@@ -18,8 +18,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, warn};
 
+use crate::app::App;
 use crate::conn::ConnIo;
-use crate::routes::{self, App};
+use crate::routes;
 use crate::shutdown::Tracker;
 
 /// Per-connection limits.

@@ -1,0 +1,285 @@
+//! `POST /invoke` of a plain plugin: the body read and checked, the plugin
+//! called (inline when `inline` allows it, else on the blocking pool), and
+//! the envelope written. Streaming plugins continue in `stream`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+
+use super::reply::{internal_error, json, overloaded, shutdown_abort, Body};
+use super::stream::invoke_streaming;
+use crate::app::App;
+use crate::conn::AnswerPending;
+use crate::envelope::{self, Outcome};
+use crate::inline::InlineCall;
+use crate::invocation::{Collected, Invocation, Kind};
+use crate::metrics::{self, FailureKind, METRICS};
+use crate::shutdown::InFlightGuard;
+
+/// Who sent an `/invoke`, for answering it from the inline-call watchdog.
+pub struct Requester<'a> {
+    /// The request's connection, which owes this request an answer.
+    pub conn: AnswerPending,
+    pub request_id: &'a HeaderValue,
+    /// When the request arrived, if the access log is on.
+    pub received: Option<Instant>,
+}
+
+pub async fn invoke(
+    app: &'static App,
+    req: Request<Incoming>,
+    from: Requester<'_>,
+) -> Response<Body> {
+    let (head, body) = req.into_parts();
+    let content_type = head
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let body = match read_body(body, app.max_body).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    // Counted before the drain check: a drain that starts after the check
+    // then waits for this request.
+    let in_flight = app.drain.track();
+    if app.drain.is_draining() {
+        return shutdown_abort(&Collected::default());
+    }
+    if let Some(limit) = app.limit_concurrency {
+        if app.drain.in_flight() > limit {
+            return overloaded(limit);
+        }
+    }
+    let input = match app.inputs.prepare(content_type, &body) {
+        Ok(input) => input,
+        Err(rejection) => {
+            let body = serde_json::to_vec(&rejection.body).expect("a Value always serialises");
+            return json(StatusCode::UNPROCESSABLE_ENTITY, body.into());
+        }
+    };
+    if app.plugin.manifest().streaming {
+        invoke_streaming(app, input, in_flight, from.conn).await
+    } else {
+        invoke_plain(app, input, in_flight, from).await
+    }
+}
+
+/// Reads the whole body, refusing one over `max` bytes with 413: at once
+/// when its Content-Length says so, else as soon as it grows past `max`.
+///
+/// A small body arrives in one frame, which is returned as it is: no copy,
+/// and no list of buffers to gather it in.
+async fn read_body(mut body: Incoming, max: u64) -> Result<Bytes, Response<Body>> {
+    let too_large = |len: Option<u64>| {
+        let text = match len {
+            Some(n) => format!(
+                "request body is {n} bytes, over the limit of {max} bytes (--max-body-size)"
+            ),
+            None => format!("request body is over the limit of {max} bytes (--max-body-size)"),
+        };
+        let mut r = json(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Bytes::from(serde_json::to_vec(&serde_json::json!({"detail": text})).unwrap()),
+        );
+        // The rest of the body is not read, so the connection cannot be reused.
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    };
+    let declared = body.size_hint().exact();
+    if let Some(len) = declared.filter(|len| *len > max) {
+        return Err(too_large(Some(len)));
+    }
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<Vec<u8>> = None;
+    let mut len = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            json(
+                StatusCode::BAD_REQUEST,
+                Bytes::from(
+                    serde_json::to_vec(
+                        &serde_json::json!({"detail": format!("cannot read the request body: {e}")}),
+                    )
+                    .unwrap(),
+                ),
+            )
+        })?;
+        // Trailers carry nothing the plugin reads.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        len += data.len() as u64;
+        if len > max {
+            return Err(too_large(None));
+        }
+        match (&mut joined, first.take()) {
+            (Some(all), _) => all.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(earlier)) => {
+                let mut all = Vec::with_capacity(declared.unwrap_or(0).max(len) as usize);
+                all.extend_from_slice(&earlier);
+                all.extend_from_slice(&data);
+                joined = Some(all);
+            }
+        }
+    }
+    Ok(joined.map(Bytes::from).or(first).unwrap_or_default())
+}
+
+async fn invoke_plain(
+    app: &'static App,
+    input: Vec<u8>,
+    in_flight: InFlightGuard,
+    from: Requester<'_>,
+) -> Response<Body> {
+    let call = InlineCall {
+        plugin: app.plugin,
+        registered: Invocation::start(Kind::Invoke, None),
+        input,
+        in_flight,
+        conn: from.conn,
+        request_id: from.request_id,
+        received: from.received,
+    };
+    // A quick plugin is called right here (see `inline`).
+    let InlineCall {
+        plugin,
+        registered,
+        input,
+        in_flight: _in_flight,
+        // Owes the answer until it is handed to hyper.
+        conn: _pending,
+        ..
+    } = match app.inline.invoke(call).await {
+        Ok(answered) => return answered,
+        Err(call) => call,
+    };
+    let started = registered.started();
+    let watch = ClientWatch::new(registered.shared());
+    let call = app.inline.time_on_blocking_pool(move || {
+        let rc = plugin.invoke(registered.invocation(), &input);
+        registered.finish(rc)
+    });
+    tokio::select! {
+        biased;
+        collected = call => match watch.finished(collected) {
+            Ok(c) => answer(c, started.elapsed()),
+            Err(e) => internal_error(&e.to_string()),
+        },
+        // The plugin ignored its flag past the graceful timeout: answer for
+        // it with what it reported so far, and abandon its thread.
+        () = app.drain.expired() => {
+            let c = watch.abandon();
+            record(&Outcome::Shutdown, started.elapsed());
+            shutdown_abort(&c)
+        }
+    }
+}
+
+/// The answer to a plain `/invoke` whose plugin call returned `c`.
+pub fn answer(c: Collected, took: Duration) -> Response<Body> {
+    let outcome = outcome_of(&c, Kind::Invoke);
+    record(&outcome, took);
+    match outcome {
+        Outcome::Shutdown => shutdown_abort(&c),
+        outcome => json(StatusCode::OK, envelope::write(&c, &outcome).into()),
+    }
+}
+
+/// Records an invocation's duration and, for a failure, its kind.
+pub fn record(outcome: &Outcome<'_>, took: Duration) {
+    let label = match outcome {
+        Outcome::Ok(_) => metrics::Outcome::ok,
+        Outcome::Failed { text, .. } => {
+            let violation = text.starts_with(envelope::VIOLATION_PREFIX);
+            METRICS.failure(if violation {
+                FailureKind::contract_violation
+            } else {
+                FailureKind::error
+            });
+            metrics::Outcome::failed
+        }
+        Outcome::Shutdown => metrics::Outcome::shutdown,
+    };
+    METRICS.invocation(label, took);
+}
+
+/// How an invocation ended, from what the plugin reported.
+pub fn outcome_of(c: &Collected, kind: Kind) -> Outcome<'_> {
+    if let Some(why) = &c.more().violation {
+        return Outcome::Failed {
+            status: 500,
+            text: envelope::violation_text(why),
+        };
+    }
+    match c.result {
+        etl_abi::RESULT_OK => match (kind, &c.output) {
+            (Kind::Invoke, Some(output)) => Outcome::Ok(Some(output)),
+            (Kind::Invoke, None) => Outcome::Failed {
+                status: 500,
+                text: envelope::violation_text("the plugin returned ok without emitting an output"),
+            },
+            _ => Outcome::Ok(None),
+        },
+        etl_abi::RESULT_FAILED => match &c.more().failure {
+            Some(f) => Outcome::Failed {
+                status: f.status,
+                text: envelope::failure_text(f),
+            },
+            None => Outcome::Failed {
+                status: 500,
+                text: "[PluginError] the plugin reported a failure without describing it".into(),
+            },
+        },
+        etl_abi::RESULT_SHUTDOWN => Outcome::Shutdown,
+        other => Outcome::Failed {
+            status: 500,
+            text: envelope::violation_text(&format!(
+                "the plugin returned the unknown result code {other}"
+            )),
+        },
+    }
+}
+
+/// Cancels an invocation whose client went away: hyper drops the request's
+/// future (or the response body) when the connection closes, and with it
+/// this watch, unless the invocation finished or was abandoned first. (An
+/// inline call holds its request's future; the inline watchdog watches
+/// its client instead.)
+pub struct ClientWatch {
+    inv: Option<Arc<Invocation>>,
+}
+
+impl ClientWatch {
+    pub fn new(inv: Arc<Invocation>) -> ClientWatch {
+        ClientWatch { inv: Some(inv) }
+    }
+
+    /// The plugin returned: nothing to cancel any more.
+    pub fn finished<T>(mut self, result: T) -> T {
+        self.inv = None;
+        result
+    }
+
+    /// The drain timed out: what the plugin reported so far.
+    pub fn abandon(mut self) -> Collected {
+        self.inv
+            .take()
+            .map(|inv| inv.snapshot())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ClientWatch {
+    fn drop(&mut self) {
+        if let Some(inv) = self.inv.take() {
+            inv.cancel_for_client();
+        }
+    }
+}

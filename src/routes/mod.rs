@@ -1,0 +1,171 @@
+//! The HTTP routes: the etl plugin contract, answered as the reference host
+//! answers it, plus the probes.
+//!
+//! | route            | answer                                               |
+//! |------------------|------------------------------------------------------|
+//! | `POST /invoke`   | the plugin's envelope (or NDJSON stream), 413, 422, 503 |
+//! | `GET /schema`    | `{"inputs": ..., "outputs": ...}`                    |
+//! | `GET /id`        | the plugin id as a JSON string                       |
+//! | `GET /precheck`  | the precheck envelope                                |
+//! | `GET /metadata`  | `{"api_version": "3", "identifier": ..., "capabilities": []}` |
+//! | `GET /openapi.json`, `GET /docs` | the OpenAPI document and a page about it |
+//! | `GET /`          | 307 to `/docs`                                       |
+//! | `GET /healthz`   | 200 while the process runs                           |
+//! | `GET /readyz`    | 200 while serving, 503 once shutdown started          |
+//! | anything else    | 404 `{"detail":"Not Found"}`, or 405 for a known path |
+//!
+//! One file per concern: `invoke` (reading, checking and calling a plain
+//! `/invoke`), `stream` (a streaming plugin's NDJSON), `precheck`, `reply`
+//! (response bodies and the fixed answers) and `access` (request ids and
+//! the access log). Whether a plugin call runs inline or on the blocking
+//! pool is `inline`'s business.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+
+use crate::app::App;
+use crate::conn::{AnswerPending, Conn};
+use crate::metrics::{Route, METRICS};
+use crate::shutdown::Drain;
+use reply::{json, redirect, with_type};
+
+mod access;
+mod invoke;
+mod precheck;
+mod reply;
+mod stream;
+
+pub use access::{AccessLine, X_REQUEST_ID};
+use invoke::Requester;
+pub use invoke::{answer, record};
+pub use reply::{internal_error, shutdown_abort, Body};
+
+/// Answers one request. Never fails: every problem is an HTTP answer.
+pub async fn handle(
+    app: &'static App,
+    conn: Arc<Conn>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    // Until the response is handed to hyper (a stream: until it ends), the
+    // connection waits for no request head.
+    let pending = AnswerPending::begin(conn);
+    let request_id = access::request_id(&req);
+    let method = req.method().clone();
+    let route = route_of(req.uri().path());
+    // Kept only for the access log line.
+    let access = app
+        .access_log
+        .then(|| (Instant::now(), req.uri().path().to_owned()));
+    let mut response = match (route, &method) {
+        (Route::invoke, &Method::POST) => {
+            let from = Requester {
+                conn: pending,
+                request_id: &request_id,
+                received: access.as_ref().map(|(at, _)| *at),
+            };
+            invoke::invoke(app, req, from).await
+        }
+        (Route::schema, &Method::GET) => json(StatusCode::OK, app.schema_body.clone()),
+        (Route::id, &Method::GET) => json(StatusCode::OK, app.id_body.clone()),
+        (Route::metadata, &Method::GET) => json(StatusCode::OK, app.metadata_body.clone()),
+        (Route::precheck, &Method::GET) => precheck::precheck(app).await,
+        (Route::openapi, &Method::GET) => json(StatusCode::OK, app.openapi_body.clone()),
+        (Route::docs, &Method::GET) => with_type(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            app.docs_body.clone(),
+        ),
+        (Route::root, &Method::GET) => redirect("/docs"),
+        (Route::healthz, &Method::GET) => {
+            json(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#))
+        }
+        (Route::readyz, &Method::GET) => readyz(&app.drain),
+        (Route::metrics, &Method::GET) => with_type(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            METRICS.encode(app.drain.in_flight()).into(),
+        ),
+        (Route::other, _) => json(
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(br#"{"detail":"Not Found"}"#),
+        ),
+        (route, _) => {
+            let mut r = json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                Bytes::from_static(br#"{"detail":"Method Not Allowed"}"#),
+            );
+            let allow = if route == Route::invoke {
+                "POST"
+            } else {
+                "GET"
+            };
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            r
+        }
+    };
+    if app.drain.is_draining() {
+        // Each connection closes after the response it is writing.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    let status = response.status().as_u16();
+    METRICS.request(route, status);
+    // Cloned only for the access log: a clone of a generated id allocates.
+    let Some((started, path)) = access else {
+        response.headers_mut().insert(X_REQUEST_ID, request_id);
+        return Ok(response);
+    };
+    response
+        .headers_mut()
+        .insert(X_REQUEST_ID, request_id.clone());
+    let line = AccessLine {
+        method,
+        path,
+        status,
+        started,
+        request_id,
+    };
+    match response.body_mut() {
+        // A stream is logged when it ends, with the bytes it sent.
+        Body::Stream(stream) => stream.access = Some((line, 0)),
+        Body::Full(bytes) => line.log(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+    }
+    Ok(response)
+}
+
+/// The route a path names, as a metrics label.
+fn route_of(path: &str) -> Route {
+    match path {
+        "/invoke" => Route::invoke,
+        "/schema" => Route::schema,
+        "/id" => Route::id,
+        "/precheck" => Route::precheck,
+        "/metadata" => Route::metadata,
+        "/openapi.json" => Route::openapi,
+        "/docs" => Route::docs,
+        "/" => Route::root,
+        "/healthz" => Route::healthz,
+        "/readyz" => Route::readyz,
+        "/metrics" => Route::metrics,
+        _ => Route::other,
+    }
+}
+
+fn readyz(drain: &Drain) -> Response<Body> {
+    if drain.is_draining() {
+        json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Bytes::from_static(br#"{"status":"shutting down"}"#),
+        )
+    } else {
+        json(StatusCode::OK, Bytes::from_static(br#"{"status":"ready"}"#))
+    }
+}

@@ -1,0 +1,53 @@
+//! `GET /precheck`: the plugin's own readiness check, always on the
+//! blocking pool (a precheck typically waits on the network).
+
+use hyper::{Response, StatusCode};
+
+use super::invoke::{outcome_of, ClientWatch};
+use super::reply::{add_retry_headers, internal_error, json, shutdown_abort, Body};
+use crate::app::App;
+use crate::envelope::{self, Outcome};
+use crate::inline;
+use crate::invocation::{Collected, Invocation, Kind};
+
+pub async fn precheck(app: &'static App) -> Response<Body> {
+    let _in_flight = app.drain.track();
+    if app.drain.is_draining() {
+        return shutdown_abort(&Collected::default());
+    }
+    if !app.plugin.manifest().has_precheck {
+        let c = Collected::default();
+        return json(
+            StatusCode::OK,
+            envelope::precheck(&c, &Outcome::Ok(None)).into(),
+        );
+    }
+    let plugin = app.plugin;
+    let registered = Invocation::start(Kind::Precheck, None);
+    let watch = ClientWatch::new(registered.shared());
+    let call = inline::on_blocking_pool(move || {
+        let rc = plugin.precheck(registered.invocation());
+        registered.finish(rc)
+    });
+    let collected = tokio::select! {
+        biased;
+        collected = call => watch.finished(collected),
+        () = app.drain.expired() => return shutdown_abort(&watch.abandon()),
+    };
+    match collected {
+        Ok(c) => {
+            let outcome = outcome_of(&c, Kind::Precheck);
+            let status = if matches!(outcome, Outcome::Shutdown) {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
+            };
+            let mut r = json(status, envelope::precheck(&c, &outcome).into());
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                add_retry_headers(&mut r);
+            }
+            r
+        }
+        Err(e) => internal_error(&e.to_string()),
+    }
+}

@@ -1,0 +1,133 @@
+//! Response bodies, and the answers every route shares.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use hyper::header::{self, HeaderValue};
+use hyper::{Response, StatusCode};
+
+use super::stream::StreamBody;
+use crate::envelope::{self, Outcome};
+use crate::invocation::Collected;
+use crate::metrics::METRICS;
+
+/// The 503 shutdown-abort: retryable elsewhere, and this connection closes.
+pub fn shutdown_abort(c: &Collected) -> Response<Body> {
+    METRICS.shutdown_abort();
+    let mut r = json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        envelope::write(c, &Outcome::Shutdown).into(),
+    );
+    add_retry_headers(&mut r);
+    r
+}
+
+pub fn add_retry_headers(r: &mut Response<Body>) {
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+}
+
+/// The 503 of `--limit-concurrency`: not a shutdown, so no envelope.
+pub fn overloaded(limit: usize) -> Response<Body> {
+    METRICS.rejection();
+    let detail =
+        format!("too many invocations in flight (--limit-concurrency {limit}); retry later");
+    let body = serde_json::to_vec(&serde_json::json!({ "detail": detail }))
+        .expect("a Value always serialises");
+    let mut r = json(StatusCode::SERVICE_UNAVAILABLE, body.into());
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+pub fn internal_error(why: &str) -> Response<Body> {
+    let c = Collected::default();
+    let outcome = Outcome::Failed {
+        status: 500,
+        text: format!("[HostError] {why}"),
+    };
+    json(StatusCode::OK, envelope::write(&c, &outcome).into())
+}
+
+pub fn redirect(to: &'static str) -> Response<Body> {
+    let mut r = Response::new(Body::Full(None));
+    *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    r.headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static(to));
+    r
+}
+
+pub fn json(status: StatusCode, body: Bytes) -> Response<Body> {
+    with_type(status, "application/json", body)
+}
+
+pub fn with_type(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
+    with_type_body(status, content_type, Body::Full(Some(body)))
+}
+
+pub fn with_type_body(
+    status: StatusCode,
+    content_type: &'static str,
+    body: Body,
+) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// A response body: one buffer, or the lines of a stream as the plugin
+/// emits them.
+pub enum Body {
+    Full(Option<Bytes>),
+    /// Boxed: a response is moved several times on its way to hyper, and
+    /// the stream's state is large.
+    Stream(Box<StreamBody>),
+}
+
+impl HttpBody for Body {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Body::Full(bytes) => Poll::Ready(
+                bytes
+                    .take()
+                    .filter(|b| !b.is_empty())
+                    .map(|b| Ok(Frame::data(b))),
+            ),
+            Body::Stream(s) => s.poll_next(cx).map(|chunk| {
+                chunk.map(|b| {
+                    if let Some((_, sent)) = &mut s.access {
+                        *sent += b.len() as u64;
+                    }
+                    Ok(Frame::data(b))
+                })
+            }),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Body::Full(b) => b.as_ref().is_none_or(Bytes::is_empty),
+            Body::Stream(s) => s.is_done(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Body::Stream(_) => SizeHint::default(),
+        }
+    }
+}
