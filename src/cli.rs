@@ -164,13 +164,25 @@ pub enum LogFormat {
     Json,
 }
 
-/// Parses the command line and the environment. On `--help` and
-/// `--version`, `Err` holds the text to print and exit 0 with; on a usage
-/// error, one line to print and exit 64 with.
-pub fn parse() -> Result<Cli, (bool, String)> {
+/// Why the command line asks for something other than serving.
+#[derive(Debug)]
+pub enum NotServing {
+    /// `--help` or `--version`: print this to stdout, and exit 0.
+    Print(String),
+    /// A usage error: print this one line to stderr, and exit 64.
+    Usage(String),
+}
+
+/// Parses the command line and the environment.
+///
+/// # Errors
+/// [`NotServing`] for `--help`, `--version` and usage errors.
+pub fn parse() -> Result<Cli, NotServing> {
     Cli::try_parse().map_err(|e| match e.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => (false, e.render().to_string()),
-        _ => (true, one_line(&e)),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            NotServing::Print(e.render().to_string())
+        }
+        _ => NotServing::Usage(one_line(&e)),
     })
 }
 

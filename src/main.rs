@@ -42,11 +42,11 @@ mod validate;
 fn main() -> ExitCode {
     let cli = match cli::parse() {
         Ok(cli) => cli,
-        Err((false, text)) => {
+        Err(cli::NotServing::Print(text)) => {
             print!("{text}");
             return ExitCode::SUCCESS;
         }
-        Err((true, line)) => {
+        Err(cli::NotServing::Usage(line)) => {
             eprintln!("{line}");
             return ExitCode::from(app::exit::USAGE);
         }
