@@ -2,7 +2,7 @@
 //! Time bounds are generous (a noisy 2-core machine); the tight figures are
 //! the benchmark's business.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
@@ -10,18 +10,41 @@ use nix::sys::signal::Signal::{SIGINT, SIGTERM};
 use serde_json::json;
 use support::{fixture, invoke_request, plugin, Server};
 
-/// Gives a request sent from another thread time to reach the plugin over
-/// loopback. (The cooperative test checks, from the drain's log line, that
-/// this is enough for the request to be in flight when the signal lands.)
-fn wait_inside_plugin(_s: &Server) {
-    std::thread::sleep(Duration::from_millis(300));
+/// Sends `raw` from another thread, and returns once the plugin has been
+/// handed the call (`etl_serve_plugin_calls_total` counts it): its
+/// invocation is registered by then, so a SIGTERM from then on sets its
+/// cancel flag.
+fn send_into_plugin(s: &Server, raw: String) -> Call {
+    let before = calls_handed(s);
+    let call = s.send_in_background(raw);
+    wait_handed(s, before);
+    call
+}
+
+/// Waits until the plugin was handed more than `before` calls in all.
+fn wait_handed(s: &Server, before: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while calls_handed(s) == before {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the plugin"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A request sent from another thread: its response, and when it came.
+type Call = std::thread::JoinHandle<(support::Response, Instant)>;
+
+/// Calls handed to the plugin so far, inline and on the blocking pool.
+fn calls_handed(s: &Server) -> u64 {
+    plugin_calls(s, "inline") + plugin_calls(s, "blocking")
 }
 
 /// Sends `body` to /invoke, sends SIGTERM once it reached the plugin, and
 /// returns the response and how long after the signal it arrived.
 fn invoke_then_sigterm(s: &Server, body: &str) -> (support::Response, Duration) {
-    let call = s.send_in_background(invoke_request(body));
-    wait_inside_plugin(s);
+    let call = send_into_plugin(s, invoke_request(body));
     let sent = Instant::now();
     s.signal(SIGTERM);
     let (r, answered) = call.join().unwrap();
@@ -129,10 +152,10 @@ fn the_environment_variable_sets_the_timeout() {
 #[test]
 fn a_request_that_finishes_during_the_drain_gets_its_normal_answer() {
     let mut s = Server::start(&plugin("slow"), &[]);
-    let call = s.send_in_background(invoke_request(
-        r#"{"units":8,"unit_ms":100,"cooperative":false}"#,
-    ));
-    std::thread::sleep(Duration::from_millis(200));
+    let call = send_into_plugin(
+        &s,
+        invoke_request(r#"{"units":8,"unit_ms":100,"cooperative":false}"#),
+    );
     s.signal(SIGTERM);
     let (r, _) = call.join().unwrap();
     assert_eq!(r.status, 200);
@@ -158,10 +181,10 @@ fn requests_during_the_drain_are_answered_at_once() {
         None
     );
     // Something to keep the drain going: 2 s that ignore the flag.
-    let long = s.send_in_background(invoke_request(
-        r#"{"units":20,"unit_ms":100,"cooperative":false}"#,
-    ));
-    wait_inside_plugin(&s);
+    let long = send_into_plugin(
+        &s,
+        invoke_request(r#"{"units":20,"unit_ms":100,"cooperative":false}"#),
+    );
     s.signal(SIGTERM);
     assert!(s.wait_for_log("draining", Duration::from_secs(5)));
 
@@ -257,8 +280,7 @@ fn a_stream_cut_by_shutdown_ends_with_the_shutdown_abort_line() {
 #[test]
 fn a_stream_that_sent_nothing_answers_the_plain_503() {
     let mut s = Server::start(&fixture(Some("STREAMING")), &[]);
-    let call = s.send_in_background(invoke_request(r#"{"mode":"wait_cancel"}"#));
-    wait_inside_plugin(&s);
+    let call = send_into_plugin(&s, invoke_request(r#"{"mode":"wait_cancel"}"#));
     s.signal(SIGTERM);
     let (r, _) = call.join().unwrap();
     assert_shutdown_abort(&r);
@@ -296,8 +318,10 @@ fn a_stream_whose_plugin_ignores_the_flag_is_cut_at_the_timeout() {
 #[test]
 fn a_second_signal_forces_the_exit() {
     let mut s = Server::start(&plugin("slow"), &["--graceful-timeout", "60s"]);
-    let _call = s.send_in_background(invoke_request(r#"{"units":100000,"cooperative":false}"#));
-    wait_inside_plugin(&s);
+    let _call = send_into_plugin(
+        &s,
+        invoke_request(r#"{"units":100000,"cooperative":false}"#),
+    );
     s.signal(SIGTERM);
     assert!(s.wait_for_log("draining", Duration::from_secs(5)));
     let sent = Instant::now();
@@ -392,11 +416,13 @@ fn bad_timeouts_are_one_line_naming_the_flag_or_variable() {
 fn a_client_that_goes_away_cancels_its_invocation() {
     let s = Server::start(&plugin("slow"), &[]);
     let mut conn = s.connect();
-    // 20 s of work; the client gives up after 300 ms by closing the socket.
+    // 20 s of work; the client gives up once it is inside the plugin, by
+    // closing the socket.
     let raw = invoke_request(r#"{"units":2000,"unit_ms":10}"#);
     use std::io::Write;
+    let before = calls_handed(&s);
     conn.stream_mut().write_all(raw.as_bytes()).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    wait_handed(&s, before);
     drop(conn);
     assert_cancelled_for_its_client(&s);
     assert!(
@@ -511,8 +537,7 @@ fn as_pid_1_it_reaps_orphans_keeps_its_plugins_children_and_shuts_down() {
     }
 
     // The shutdown sequence holds as PID 1.
-    let call = s.send_in_background(invoke_request(r#"{"mode":"wait_cancel"}"#));
-    wait_inside_plugin(&s);
+    let call = send_into_plugin(&s, invoke_request(r#"{"mode":"wait_cancel"}"#));
     support::signal_pid(etl_serve, SIGTERM);
     assert_shutdown_abort(&call.join().unwrap().0);
     let status = s
@@ -541,8 +566,7 @@ fn the_plugin_shutdown_hook_runs_only_when_nothing_is_inside_the_plugin() {
         &fixture(None),
         &["--plugin-config", &config, "--graceful-timeout", "300ms"],
     );
-    let call = s.send_in_background(invoke_request(r#"{"mode":"hang"}"#));
-    wait_inside_plugin(&s);
+    let call = send_into_plugin(&s, invoke_request(r#"{"mode":"hang"}"#));
     s.signal(SIGTERM);
     assert_shutdown_abort(&call.join().unwrap().0);
     assert_eq!(
@@ -594,8 +618,9 @@ fn long_call_inline<T>(args: &[&str], send: impl Fn(&Server) -> T) -> (Server, T
     for _ in 0..10 {
         let s = Server::start(&plugin("slow"), args);
         let inline_before = warm_up_inline(&s);
+        let handed_before = calls_handed(&s);
         let sent = send(&s);
-        wait_inside_plugin(&s);
+        wait_handed(&s, handed_before);
         if plugin_calls(&s, "inline") == inline_before + 1 {
             return (s, sent);
         }

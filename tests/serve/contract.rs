@@ -2,7 +2,7 @@
 //! plugin libraries over loopback: every route, every error case, for the
 //! Rust and the C `wordcount` alike.
 
-mod support;
+use crate::support;
 
 use std::io::Write;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The promise that a shutdown loses nothing and that nothing a client or a
 //! plugin does takes the server down silently. See docs/reliability.md.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

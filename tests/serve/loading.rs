@@ -1,7 +1,7 @@
 //! A plugin that cannot be loaded stops etl-serve before it binds a port,
 //! with exit code 65 and one line naming the file and the reason.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 

@@ -2,8 +2,6 @@
 //! real `etl-serve` binary on a free loopback port, and a small HTTP/1.1
 //! client over a raw socket (so tests control exactly what is sent).
 
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

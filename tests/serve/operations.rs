@@ -1,7 +1,7 @@
 //! Operating etl-serve: configuration names and precedence, the limits that
 //! protect the process, logs, metrics, the check mode and the Unix socket.
 
-mod support;
+use crate::support;
 
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -1,0 +1,17 @@
+//! The integration tests: the built `etl-serve` binary, real plugin
+//! libraries (Rust, C, and deliberately broken fixtures), real loopback
+//! sockets and real signals. One test crate, so that the shared `support`
+//! module is compiled once.
+//!
+//! - `contract`: every route and error case of the etl plugin contract;
+//! - `loading`: plugins that load, and the ones that must not;
+//! - `operations`: settings, limits, logs, metrics and probes;
+//! - `reliability`: plugin faults, bad input, and SIGTERM under load;
+//! - `shutdown`: the shutdown sequence, driven with real signals.
+
+mod contract;
+mod loading;
+mod operations;
+mod reliability;
+mod shutdown;
+mod support;
