@@ -315,11 +315,16 @@ impl HeadTimer {
 mod tests {
     use super::*;
 
-    /// The runtime timer's resolution is 1 ms; allow for a loaded machine.
-    const LATE: Duration = Duration::from_millis(150);
+    // The tests run on tokio's paused clock, which moves only when every
+    // task waits, straight to the next timer: the times they see are exact.
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    /// Now, on the runtime's clock.
+    fn now() -> Instant {
+        tokio::time::Instant::now().into_std()
     }
 
     async fn until(timer: &mut HeadTimer, deadline: Instant) {
@@ -331,19 +336,24 @@ mod tests {
         timer.poll_until(deadline, &mut Context::from_waker(Waker::noop()))
     }
 
-    #[tokio::test]
-    async fn the_timer_ends_at_its_deadline_and_not_before() {
-        let mut timer = HeadTimer::default();
-        let start = Instant::now();
-        until(&mut timer, start + ms(100)).await;
-        let slept = start.elapsed();
-        assert!(slept >= ms(100) && slept < ms(100) + LATE, "{slept:?}");
+    /// Whether `slept` is `want`, to the timer's resolution of 1 ms.
+    fn on_time(slept: Duration, want: Duration) -> bool {
+        slept >= want && slept <= want + ms(1)
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_ends_at_its_deadline_and_not_before() {
+        let mut timer = HeadTimer::default();
+        let start = now();
+        until(&mut timer, start + ms(100)).await;
+        let slept = now() - start;
+        assert!(on_time(slept, ms(100)), "{slept:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_later_deadline_keeps_the_timer_and_is_still_met() {
         let mut timer = HeadTimer::default();
-        let start = Instant::now();
+        let start = now();
         // One look per request, each with a later deadline.
         for i in 0..3 {
             assert!(look(&mut timer, start + ms(200 + 50 * i)).is_pending());
@@ -352,17 +362,17 @@ mod tests {
         // The timer is set for the first deadline (200 ms); this one is
         // 150 ms later.
         until(&mut timer, start + ms(350)).await;
-        let slept = start.elapsed();
-        assert!(slept >= ms(350) && slept < ms(350) + LATE, "{slept:?}");
+        let slept = now() - start;
+        assert!(on_time(slept, ms(350)), "{slept:?}");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn an_earlier_deadline_moves_the_timer_forward() {
         let mut timer = HeadTimer::default();
-        let start = Instant::now();
+        let start = now();
         assert!(look(&mut timer, start + Duration::from_secs(60)).is_pending());
         until(&mut timer, start + ms(50)).await;
-        let slept = start.elapsed();
-        assert!(slept >= ms(50) && slept < ms(50) + LATE, "{slept:?}");
+        let slept = now() - start;
+        assert!(on_time(slept, ms(50)), "{slept:?}");
     }
 }
