@@ -305,7 +305,7 @@ fn check_report(path: &Path, plugin: &Plugin) -> String {
 
 /// One async worker per CPU the process may use, and at least two, so that
 /// a quick plugin can be called inline while one worker stays free (see
-/// `dispatch`).
+/// `inline`).
 fn runtime_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
 }

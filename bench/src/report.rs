@@ -862,7 +862,7 @@ fn cost_by_object(w: &mut String, profiles: &[crate::profile::Cost]) {
         w,
         "\nWhat etl-serve does for each `/invoke` that the baseline does not: it validates the input against the \
          plugin's schema (for wordcount's flat schema, straight from the body's bytes); registers the invocation, so \
-         that callbacks from other threads and cancel flags can find it; leaves each inline call where the dispatch \
+         that callbacks from other threads and cancel flags can find it; leaves each inline call where the inline \
          watchdog can answer its request at the drain timeout, or cancel it when its client leaves, should the call \
          turn out long; keeps each connection's head deadline (the keep-alive and header-read timeouts); gives the \
          request an id; and counts metrics. The table gives their cost together, with the allocations they make; it \

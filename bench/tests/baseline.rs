@@ -6,7 +6,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 
 /// etl-serve's answer to `{"text":"hello big world"}` with `wordcount`
-/// (the contract's example; `tests/contract.rs` holds etl-serve to it).
+/// (the contract's example; `tests/serve/contract.rs` holds etl-serve to it).
 const ENVELOPE: &str = r#"{"usage":[{"value":15,"name":"chars"}],"status_code":200,"file_data":null,"filedata_meta":{"terminate_current":false,"new_records":[]},"status_code_text":null,"failure_category":null,"plugin_error":null,"output":{"words":3,"chars":15},"message_channels":{"infos":[],"warnings":[]}}"#;
 
 #[test]

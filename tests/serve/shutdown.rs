@@ -590,7 +590,7 @@ fn plugin_calls(s: &Server, thread: &str) -> u64 {
 }
 
 /// Sends quick calls until the last one ran inline (quick calls earn inline
-/// dispatch after the dispatch module's warm-up of 64). Returns the inline
+/// dispatch after the inline module's warm-up of 64). Returns the inline
 /// call count.
 fn warm_up_inline(s: &Server) -> u64 {
     let mut inline_before = 0;
