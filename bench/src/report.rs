@@ -390,6 +390,15 @@ pub fn markdown(results: &Results<'_>) -> String {
         results.wrk.command_line(CONNECTIONS, results.args.duration),
         same.join(", ")
     );
+    let _ = writeln!(
+        w,
+        "Requests per second on a 2-core machine swing by about 10% between runs of the same binary, too much \
+         to tell a change of a few percent from noise. To compare two builds of the request path, count \
+         instructions instead: `bench/callgrind [SERVER]` runs a server under callgrind, zeroes its counters \
+         after a 3 s warm-up, sends `wrk -t1 -c4` for 8 s, and divides the instructions by the requests \
+         completed (user space only; repeats agree within about 1%). Every change to the request path is \
+         measured that way first, then in these paired rounds.\n"
+    );
 
     let _ = writeln!(w, "## Throughput and latency, {CONNECTIONS} connections\n");
     let _ = writeln!(
