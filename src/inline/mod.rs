@@ -146,7 +146,7 @@ struct InlineSlot<R> {
 }
 
 /// How an inline call ended.
-pub enum Ended<T, R> {
+enum Ended<T, R> {
     /// The plugin returned (at the instant given); the rescue comes back
     /// unused.
     Returned(T, R, Instant),
@@ -181,14 +181,14 @@ impl<R: Rescue> InlineCalls<R> {
     }
 
     /// A slot to run the next call inline in, when the rules above allow it
-    /// and `allowed`, else `None` (use [`InlineCalls::time_on_blocking_pool`]).
+    /// and `allowed`, else `None` (the call goes to the blocking pool).
     /// `now` is the time of asking, which the caller has at hand.
     ///
     /// Waits up to [`BUSY_WAIT`] for a slot when the plugin is quick but
     /// every slot is taken: a quick call frees its slot within
     /// microseconds, sooner than a hand-off to the blocking pool would
     /// take. The call that frees a slot wakes one waiter.
-    pub async fn slot(&'static self, allowed: bool, now: Instant) -> Option<Slot<R>> {
+    async fn slot(&'static self, allowed: bool, now: Instant) -> Option<Slot<R>> {
         let slot = self.claim_soon(allowed, now).await?;
         self.wake_watchdog();
         Some(slot)
@@ -331,7 +331,7 @@ enum Claim<R: 'static> {
 }
 
 /// A claimed inline slot, freed when the call ends (or panics).
-pub struct Slot<R: 'static> {
+struct Slot<R: 'static> {
     slot: &'static InlineSlot<R>,
     calls: &'static InlineCalls<R>,
 }
@@ -339,7 +339,7 @@ pub struct Slot<R: 'static> {
 impl<R: Rescue> Slot<R> {
     /// Runs `call` here and now, leaving `rescue` in the slot for the
     /// watchdog while it runs.
-    pub fn call<T>(self, rescue: R, call: impl FnOnce() -> T) -> Ended<T, R> {
+    fn call<T>(self, rescue: R, call: impl FnOnce() -> T) -> Ended<T, R> {
         {
             let mut left = lock(&self.slot.rescue);
             // Checked under the lock that answer_all takes after setting
