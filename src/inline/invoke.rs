@@ -63,7 +63,7 @@ impl InlineCalls<InvokeRescue> {
         let rescue = InvokeRescue {
             conn,
             inv: inv.clone(),
-            request_id: request_id.clone(),
+            request_id: RequestId::new(request_id),
             started,
             received,
             _in_flight: in_flight,
@@ -92,7 +92,7 @@ pub struct InvokeRescue {
     /// side answers it does.
     conn: AnswerPending,
     inv: Arc<Invocation>,
-    request_id: HeaderValue,
+    request_id: RequestId,
     started: Instant,
     received: Option<Instant>,
     /// Released once the request is answered, by whichever side does.
@@ -112,8 +112,8 @@ impl Rescue for InvokeRescue {
         let c = self.inv.snapshot();
         routes::record(&Outcome::Shutdown, self.started.elapsed());
         let mut r = routes::shutdown_abort(&c);
-        r.headers_mut()
-            .insert(X_REQUEST_ID, self.request_id.clone());
+        let request_id = self.request_id.header();
+        r.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         METRICS.request(Route::invoke, r.status().as_u16());
         let (bytes, body_len) = http1_response(&r);
         if let Err(e) = answer_raw(&self.conn, &bytes) {
@@ -125,10 +125,37 @@ impl Rescue for InvokeRescue {
                 path: "/invoke".to_owned(),
                 status: r.status().as_u16(),
                 started,
-                request_id: self.request_id,
+                request_id,
             }
             .log(body_len as u64);
         }
+    }
+}
+
+/// A request id kept without a heap allocation: cloning the `HeaderValue`
+/// of a generated id allocates, for every inline call, an id that only the
+/// rare answer at the drain timeout uses.
+struct RequestId {
+    bytes: [u8; 128],
+    len: u8,
+}
+
+impl RequestId {
+    /// `id` is at most 128 bytes (see `routes::access::request_id`).
+    fn new(id: &HeaderValue) -> RequestId {
+        let id = id.as_bytes();
+        let len = id.len().min(128);
+        let mut bytes = [0u8; 128];
+        bytes[..len].copy_from_slice(&id[..len]);
+        RequestId {
+            bytes,
+            len: len as u8,
+        }
+    }
+
+    fn header(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.bytes[..usize::from(self.len)])
+            .expect("copied from a header value")
     }
 }
 

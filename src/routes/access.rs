@@ -29,8 +29,33 @@ pub fn request_id(req: &Request<Incoming>) -> HeaderValue {
             return given.clone();
         }
     }
-    let id = format!("{}-{:x}", *PREFIX, crate::unique::next());
-    HeaderValue::try_from(id).expect("hex digits and a dash")
+    let mut buf = [0u8; 8 + 1 + 16];
+    let len = write_id(&mut buf, PREFIX.as_bytes(), crate::unique::next());
+    HeaderValue::from_bytes(&buf[..len]).expect("hex digits and a dash")
+}
+
+/// Writes "{prefix}-{n:x}" (an 8-byte prefix) into `buf` and returns its
+/// length. By hand rather than with `format!`, which goes through the
+/// formatting machinery and a `String`: with the `RequestId` copy below,
+/// about 680 instructions of each request (3.5%, `bench/callgrind`).
+fn write_id(buf: &mut [u8; 8 + 1 + 16], prefix: &[u8], n: u64) -> usize {
+    buf[..8].copy_from_slice(&prefix[..8]);
+    buf[8] = b'-';
+    let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
+    for (i, b) in buf[9..9 + digits].iter_mut().rev().enumerate() {
+        *b = b"0123456789abcdef"[((n >> (4 * i)) & 0xf) as usize];
+    }
+    9 + digits
+}
+
+#[cfg(test)]
+#[test]
+fn ids_are_the_prefix_a_dash_and_the_number_in_hex() {
+    for n in [0, 1, 9, 10, 15, 16, 255, 4096, 0xdead_beef, u64::MAX] {
+        let mut buf = [0u8; 25];
+        let len = write_id(&mut buf, b"0badf00d", n);
+        assert_eq!(&buf[..len], format!("0badf00d-{n:x}").as_bytes());
+    }
 }
 
 /// What the access log says of one request.
