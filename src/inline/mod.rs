@@ -447,9 +447,7 @@ pub(super) mod tests {
     #[test]
     fn one_slow_call_ends_inlining() {
         let d = leak(2);
-        for _ in 0..WARMUP {
-            d.observe(Duration::from_micros(1));
-        }
+        warm(d);
         d.observe(QUICK + Duration::from_micros(1));
         assert!(!d.inline_allowed());
     }
@@ -457,9 +455,7 @@ pub(super) mod tests {
     #[test]
     fn at_most_workers_minus_one_inline_calls() {
         let d = leak(3);
-        for _ in 0..WARMUP {
-            d.observe(Duration::from_micros(1));
-        }
+        warm(d);
         let Claim::Inline(a) = d.claim(now_ns()) else {
             panic!("no first slot")
         };
@@ -480,9 +476,7 @@ pub(super) mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_quick_call_waits_briefly_for_a_busy_slot() {
         let d = leak(2);
-        for _ in 0..WARMUP {
-            d.observe(Duration::from_micros(1));
-        }
+        warm(d);
         let Claim::Inline(held) = d.claim(now_ns()) else {
             panic!("no slot")
         };
@@ -508,18 +502,14 @@ pub(super) mod tests {
     #[test]
     fn one_worker_never_inlines() {
         let d = leak(1);
-        for _ in 0..WARMUP {
-            d.observe(Duration::from_micros(1));
-        }
+        warm(d);
         assert!(!d.inline_allowed());
     }
 
     #[test]
     fn an_overrunning_inline_call_ends_inlining() {
         let d = leak(3);
-        for _ in 0..WARMUP {
-            d.observe(Duration::from_micros(1));
-        }
+        warm(d);
         let Claim::Inline(_running) = d.claim(now_ns()) else {
             panic!("no slot")
         };
