@@ -309,8 +309,10 @@ fn an_idle_keep_alive_connection_is_closed_after_the_keep_alive_timeout() {
     let idle = Instant::now();
     assert!(conn.closed_by_server());
     let waited = idle.elapsed();
+    // Counted from the answer: not from the next time the server happens
+    // to look (which once made it up to twice the timeout).
     assert!(
-        waited >= Duration::from_millis(800) && waited < Duration::from_secs(4),
+        waited >= Duration::from_millis(800) && waited < Duration::from_millis(1800),
         "{waited:?}"
     );
 
