@@ -148,24 +148,20 @@ pub type InFlightGuard = TrackGuard;
 /// The drain primitive: a phase every request can check and wait on, and a
 /// count of the requests that still wait on the plugin. Cheap to clone.
 ///
-/// Every request reads the phase and most wait on [`Drain::expired`], from
-/// every worker thread at once, so neither may contend: the phase is one
-/// atomic that only changes at shutdown, and the waiters are spread over
-/// several wait lists, one picked per thread, all woken at expiry.
+/// Every request reads the phase, from every worker thread at once, so it
+/// is one atomic that only changes at shutdown. The requests that wait on
+/// the plugin on the blocking pool wait on [`Drain::expired`] too.
 #[derive(Clone, Default)]
 pub struct Drain {
     state: Arc<DrainState>,
     in_flight: Tracker,
 }
 
-/// How many wait lists [`Drain::expired`] spreads its waiters over.
-const WAIT_LISTS: usize = 8;
-
 #[derive(Default)]
 struct DrainState {
     /// A [`Phase`], only ever moving forward.
     phase: AtomicU8,
-    expired: [Notify; WAIT_LISTS],
+    expired: Notify,
 }
 
 impl Drain {
@@ -201,16 +197,9 @@ impl Drain {
 
     /// Resolves once the graceful timeout expired. Cancellation safe.
     pub async fn expired(&self) {
-        thread_local! {
-            static LIST: usize = {
-                static NEXT: AtomicUsize = AtomicUsize::new(0);
-                NEXT.fetch_add(1, Ordering::Relaxed) % WAIT_LISTS
-            };
-        }
-        let list = LIST.with(|i| *i);
         // A `Notified` sees every later `notify_waiters`, polled or not, so
         // an expiry after the check below still wakes this.
-        let expired = self.state.expired[list].notified();
+        let expired = self.state.expired.notified();
         if self.phase() == Phase::Expired {
             return;
         }
@@ -232,9 +221,7 @@ impl Drain {
 
     fn expire(&self) {
         self.advance(Phase::Expired);
-        for list in &self.state.expired {
-            list.notify_waiters();
-        }
+        self.state.expired.notify_waiters();
     }
 
     fn advance(&self, to: Phase) {
@@ -450,11 +437,11 @@ mod tests {
 
     #[test]
     fn expiry_wakes_waiters_on_every_thread() {
-        // Each thread waits on its own wait list; twice as many threads as
-        // lists puts a waiter on every list.
+        const WAITERS: usize = 8;
+        // Waiters on several threads, each with a runtime of its own.
         let drain = Drain::default();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let waiters: Vec<_> = (0..2 * WAIT_LISTS)
+        let waiters: Vec<_> = (0..WAITERS)
             .map(|_| {
                 let (drain, ready) = (drain.clone(), ready_tx.clone());
                 std::thread::spawn(move || {
@@ -474,7 +461,7 @@ mod tests {
                 })
             })
             .collect();
-        for _ in 0..2 * WAIT_LISTS {
+        for _ in 0..WAITERS {
             ready_rx.recv().unwrap();
         }
         drain.begin();
