@@ -189,30 +189,6 @@ impl<R: Rescue> InlineCalls<R> {
     /// microseconds, sooner than a hand-off to the blocking pool would
     /// take. The call that frees a slot wakes one waiter.
     async fn slot(&'static self, allowed: bool, now: Instant) -> Option<Slot<R>> {
-        let slot = self.claim_soon(allowed, now).await?;
-        self.wake_watchdog();
-        Some(slot)
-    }
-
-    /// Wakes the watchdog if it sleeps. SeqCst here (slot claimed, then
-    /// the flag read) and in the watchdog (flag set, then the slots read):
-    /// either this sees the watchdog asleep, or the watchdog sees the slot.
-    fn wake_watchdog(&self) {
-        // Read first: a store on every call would move the line between the
-        // cores.
-        if !self.started_since_look.load(Ordering::Relaxed) {
-            self.started_since_look.store(true, Ordering::Relaxed);
-        }
-        if self.watchdog_asleep.load(Ordering::SeqCst)
-            && self.watchdog_asleep.swap(false, Ordering::SeqCst)
-        {
-            if let Some(thread) = self.watchdog.get() {
-                thread.unpark();
-            }
-        }
-    }
-
-    async fn claim_soon(&'static self, allowed: bool, now: Instant) -> Option<Slot<R>> {
         if !allowed {
             return None;
         }
@@ -237,6 +213,24 @@ impl<R: Rescue> InlineCalls<R> {
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
                 return None;
+            }
+        }
+    }
+
+    /// Wakes the watchdog if it sleeps. SeqCst here (slot claimed, then
+    /// the flag read) and in the watchdog (flag set, then the slots read):
+    /// either this sees the watchdog asleep, or the watchdog sees the slot.
+    fn wake_watchdog(&self) {
+        // Read first: a store on every call would move the line between the
+        // cores.
+        if !self.started_since_look.load(Ordering::Relaxed) {
+            self.started_since_look.store(true, Ordering::Relaxed);
+        }
+        if self.watchdog_asleep.load(Ordering::SeqCst)
+            && self.watchdog_asleep.swap(false, Ordering::SeqCst)
+        {
+            if let Some(thread) = self.watchdog.get() {
+                thread.unpark();
             }
         }
     }
@@ -282,7 +276,10 @@ impl<R: Rescue> InlineCalls<R> {
             .started
             .compare_exchange(0, now, Ordering::SeqCst, Ordering::Relaxed)
         {
-            Ok(_) => Claim::Inline(Slot { slot, calls: self }),
+            Ok(_) => {
+                self.wake_watchdog();
+                Claim::Inline(Slot { slot, calls: self })
+            }
             Err(_) => Claim::Busy,
         }
     }
