@@ -13,7 +13,6 @@
 use std::future::Future;
 use std::io;
 use std::mem::ManuallyDrop;
-use std::ops::Deref;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -70,12 +69,8 @@ impl AnswerPending {
         conn.idle_since.store(0, Ordering::Relaxed);
         AnswerPending(conn)
     }
-}
 
-impl Deref for AnswerPending {
-    type Target = Arc<Conn>;
-
-    fn deref(&self) -> &Arc<Conn> {
+    pub fn conn(&self) -> &Conn {
         &self.0
     }
 }

@@ -18,7 +18,7 @@ use crate::envelope::Outcome;
 use crate::invocation::{Invocation, Registered};
 use crate::metrics::{Route, METRICS};
 use crate::plugin::Plugin;
-use crate::routes::{self, AccessLine, Body, X_REQUEST_ID};
+use crate::routes::{self, AccessLine, Body, Requester, X_REQUEST_ID};
 use crate::shutdown::InFlightGuard;
 
 /// A plain `/invoke`, ready to call the plugin with.
@@ -28,11 +28,7 @@ pub struct InlineCall<'a> {
     /// The plugin's input.
     pub input: Vec<u8>,
     pub in_flight: InFlightGuard,
-    /// The request's connection, which owes it an answer.
-    pub conn: AnswerPending,
-    pub request_id: &'a HeaderValue,
-    /// When the request arrived, if the access log is on.
-    pub received: Option<Instant>,
+    pub from: Requester<'a>,
 }
 
 impl InlineCalls<InvokeRescue> {
@@ -47,7 +43,7 @@ impl InlineCalls<InvokeRescue> {
         call: InlineCall<'a>,
     ) -> Result<Response<Body>, InlineCall<'a>> {
         let started = call.registered.started();
-        let Some(slot) = self.slot(call.conn.flushed(), started).await else {
+        let Some(slot) = self.slot(call.from.pending.conn().flushed(), started).await else {
             return Err(call);
         };
         let InlineCall {
@@ -55,17 +51,15 @@ impl InlineCalls<InvokeRescue> {
             registered,
             input,
             in_flight,
-            conn,
-            request_id,
-            received,
+            from,
         } = call;
         let inv = registered.shared();
         let rescue = InvokeRescue {
-            conn,
+            pending: from.pending,
             inv: inv.clone(),
-            request_id: RequestId::new(request_id),
+            request_id: RequestId::new(from.request_id),
             started,
-            received,
+            received: from.received,
             _in_flight: in_flight,
         };
         let ended = slot.call(rescue, move || {
@@ -90,7 +84,7 @@ impl InlineCalls<InvokeRescue> {
 pub struct InvokeRescue {
     /// Its connection, which owes the request an answer until whichever
     /// side answers it does.
-    conn: AnswerPending,
+    pending: AnswerPending,
     inv: Arc<Invocation>,
     request_id: RequestId,
     started: Instant,
@@ -101,7 +95,7 @@ pub struct InvokeRescue {
 
 impl Rescue for InvokeRescue {
     fn client_gone(&self) -> bool {
-        peer_gone(&self.conn)
+        peer_gone(self.pending.conn())
     }
 
     fn cancel_for_client(&self) {
@@ -116,7 +110,7 @@ impl Rescue for InvokeRescue {
         r.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         METRICS.request(Route::invoke, r.status().as_u16());
         let (bytes, body_len) = http1_response(&r);
-        if let Err(e) = answer_raw(&self.conn, &bytes) {
+        if let Err(e) = answer_raw(self.pending.conn(), &bytes) {
             tracing::warn!(error = %e, "could not send the shutdown-abort of an inline call");
         }
         if let Some(started) = self.received {

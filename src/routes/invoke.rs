@@ -11,7 +11,7 @@ use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
-use super::reply::{internal_error, json, overloaded, shutdown_abort, Body};
+use super::reply::{detail, internal_error, json, overloaded, shutdown_abort, Body};
 use super::stream::invoke_streaming;
 use crate::app::App;
 use crate::conn::AnswerPending;
@@ -24,7 +24,7 @@ use crate::shutdown::InFlightGuard;
 /// Who sent an `/invoke`, for answering it from the inline-call watchdog.
 pub struct Requester<'a> {
     /// The request's connection, which owes this request an answer.
-    pub conn: AnswerPending,
+    pub pending: AnswerPending,
     pub request_id: &'a HeaderValue,
     /// When the request arrived, if the access log is on.
     pub received: Option<Instant>,
@@ -63,7 +63,7 @@ pub async fn invoke(
         }
     };
     if app.plugin.manifest().streaming {
-        invoke_streaming(app, input, in_flight, from.conn).await
+        invoke_streaming(app, input, in_flight, from.pending).await
     } else {
         invoke_plain(app, input, in_flight, from).await
     }
@@ -82,10 +82,7 @@ async fn read_body(mut body: Incoming, max: u64) -> Result<Bytes, Response<Body>
             ),
             None => format!("request body is over the limit of {max} bytes (--max-body-size)"),
         };
-        let mut r = json(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            Bytes::from(serde_json::to_vec(&serde_json::json!({"detail": text})).unwrap()),
-        );
+        let mut r = detail(StatusCode::PAYLOAD_TOO_LARGE, &text);
         // The rest of the body is not read, so the connection cannot be reused.
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -100,14 +97,9 @@ async fn read_body(mut body: Incoming, max: u64) -> Result<Bytes, Response<Body>
     let mut len = 0u64;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| {
-            json(
+            detail(
                 StatusCode::BAD_REQUEST,
-                Bytes::from(
-                    serde_json::to_vec(
-                        &serde_json::json!({"detail": format!("cannot read the request body: {e}")}),
-                    )
-                    .unwrap(),
-                ),
+                &format!("cannot read the request body: {e}"),
             )
         })?;
         // Trailers carry nothing the plugin reads.
@@ -143,19 +135,16 @@ async fn invoke_plain(
         registered: Invocation::start(Kind::Invoke, None),
         input,
         in_flight,
-        conn: from.conn,
-        request_id: from.request_id,
-        received: from.received,
+        from,
     };
-    // A quick plugin is called right here (see `inline`).
+    // A quick plugin is called right here (see `inline`). `_from` keeps
+    // the connection owing an answer until it is handed to hyper.
     let InlineCall {
         plugin,
         registered,
         input,
         in_flight: _in_flight,
-        // Owes the answer until it is handed to hyper.
-        conn: _pending,
-        ..
+        from: _from,
     } = match app.inline.invoke(call).await {
         Ok(answered) => return answered,
         Err(call) => call,

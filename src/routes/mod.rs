@@ -42,8 +42,7 @@ mod reply;
 mod stream;
 
 pub use access::{AccessLine, X_REQUEST_ID};
-use invoke::Requester;
-pub use invoke::{answer, record};
+pub use invoke::{answer, record, Requester};
 pub use reply::{internal_error, shutdown_abort, Body};
 
 /// Answers one request. Never fails: every problem is an HTTP answer.
@@ -65,7 +64,7 @@ pub async fn handle(
     let mut response = match (route, &method) {
         (Route::invoke, &Method::POST) => {
             let from = Requester {
-                conn: pending,
+                pending,
                 request_id: &request_id,
                 received: access.as_ref().map(|(at, _)| *at),
             };

@@ -35,11 +35,10 @@ pub fn add_retry_headers(r: &mut Response<Body>) {
 /// The 503 of `--limit-concurrency`: not a shutdown, so no envelope.
 pub fn overloaded(limit: usize) -> Response<Body> {
     METRICS.rejection();
-    let detail =
-        format!("too many invocations in flight (--limit-concurrency {limit}); retry later");
-    let body = serde_json::to_vec(&serde_json::json!({ "detail": detail }))
-        .expect("a Value always serialises");
-    let mut r = json(StatusCode::SERVICE_UNAVAILABLE, body.into());
+    let mut r = detail(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("too many invocations in flight (--limit-concurrency {limit}); retry later"),
+    );
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     r
@@ -60,6 +59,12 @@ pub fn redirect(to: &'static str) -> Response<Body> {
     r.headers_mut()
         .insert(header::LOCATION, HeaderValue::from_static(to));
     r
+}
+
+/// A FastAPI-shaped error: `{"detail": text}`.
+pub fn detail(status: StatusCode, text: &str) -> Response<Body> {
+    let body = serde_json::to_vec(&serde_json::json!({ "detail": text }));
+    json(status, body.expect("a Value always serialises").into())
 }
 
 pub fn json(status: StatusCode, body: Bytes) -> Response<Body> {

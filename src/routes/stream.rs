@@ -25,7 +25,7 @@ pub async fn invoke_streaming(
     app: &'static App,
     input: Vec<u8>,
     in_flight: InFlightGuard,
-    conn: AnswerPending,
+    pending: AnswerPending,
 ) -> Response<Body> {
     let plugin = app.plugin;
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
@@ -58,7 +58,7 @@ pub async fn invoke_streaming(
                 watch: Some(watch),
                 started,
                 _in_flight: in_flight,
-                _pending: conn,
+                _pending: pending,
                 access: None,
             }));
             with_type_body(StatusCode::OK, "application/x-ndjson", body)
