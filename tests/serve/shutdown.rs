@@ -485,6 +485,29 @@ fn zombies_of(parent: i32) -> Vec<i32> {
     found
 }
 
+/// Waits until `parent` has `n` zombie children, then until it has none;
+/// returns how long the second wait took.
+fn zombies_come_and_go(parent: i32, n: usize) -> Duration {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while zombies_of(parent).len() < n {
+        assert!(Instant::now() < deadline, "the {n} zombies never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let appeared = Instant::now();
+    let deadline = appeared + Duration::from_secs(30);
+    loop {
+        let zombies = zombies_of(parent);
+        if zombies.is_empty() {
+            return appeared.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "zombies never reaped: {zombies:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn as_pid_1_it_reaps_orphans_keeps_its_plugins_children_and_shuts_down() {
     let probe = std::process::Command::new("unshare")
@@ -522,19 +545,15 @@ fn as_pid_1_it_reaps_orphans_keeps_its_plugins_children_and_shuts_down() {
         "{}",
         r.text()
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    std::thread::sleep(Duration::from_millis(300));
-    loop {
-        let zombies = zombies_of(etl_serve);
-        if zombies.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "zombies never reaped: {zombies:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let reaped = zombies_come_and_go(etl_serve, 1);
+    assert!(reaped < Duration::from_secs(5), "{reaped:?}");
+
+    // Twenty orphans that exit together are reaped together: one grace
+    // period, not one each.
+    let r = s.post_json("/invoke", r#"{"mode":"orphans"}"#);
+    assert_eq!(r.json()["output"], json!({"orphans": 20}), "{}", r.text());
+    let reaped = zombies_come_and_go(etl_serve, 20);
+    assert!(reaped < Duration::from_secs(4), "{reaped:?}");
 
     // The shutdown sequence holds as PID 1.
     let call = send_into_plugin(&s, invoke_request(r#"{"mode":"wait_cancel"}"#));
