@@ -68,18 +68,6 @@ impl fmt::Display for Fatal {
     }
 }
 
-/// What the routes are configured with.
-pub struct Options {
-    /// Largest request body, in bytes.
-    pub max_body: u64,
-    /// Most requests waiting on the plugin at once; more get 503.
-    pub limit_concurrency: Option<usize>,
-    /// Whether to log one line per request.
-    pub access_log: bool,
-    /// The async runtime's worker threads (see `inline`).
-    pub workers: usize,
-}
-
 /// Everything the routes need, built once at startup.
 pub struct App {
     /// Never unloaded: a thread abandoned at the drain timeout may still be
@@ -89,8 +77,11 @@ pub struct App {
     pub inline: &'static InlineCalls<InvokeRescue>,
     pub drain: Drain,
     pub inputs: InputModel,
+    /// Largest request body, in bytes (`--max-body-size`).
     pub max_body: u64,
+    /// Most requests waiting on the plugin at once; more get 503.
     pub limit_concurrency: Option<usize>,
+    /// Whether to log one line per request.
     pub access_log: bool,
     pub schema_body: Bytes,
     pub id_body: Bytes,
@@ -100,12 +91,12 @@ pub struct App {
 }
 
 impl App {
-    /// Prepares the routes for `plugin`, refusing bodies over `max_body`
-    /// bytes.
+    /// Prepares the routes for `plugin`, configured by `cli`, on a runtime
+    /// with `workers` worker threads (see `inline`).
     ///
     /// # Errors
     /// The inputs schema cannot be compiled into a validator.
-    pub fn new(plugin: Plugin, options: Options, drain: Drain) -> Result<App, String> {
+    fn new(plugin: Plugin, cli: &Cli, workers: usize, drain: Drain) -> Result<App, String> {
         let m = plugin.manifest();
         let inputs = InputModel::new(m.inputs())?;
         let json = |v: &serde_json::Value| {
@@ -114,9 +105,9 @@ impl App {
         let openapi = openapi::document(m);
         Ok(App {
             inputs,
-            max_body: options.max_body,
-            limit_concurrency: options.limit_concurrency,
-            access_log: options.access_log,
+            max_body: cli.max_body_size,
+            limit_concurrency: cli.limit_concurrency.map(|n| n as usize),
+            access_log: cli.access_log(),
             schema_body: json(&m.schema),
             id_body: json(&serde_json::Value::from(m.id.as_str())),
             // Written in the reference's key order. No capabilities: etl-serve
@@ -129,7 +120,7 @@ impl App {
             docs_body: Bytes::from(openapi::docs_page(m)),
             openapi_body: json(&openapi),
             plugin: Box::leak(Box::new(plugin)),
-            inline: Box::leak(Box::new(InlineCalls::new(options.workers))),
+            inline: Box::leak(Box::new(InlineCalls::new(workers))),
             drain,
         })
     }
@@ -176,13 +167,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
     );
     let drain = Drain::default();
     let workers = runtime_workers();
-    let options = Options {
-        max_body: cli.max_body_size,
-        limit_concurrency: cli.limit_concurrency.map(|n| n as usize),
-        access_log: cli.access_log(),
-        workers,
-    };
-    let app = App::new(plugin, options, drain.clone()).map_err(|why| Fatal::Plugin {
+    let app = App::new(plugin, &cli, workers, drain.clone()).map_err(|why| Fatal::Plugin {
         path: cli.plugin.display().to_string(),
         error: LoadError::BadSchema(why),
     })?;
