@@ -24,7 +24,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -33,7 +32,7 @@ use crate::app::App;
 use crate::conn::{AnswerPending, Conn};
 use crate::metrics::{Route, METRICS};
 use crate::shutdown::Drain;
-use reply::{json, redirect, with_type};
+use reply::{fixed, json, redirect, with_type};
 
 mod access;
 mod invoke;
@@ -81,23 +80,18 @@ pub async fn handle(
             app.docs_body.clone(),
         ),
         (Route::root, &Method::GET) => redirect("/docs"),
-        (Route::healthz, &Method::GET) => {
-            json(StatusCode::OK, Bytes::from_static(br#"{"status":"ok"}"#))
-        }
+        (Route::healthz, &Method::GET) => fixed(StatusCode::OK, br#"{"status":"ok"}"#),
         (Route::readyz, &Method::GET) => readyz(&app.drain),
         (Route::metrics, &Method::GET) => with_type(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             METRICS.encode(app.drain.in_flight()).into(),
         ),
-        (Route::other, _) => json(
-            StatusCode::NOT_FOUND,
-            Bytes::from_static(br#"{"detail":"Not Found"}"#),
-        ),
+        (Route::other, _) => fixed(StatusCode::NOT_FOUND, br#"{"detail":"Not Found"}"#),
         (route, _) => {
-            let mut r = json(
+            let mut r = fixed(
                 StatusCode::METHOD_NOT_ALLOWED,
-                Bytes::from_static(br#"{"detail":"Method Not Allowed"}"#),
+                br#"{"detail":"Method Not Allowed"}"#,
             );
             let allow = if route == Route::invoke {
                 "POST"
@@ -160,11 +154,11 @@ fn route_of(path: &str) -> Route {
 
 fn readyz(drain: &Drain) -> Response<Body> {
     if drain.is_draining() {
-        json(
+        fixed(
             StatusCode::SERVICE_UNAVAILABLE,
-            Bytes::from_static(br#"{"status":"shutting down"}"#),
+            br#"{"status":"shutting down"}"#,
         )
     } else {
-        json(StatusCode::OK, Bytes::from_static(br#"{"status":"ready"}"#))
+        fixed(StatusCode::OK, br#"{"status":"ready"}"#)
     }
 }

@@ -67,6 +67,11 @@ pub fn detail(status: StatusCode, text: &str) -> Response<Body> {
     json(status, body.expect("a Value always serialises").into())
 }
 
+/// A JSON answer that never changes.
+pub fn fixed(status: StatusCode, body: &'static [u8]) -> Response<Body> {
+    json(status, Bytes::from_static(body))
+}
+
 pub fn json(status: StatusCode, body: Bytes) -> Response<Body> {
     with_type(status, "application/json", body)
 }
