@@ -56,7 +56,11 @@ fn reap_round(seen: &mut HashMap<Pid, Instant>) {
             return;
         }
     };
-    let zombies = zombie_children().unwrap_or_else(|| vec![first]);
+    let mut zombies = zombie_children().unwrap_or_default();
+    // Whatever /proc says, the one waitid showed is a zombie child.
+    if !zombies.contains(&first) {
+        zombies.push(first);
+    }
     for &pid in &zombies {
         let since = *seen.entry(pid).or_insert(now);
         if now.duration_since(since) < GRACE {
@@ -73,7 +77,8 @@ fn reap_round(seen: &mut HashMap<Pid, Instant>) {
 }
 
 /// This process's zombie children, from `/proc`, as pids of its own pid
-/// namespace; `None` when `/proc` cannot be read.
+/// namespace; `None` when `/proc` cannot be read. One whose status has no
+/// `NSpid` line (kernels before 4.1) is left out.
 ///
 /// `/proc` numbers processes in the namespace it was mounted in, which is
 /// not this process's own when a container runtime (or `unshare`) gave it a
