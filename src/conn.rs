@@ -7,8 +7,8 @@
 //!   `inline`);
 //! - the head deadline: how long a connection may wait for a request head
 //!   (the keep-alive and header-read timeouts), kept by [`ConnIo`] with one
-//!   runtime timer per connection, and the [`AnswerPending`] guard that suspends it
-//!   while a request is being served.
+//!   runtime timer per connection, and the [`AnswerPending`] guard that
+//!   suspends it while a request is being served.
 
 use std::future::Future;
 use std::io;
@@ -39,8 +39,8 @@ pub struct Conn {
     /// watchdog never touches a descriptor number that was reused.
     state: Mutex<ConnState>,
     /// Requests being served: from the call of the route until their
-    /// response is done (see [`AnswerPending`]). Only the connection's task, and
-    /// the inline-call watchdog when it answers, change it.
+    /// response is done (see [`AnswerPending`]). Only the connection's task,
+    /// and the inline-call watchdog when it answers, change it.
     answers_pending: AtomicU32,
     /// When the connection last became idle ([`since_epoch`]), where its
     /// head deadline counts from; 0 while it is not idle or not yet seen
