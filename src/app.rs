@@ -12,6 +12,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tracing::info;
 
 use crate::cli::Cli;
+use crate::conn::Connections;
 use crate::inline::{InlineCalls, InvokeRescue};
 use crate::openapi;
 use crate::plugin::{LoadError, Plugin};
@@ -201,9 +202,8 @@ async fn serve(cli: &Cli, app: &'static App, drain: Drain) -> Result<ExitCode, F
         Some(path) => {
             let listener = bind_unix(path)?;
             info!(socket = %path.display(), graceful_timeout = %timeout, "listening on unix:{}", path.display());
-            let code = serve_on(listener, app, limits, drain, &mut signals, cli).await;
-            let _ = std::fs::remove_file(path);
-            code
+            // The socket file is removed when the listener closes.
+            serve_on(listener, app, limits, drain, &mut signals, cli).await
         }
         None => {
             let addr = SocketAddr::new(cli.host, cli.port);
@@ -231,20 +231,31 @@ async fn serve_on<L: Listener>(
     app.start_inline_watchdog()
         .map_err(|e| Fatal::Os(format!("cannot start the inline-call watchdog: {e}")))?;
     // The listener accepts until the very end of the drain.
+    let connections: &'static Connections = Box::leak(Box::default());
     let (close_listener, closed) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(server::accept_until(listener, app, limits, async {
-        let _ = closed.await;
-    }));
+    let accepting = tokio::spawn(server::accept_until(
+        listener,
+        app,
+        limits,
+        connections,
+        async {
+            let _ = closed.await;
+        },
+    ));
 
     let signal = signals.next().await;
-    let code = shutdown::drain(&drain, signals, signal, cli.graceful_timeout).await;
+    let drained = shutdown::drain(&drain, signals, signal, cli.graceful_timeout).await;
 
     let _ = close_listener.send(());
-    let connections = server
-        .await
-        .map_err(|e| Fatal::Os(format!("the accept loop failed: {e}")))?;
     let plugin = app.plugin;
-    Ok(shutdown::finish(&connections, signals, || plugin.shutdown(), code).await)
+    Ok(shutdown::finish(
+        connections,
+        accepting,
+        signals,
+        || plugin.shutdown(),
+        drained,
+    )
+    .await)
 }
 
 /// Binds a Unix socket at `path`, replacing a stale socket file left by an

@@ -5,6 +5,8 @@
 //! - [`Conn`], what the routes and the inline-call watchdog know of the
 //!   connection, and its socket for the watchdog to answer on (see
 //!   `inline`);
+//! - [`Connections`], every connection accepted, for the shutdown to see
+//!   which are still open and which of those are busy;
 //! - the head deadline: how long a connection may wait for a request head
 //!   (the keep-alive and header-read timeouts), kept by [`ConnIo`] with one
 //!   runtime timer per connection, and the [`AnswerPending`] guard that
@@ -16,13 +18,12 @@ use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::shutdown::TrackGuard;
 use crate::sync::lock;
 
 /// What the routes, and the inline-call watchdog, know of one connection:
@@ -33,7 +34,7 @@ pub struct Conn {
     fd: RawFd,
     /// False from each write until the flush after it: while true, hyper
     /// holds no bytes that it has not written to the socket. Only the
-    /// connection's own task writes and reads it.
+    /// connection's own task writes it.
     flushed: AtomicBool,
     /// Also the lock under which the socket is closed, so that the
     /// watchdog never touches a descriptor number that was reused.
@@ -82,10 +83,7 @@ impl Drop for AnswerPending {
 }
 
 enum ConnState {
-    /// Counted as open until the connection closes or is answered here.
-    Open {
-        _counted: TrackGuard,
-    },
+    Open,
     /// Answered by [`Conn::answer_on_socket`]; the socket stays open,
     /// unused.
     Answered,
@@ -103,15 +101,15 @@ impl Conn {
     /// number that was reused. `None` once closed or answered.
     pub fn peek_socket<T>(&self, f: impl FnOnce(RawFd) -> T) -> Option<T> {
         let state = lock(&self.state);
-        matches!(*state, ConnState::Open { .. }).then(|| f(self.fd))
+        matches!(*state, ConnState::Open).then(|| f(self.fd))
     }
 
     /// As [`Conn::peek_socket`], for `f` answering the request on the raw
-    /// socket (see `inline`): the connection then stops counting as open,
+    /// socket (see `inline`): the connection then no longer counts as open,
     /// and its socket is left unused until it closes.
     pub fn answer_on_socket<T>(&self, f: impl FnOnce(RawFd) -> T) -> Option<T> {
         let mut state = lock(&self.state);
-        if !matches!(*state, ConnState::Open { .. }) {
+        if !matches!(*state, ConnState::Open) {
             return None;
         }
         let answered = f(self.fd);
@@ -141,13 +139,13 @@ pub struct ConnIo<S> {
 }
 
 impl<S: AsRawFd> ConnIo<S> {
-    /// Wraps `io`, which counts as open (`open`) until it closes and must
+    /// Wraps `io`, which is listed in `all` until it closes and must
     /// deliver each request head within `head_timeout` of becoming idle.
-    pub fn new(io: S, open: TrackGuard, head_timeout: Duration) -> (ConnIo<S>, Arc<Conn>) {
+    pub fn new(io: S, all: &Connections, head_timeout: Duration) -> (ConnIo<S>, Arc<Conn>) {
         let conn = Arc::new(Conn {
             fd: io.as_raw_fd(),
             flushed: AtomicBool::new(true),
-            state: Mutex::new(ConnState::Open { _counted: open }),
+            state: Mutex::new(ConnState::Open),
             answers_pending: AtomicU32::new(0),
             idle_since: AtomicU64::new(since_epoch(Instant::now()).max(1)),
         });
@@ -157,6 +155,7 @@ impl<S: AsRawFd> ConnIo<S> {
             head_timeout,
             head_timer: HeadTimer::default(),
         };
+        all.add(&conn);
         (io, conn)
     }
 }
@@ -253,6 +252,51 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+}
+
+/// Every connection accepted and not yet closed, so that the shutdown can
+/// tell the busy ones, which it waits for, from the idle ones, which it
+/// closes. Only accepts and the shutdown use it; requests never do.
+#[derive(Default)]
+pub struct Connections {
+    list: Mutex<Vec<Weak<Conn>>>,
+}
+
+/// What a look at every open connection found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    pub open: usize,
+    /// Open connections serving a request (its body may still be
+    /// arriving) or still writing a response.
+    pub busy: usize,
+}
+
+impl Connections {
+    fn add(&self, conn: &Arc<Conn>) {
+        let mut list = lock(&self.list);
+        // Forget the closed ones whenever the list would grow: it stays
+        // within twice the number open, at a cost spread over the accepts.
+        if list.len() == list.capacity() {
+            list.retain(|c| c.strong_count() > 0);
+        }
+        list.push(Arc::downgrade(conn));
+    }
+
+    /// Looks at every connection still open.
+    pub fn census(&self) -> Census {
+        let list = lock(&self.list);
+        let mut census = Census::default();
+        for conn in list.iter().filter_map(Weak::upgrade) {
+            if conn.peek_socket(|_| ()).is_none() {
+                continue;
+            }
+            census.open += 1;
+            if conn.answers_pending.load(Ordering::Acquire) != 0 || !conn.flushed() {
+                census.busy += 1;
+            }
+        }
+        census
     }
 }
 

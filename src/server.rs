@@ -1,13 +1,15 @@
 //! The accept loop: one task per connection, each served by hyper's HTTP/1
-//! connection and counted, so that shutdown can wait for them. TCP and Unix
-//! domain sockets are served the same way.
+//! connection and listed, so that the shutdown can wait for the busy ones.
+//! TCP and Unix domain sockets are served the same way.
 //!
-//! Connections are never cut by the server: during the drain every answer
-//! carries `Connection: close`, so each connection ends itself once it has
-//! answered what it received. Closing a socket whose request is still
-//! unread would reset it, losing a request the client has already sent.
+//! During the drain every answer carries `Connection: close`, so each
+//! connection ends itself once it has answered what it received. The
+//! server closes a connection itself only at the very end (see
+//! `shutdown::finish`): closing a socket whose request is still unread
+//! would reset it, losing a request the client has already sent.
 
 use std::future::Future;
+use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
@@ -16,12 +18,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::app::App;
-use crate::conn::ConnIo;
+use crate::conn::{ConnIo, Connections};
 use crate::routes;
-use crate::shutdown::Tracker;
 
 /// Per-connection limits.
 #[derive(Clone, Copy, Debug)]
@@ -37,65 +38,130 @@ pub struct ConnLimits {
 /// Something that accepts connections: a TCP or a Unix listener.
 pub trait Listener: Send + 'static {
     type Io: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static;
+    /// The listener once it stops taking new connections.
+    type Closing: Send;
     fn accept(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
-    /// Accepts every connection the kernel has queued, asking the kernel
-    /// itself (the runtime's readiness state may lag), and closes the
-    /// listener.
-    fn close(self) -> Vec<Self::Io>;
+    /// Makes the kernel complete no new connection, so that the queue of
+    /// connections it completed can be emptied for good; `None` when the
+    /// listener cannot be taken back from the runtime.
+    fn stop_new_connections(self) -> Option<Self::Closing>;
+    /// Takes one connection the kernel has already queued, asking the
+    /// kernel itself (the runtime's readiness state may lag): `WouldBlock`
+    /// when there are none.
+    fn accept_queued(closing: &Self::Closing) -> std::io::Result<Self::Io>;
 }
 
 impl Listener for TcpListener {
     type Io = tokio::net::TcpStream;
+    type Closing = std::net::TcpListener;
     async fn accept(&self) -> std::io::Result<Self::Io> {
         let (stream, _) = TcpListener::accept(self).await?;
         // Small responses go out at once rather than waiting for an ACK.
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
-    fn close(self) -> Vec<Self::Io> {
-        let Ok(std) = self.into_std() else {
-            return Vec::new();
-        };
-        let mut queued = Vec::new();
-        while let Ok((s, _)) = std.accept() {
-            let _ = s.set_nodelay(true);
-            if s.set_nonblocking(true).is_ok() {
-                queued.extend(tokio::net::TcpStream::from_std(s));
-            }
+    fn stop_new_connections(self) -> Option<Self::Closing> {
+        let std = self.into_std().ok()?;
+        if let Err(e) = drop_every_packet(&std) {
+            // Then the closing race stays open for the microseconds between
+            // the last accept and the close.
+            warn!(error = %e, "cannot stop new handshakes on the listening socket");
         }
-        queued
+        Some(std)
+    }
+    fn accept_queued(closing: &Self::Closing) -> std::io::Result<Self::Io> {
+        let (s, _) = closing.accept()?;
+        let _ = s.set_nodelay(true);
+        s.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(s)
     }
 }
 
 impl Listener for UnixListener {
     type Io = tokio::net::UnixStream;
+    type Closing = std::os::unix::net::UnixListener;
     async fn accept(&self) -> std::io::Result<Self::Io> {
         Ok(UnixListener::accept(self).await?.0)
     }
-    fn close(self) -> Vec<Self::Io> {
-        let Ok(std) = self.into_std() else {
-            return Vec::new();
-        };
-        let mut queued = Vec::new();
-        while let Ok((s, _)) = std.accept() {
-            if s.set_nonblocking(true).is_ok() {
-                queued.extend(tokio::net::UnixStream::from_std(s));
-            }
+    fn stop_new_connections(self) -> Option<Self::Closing> {
+        // A Unix socket is reached through its path: once the path is gone
+        // nobody can connect, and a connect completes only into the queue,
+        // which the caller then empties.
+        if let Some(path) = self
+            .local_addr()
+            .ok()
+            .as_ref()
+            .and_then(|a| a.as_pathname())
+        {
+            let _ = std::fs::remove_file(path);
         }
-        queued
+        self.into_std().ok()
+    }
+    fn accept_queued(closing: &Self::Closing) -> std::io::Result<Self::Io> {
+        let (s, _) = closing.accept()?;
+        s.set_nonblocking(true)?;
+        tokio::net::UnixStream::from_std(s)
     }
 }
 
-/// Accepts connections on `listener` until `stop` resolves; then accepts
-/// what the kernel has already queued, closes the listener, and returns the
-/// count of connections still open.
+/// Attaches a socket filter that drops every packet to a listening TCP
+/// socket. The kernel runs a listener's filter on each SYN and on the ACK
+/// that would complete a handshake, so no new connection joins the accept
+/// queue: a client's SYN goes unanswered, its retry (a second later) finds
+/// the socket closed and its connect is refused, so it knows it sent
+/// nothing. Without it, a handshake completed between the last `accept(2)`
+/// and the close would be reset after its client wrote a request.
+fn drop_every_packet(listener: &std::net::TcpListener) -> std::io::Result<()> {
+    use nix::libc;
+    // One classic BPF instruction: return 0, "keep none of the packet".
+    let mut drop_all = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let program = libc::sock_fprog {
+        len: 1,
+        filter: drop_all.as_mut_ptr(),
+    };
+    // SAFETY: `program` and the instruction it points to outlive the call,
+    // and the kernel copies the program before returning.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            std::ptr::addr_of!(program).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether an accept failed for want of a file descriptor: it succeeds
+/// again once a connection closes.
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE | nix::libc::ENOBUFS | nix::libc::ENOMEM)
+    )
+}
+
+/// Accepts connections on `listener` until `stop` resolves; then stops
+/// the kernel from completing new ones, accepts every one it has already
+/// queued, and closes the listener. Each connection is served on a task of
+/// its own and listed in `connections`.
 pub async fn accept_until<L: Listener>(
     listener: L,
     app: &'static App,
     limits: ConnLimits,
+    connections: &'static Connections,
     stop: impl Future<Output = ()>,
-) -> Tracker {
-    let connections = Tracker::default();
+) {
     let mut builder = http1::Builder::new();
     // No header-read timeout in hyper: ConnIo keeps the head deadline.
     // Responses are small: one buffer and one write(2) each cost less than
@@ -105,7 +171,7 @@ pub async fn accept_until<L: Listener>(
         .writev(false)
         .max_header_size(limits.max_header_size);
     let serve = |stream: L::Io| {
-        let (io, conn) = ConnIo::new(stream, connections.track(), limits.head_timeout);
+        let (io, conn) = ConnIo::new(stream, connections, limits.head_timeout);
         let service = service_fn(move |req| routes::handle(app, conn.clone(), req));
         let served = builder.clone().serve_connection(TokioIo::new(io), service);
         tokio::spawn(async move {
@@ -114,27 +180,77 @@ pub async fn accept_until<L: Listener>(
             }
         });
     };
+    let mut retry = Retry::default();
     tokio::pin!(stop);
     loop {
         tokio::select! {
             biased;
             () = &mut stop => break,
             accepted = listener.accept() => match accepted {
-                Ok(stream) => serve(stream),
-                Err(e) => {
-                    // Out of file descriptors and the like: keep serving
-                    // the connections we have, try again shortly.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(stream) => {
+                    retry.succeeded();
+                    serve(stream);
                 }
+                Err(e) => retry.after(&e).await,
             },
         }
     }
     // Connections the kernel completed but we did not accept yet would be
     // reset when the listener closes, after their client may have sent a
-    // request: take them first.
-    for stream in listener.close() {
-        serve(stream);
+    // request: take them all. Out of descriptors, wait for the open
+    // connections to end (they all close after their answer now); the
+    // shutdown gives up on this task only at its final deadline.
+    let Some(closing) = listener.stop_new_connections() else {
+        return;
+    };
+    loop {
+        match L::accept_queued(&closing) {
+            Ok(stream) => {
+                retry.succeeded();
+                serve(stream);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => retry.after(&e).await,
+        }
     }
-    connections
+}
+
+/// Accept failures in a row, and the wait before the next try: out of
+/// file descriptors, an accept fails at once until a connection closes,
+/// and trying again at once would only spin.
+#[derive(Default)]
+struct Retry {
+    failures: u32,
+}
+
+impl Retry {
+    /// Waits before the next accept after `e`: not at all for an error that
+    /// concerns one connection only, else 10 ms, doubling to 1 s. Logs the
+    /// first failure of a run.
+    async fn after(&mut self, e: &std::io::Error) {
+        if matches!(
+            e.kind(),
+            ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::Interrupted
+        ) {
+            return;
+        }
+        if self.failures == 0 {
+            let why = if out_of_descriptors(e) {
+                "out of file descriptors or memory; "
+            } else {
+                ""
+            };
+            warn!(error = %e, "accept failed: {why}open connections are still served, and accept is retried with back-off");
+        }
+        self.failures += 1;
+        let wait = Duration::from_millis(10) * 2u32.pow((self.failures - 1).min(7));
+        tokio::time::sleep(wait.min(Duration::from_secs(1))).await;
+    }
+
+    fn succeeded(&mut self) {
+        if self.failures > 0 {
+            info!(failures = self.failures, "accept works again");
+            self.failures = 0;
+        }
+    }
 }

@@ -13,13 +13,15 @@
 //!    timeout expires first, every request still waiting on the plugin is
 //!    answered with the 503 shutdown-abort and its plugin thread is
 //!    abandoned.
-//! 4. The connections already queued in the kernel are accepted, then the
-//!    listener closes (later connects are refused: nothing was sent). Open
-//!    connections end themselves after their `Connection: close` answer;
-//!    idle ones get one second. The plugin's shutdown hook runs if no
-//!    invocation is still inside the plugin, and
-//!    the process exits: 0 when drained, 75 when the timeout cut the drain.
-//!    A second signal at any point exits at once with 130.
+//! 4. The kernel is stopped from completing new connections, the ones it
+//!    queued are accepted, and the listener closes (later connects are
+//!    refused: nothing was sent). Busy connections (a body still arriving,
+//!    a response still being written) get until the graceful deadline, or
+//!    3 s past it when the timeout cut the drain; idle ones get one second.
+//!    The plugin's shutdown hook runs if no invocation is still inside the
+//!    plugin, and the process exits: 0 when drained, 75 when the timeout
+//!    cut the drain or a busy connection. A second signal at any point
+//!    exits at once with 130.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -33,6 +35,7 @@ use signal_hook_tokio::Signals;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use crate::conn::Connections;
 use crate::invocation;
 
 /// Exit codes of a shutdown (also in docs/shutdown.md).
@@ -57,12 +60,12 @@ pub enum Phase {
     Expired,
 }
 
-/// Counts live things (requests waiting on the plugin, open connections)
-/// and wakes whoever waits for the count to reach zero. Cheap to copy.
+/// Counts live things (the requests waiting on the plugin) and wakes
+/// whoever waits for the count to reach zero. Cheap to copy.
 ///
 /// The count is one atomic, so zero means zero: no live guard anywhere.
-/// A tracker lives for the process (there are two), so that a guard holds
-/// a plain reference rather than a reference count of its own.
+/// A tracker lives for the process, so that a guard holds a plain
+/// reference rather than a reference count of its own.
 #[derive(Clone, Copy)]
 pub struct Tracker {
     inner: &'static TrackerInner,
@@ -259,22 +262,38 @@ impl ShutdownSignals {
     }
 }
 
-/// How long, once no invocation is left, open connections get to finish:
+/// How long, once no connection is busy, idle connections are kept open:
 /// one that receives a request in that time is answered (503, then closed);
 /// one still idle at the end is closed by the exit.
 const LINGER: Duration = Duration::from_secs(1);
 
-/// Bound on waiting for request handlers once the graceful timeout expired.
-const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long past the graceful timeout the shutdown may take: the requests
+/// still waiting on the plugin are answered with the shutdown-abort, and
+/// those answers written, within it. With the exit itself it keeps the
+/// whole shutdown inside the documented `timeout + 5 s`.
+const AFTER_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Runs steps 1 to 3 of the timeline after `signal` arrived and returns the
-/// exit code; the caller then closes the listener and calls [`finish`].
+/// How often [`finish`] looks at the open connections.
+const CENSUS_EVERY: Duration = Duration::from_millis(10);
+
+/// How the drain ended.
+pub struct Drained {
+    /// The exit code so far.
+    pub code: u8,
+    /// Until when busy connections (a body still arriving, a response still
+    /// being written) may finish: the graceful deadline, or
+    /// [`AFTER_TIMEOUT`] past it when the timeout cut the drain.
+    pub busy_until: Instant,
+}
+
+/// Runs steps 1 to 3 of the timeline after `signal` arrived; the caller
+/// then closes the listener and calls [`finish`].
 pub async fn drain(
     drain: &Drain,
     signals: &mut ShutdownSignals,
     signal: &str,
     timeout: Duration,
-) -> u8 {
+) -> Drained {
     let started = Instant::now();
     let inside = drain.begin();
     info!(
@@ -284,52 +303,93 @@ pub async fn drain(
         graceful_timeout = %humantime::format_duration(timeout),
         "{signal} received: cancel flags set, draining"
     );
-    let deadline = tokio::time::sleep(timeout);
+    let deadline = started + timeout;
     tokio::select! {
         biased;
         () = drain.idle() => {
             info!(elapsed_ms = started.elapsed().as_millis() as u64, "drained");
-            exit::DRAINED
+            Drained { code: exit::DRAINED, busy_until: deadline }
         }
         second = signals.next() => forced(second),
-        () = deadline => {
+        () = tokio::time::sleep_until(deadline.into()) => {
             drain.expire();
+            let busy_until = deadline + AFTER_TIMEOUT;
             // Every waiting request now answers the shutdown-abort at once.
             tokio::select! {
                 () = drain.idle() => {}
-                () = tokio::time::sleep(FLUSH_TIMEOUT) => warn!(
+                () = tokio::time::sleep_until(busy_until.into()) => warn!(
                     in_flight = drain.in_flight(),
-                    "requests still in flight {FLUSH_TIMEOUT:?} after the timeout; exiting anyway"
+                    "requests still in flight {AFTER_TIMEOUT:?} after the timeout; exiting anyway"
                 ),
                 second = signals.next() => forced(second),
             }
             let abandoned = invocation::live_count();
             warn!(
                 abandoned,
-                "timed out after {}, {abandoned} invocations abandoned",
-                humantime::format_duration(timeout)
+                "timed out after {}: {}",
+                humantime::format_duration(timeout),
+                count(abandoned, "invocation abandoned", "invocations abandoned"),
             );
-            exit::DRAIN_TIMED_OUT
+            Drained { code: exit::DRAIN_TIMED_OUT, busy_until }
         }
     }
 }
 
-/// Step 4, once the listener is closed: waits (at most [`LINGER`]) for the
-/// open connections to close themselves, runs the plugin's shutdown hook
-/// when no invocation is inside the plugin, logs the exit code and returns
-/// it.
+/// `n` and the noun, singular or plural.
+fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// Step 4, once the listener stopped taking new connections (`accepting`
+/// takes the ones already queued): waits for the busy connections until
+/// `ended.busy_until` and gives the idle ones [`LINGER`], then runs the
+/// plugin's shutdown hook when no invocation is inside the plugin, logs the
+/// exit code and returns it. A busy connection cut at the deadline makes
+/// the exit code [`exit::DRAIN_TIMED_OUT`].
 pub async fn finish(
-    connections: &Tracker,
+    connections: &Connections,
+    accepting: tokio::task::JoinHandle<()>,
     signals: &mut ShutdownSignals,
     plugin_shutdown: impl FnOnce(),
-    code: u8,
+    ended: Drained,
 ) -> ExitCode {
-    tokio::select! {
-        () = connections.zero() => {}
-        () = tokio::time::sleep(LINGER) => {
-            info!(idle_connections = connections.count(), "closing idle connections");
+    let mut code = ended.code;
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let census = connections.census();
+        let queue_empty = accepting.is_finished();
+        if census.open == 0 && queue_empty {
+            break;
         }
-        second = signals.next() => forced(second),
+        let now = Instant::now();
+        if census.busy == 0 && queue_empty {
+            let since = *idle_since.get_or_insert(now);
+            if now >= since + LINGER {
+                info!(idle_connections = census.open, "closing idle connections");
+                break;
+            }
+        } else {
+            idle_since = None;
+        }
+        if now >= ended.busy_until {
+            if census.busy > 0 {
+                warn!(
+                    cut = census.busy,
+                    "graceful timeout: {} still reading a request or writing a response cut",
+                    count(census.busy, "connection", "connections"),
+                );
+                code = code.max(exit::DRAIN_TIMED_OUT);
+            }
+            if !queue_empty {
+                warn!("connections still queued in the kernel are reset: no file descriptor came free to accept them");
+                accepting.abort();
+            }
+            break;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(CENSUS_EVERY) => {}
+            second = signals.next() => forced(second),
+        }
     }
     let inside = invocation::live_count();
     if inside == 0 {

@@ -4,12 +4,14 @@
 //! module is compiled once.
 //!
 //! - `contract`: every route and error case of the etl plugin contract;
+//! - `edges`: responses, bodies and streams still moving at shutdown;
 //! - `loading`: plugins that load, and the ones that must not;
 //! - `operations`: settings, limits, logs, metrics and probes;
 //! - `reliability`: plugin faults, bad input, and SIGTERM under load;
 //! - `shutdown`: the shutdown sequence, driven with real signals.
 
 mod contract;
+mod edges;
 mod loading;
 mod operations;
 mod reliability;

@@ -35,13 +35,11 @@ fn run(cooperative: bool, timeout: &'static str, expected_exit: i32) {
                 "requests lost in round {n} with {clients} clients: {o:?}"
             );
             // The closing race (and a write refused because its reset came
-            // first) needs a handshake to complete in the instant the
-            // listener closes: a few per round at most, never systematic.
-            // The client knows its request was not delivered.
-            assert!(
-                o.closing_race + o.write_failed <= clients as u64 / 8,
-                "round {n}: {o:?}"
-            );
+            // first) needs a handshake that was half done when the listener
+            // stopped completing new ones: one in a round at most. (Before
+            // it stopped them, up to clients/8 per round were seen.) The
+            // client knows its request was not delivered.
+            assert!(o.closing_race + o.write_failed <= 1, "round {n}: {o:?}");
             assert_eq!(o.exit_code, Some(expected_exit), "{o:?}");
             assert!(o.ok > 0, "some requests were answered normally: {o:?}");
             assert!(

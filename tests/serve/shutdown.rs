@@ -122,7 +122,7 @@ fn a_plugin_ignoring_the_flag_is_answered_for_when_the_timeout_expires() {
     assert_eq!(status.code(), Some(75), "the timeout code");
     let logs = s.logs();
     assert!(
-        logs.contains("timed out after 1s, 1 invocations abandoned"),
+        logs.contains("timed out after 1s: 1 invocation abandoned"),
         "{logs}"
     );
     assert!(

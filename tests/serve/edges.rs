@@ -1,0 +1,162 @@
+//! Nothing lost at the edges of the drain: a response still being written
+//! when SIGTERM arrives, a body still arriving, a stream whose client
+//! stopped reading. See docs/shutdown.md, "Connections at shutdown".
+
+use crate::support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal::SIGTERM;
+use support::{fixture, invoke_request, plugin, Server};
+
+/// Reads a response head; returns the status and the Content-Length.
+fn read_head(r: &mut impl BufRead) -> (u16, Option<usize>) {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut length = None;
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            return (status, length);
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().ok();
+            }
+        }
+    }
+}
+
+/// Reads until EOF, `chunk` bytes at a time with `pause` after each: a
+/// slow client. Returns how many bytes came.
+fn read_slowly(r: &mut impl Read, chunk: usize, pause: Duration) -> usize {
+    let mut buf = vec![0u8; chunk];
+    let mut total = 0;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => return total,
+            Ok(n) => total += n,
+        }
+        std::thread::sleep(pause);
+    }
+}
+
+/// A 100 MB answer whose head has reached the client when SIGTERM comes.
+fn huge_answer_started(s: &Server) -> (BufReader<TcpStream>, usize) {
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    stream
+        .write_all(invoke_request(r#"{"mode":"huge"}"#).as_bytes())
+        .unwrap();
+    let mut reader = BufReader::with_capacity(1 << 16, stream);
+    let (status, length) = read_head(&mut reader);
+    assert_eq!(status, 200);
+    (reader, length.expect("a fixed-length answer"))
+}
+
+#[test]
+fn a_response_being_written_at_sigterm_is_written_whole() {
+    let mut s = Server::start(&fixture(None), &["--graceful-timeout", "30s"]);
+    let (mut reader, length) = huge_answer_started(&s);
+    let signalled = Instant::now();
+    s.signal(SIGTERM);
+    // At most 256 KiB every 5 ms, about 50 MB/s: two seconds or more for
+    // the 100 MB, well past the one second idle connections get.
+    let buffered = reader.buffer().len();
+    reader.consume(buffered);
+    let got = buffered + read_slowly(&mut reader, 256 << 10, Duration::from_millis(5));
+    assert_eq!(got, length, "the whole answer arrived");
+    assert!(
+        signalled.elapsed() > Duration::from_secs(1),
+        "the read was slow"
+    );
+    let status = s.wait_exit(Duration::from_secs(30)).expect("exits");
+    assert_eq!(status.code(), Some(0), "{}", s.logs());
+}
+
+#[test]
+fn a_response_the_timeout_cuts_is_reported_in_the_exit_code_and_the_log() {
+    let mut s = Server::start(&fixture(None), &["--graceful-timeout", "1s"]);
+    let (mut reader, length) = huge_answer_started(&s);
+    let signalled = Instant::now();
+    s.signal(SIGTERM);
+    // About 6 MB/s: the 100 MB would take 15 s.
+    let buffered = reader.buffer().len();
+    reader.consume(buffered);
+    let got = buffered + read_slowly(&mut reader, 64 << 10, Duration::from_millis(10));
+    assert!(got < length, "the answer was cut: {got} of {length}");
+    let status = s.wait_exit(Duration::from_secs(30)).expect("exits");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(1 + 5),
+        "the cut came within the timeout plus 5 s: {:?}",
+        signalled.elapsed()
+    );
+    assert_eq!(status.code(), Some(75), "{}", s.logs());
+    assert!(
+        s.logs()
+            .contains("1 connection still reading a request or writing a response cut"),
+        "{}",
+        s.logs()
+    );
+}
+
+#[test]
+fn a_body_still_arriving_at_sigterm_is_read_and_answered() {
+    let mut s = Server::start(&plugin("wordcount"), &["--graceful-timeout", "30s"]);
+    let text = "word ".repeat(100_000);
+    let body = format!(r#"{{"text":"{text}"}}"#);
+    let raw = invoke_request(&body).into_bytes();
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    // The head and a first part of the body, then SIGTERM, then the rest
+    // at about 250 KB/s: two seconds, past the second idle connections get.
+    let (first, rest) = raw.split_at(raw.len() - 500_000);
+    stream.write_all(first).unwrap();
+    let signalled = Instant::now();
+    s.signal(SIGTERM);
+    for part in rest.chunks(5_000) {
+        stream
+            .write_all(part)
+            .expect("the server keeps reading the body");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(signalled.elapsed() > Duration::from_secs(1));
+    let r = support::read_response(&mut BufReader::new(stream)).expect("an answer");
+    // Arrived during the drain: the shutdown-abort, whole.
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["plugin_error"]["error_type"], "shutdown");
+    let status = s.wait_exit(Duration::from_secs(30)).expect("exits");
+    assert_eq!(status.code(), Some(0), "{}", s.logs());
+}
+
+#[test]
+fn a_stalled_stream_still_ends_the_shutdown_within_the_budget() {
+    let mut s = Server::start(&fixture(Some("STREAMING")), &["--graceful-timeout", "1s"]);
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .write_all(invoke_request(r#"{"mode":"flood_ignore"}"#).as_bytes())
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let (status, _) = read_head(&mut reader);
+    assert_eq!(status, 200);
+    // The client reads no more, and the plugin, which ignores its flag,
+    // fills the socket buffers and the stream's channel: the stream is
+    // stalled with its plugin still inside.
+    let signalled = Instant::now();
+    s.signal(SIGTERM);
+    let status = s.wait_exit(Duration::from_secs(30)).expect("exits");
+    let took = signalled.elapsed();
+    // docs/shutdown.md: terminationGracePeriodSeconds >= timeout + 5 s.
+    assert!(took < Duration::from_secs(1 + 5), "took {took:?}");
+    assert_eq!(status.code(), Some(75), "{}", s.logs());
+    drop(reader);
+}
