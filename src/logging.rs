@@ -2,22 +2,45 @@
 //! per line, at uvicorn's level names (RUST_LOG overrides with finer
 //! filters); and the access log, one line per request.
 //!
+//! Lines are handed to a thread of their own, which writes them. A log pipe
+//! nobody reads therefore never stalls a request or the shutdown: once
+//! [`BUFFERED_LINES`] wait, further lines are dropped and counted
+//! (`etl_serve_log_lines_dropped_total`).
+//!
 //! Request and response bodies are never logged.
 
 use std::io::IsTerminal;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::{LogFormat, LogLevel};
+use crate::sync::lock;
+
+/// Lines waiting for the log thread before new ones are dropped: at a few
+/// hundred bytes a line, a few megabytes at most.
+const BUFFERED_LINES: usize = 10_000;
+
+/// Flushes the waiting lines when dropped; see [`flush`].
+static WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 
 /// Installs the global subscriber.
 pub fn init(level: LogLevel, format: LogFormat) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.directive()));
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(BUFFERED_LINES)
+        .thread_name("etl-serve-log")
+        .finish(std::io::stderr());
+    let _ = DROPPED.set(writer.error_counter());
+    *lock(&WRITER) = Some(guard);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         // Fields at the top level, next to timestamp, level and message.
@@ -27,6 +50,18 @@ pub fn init(level: LogLevel, format: LogFormat) {
             .with_current_span(false)
             .init(),
     }
+}
+
+/// Writes out the lines still waiting, before the process exits or writes
+/// to stderr itself. Bounded: when the pipe does not take them, gives up
+/// after about a second. Later lines are dropped.
+pub fn flush() {
+    drop(lock(&WRITER).take());
+}
+
+/// Lines dropped because the log thread could not keep up.
+pub fn dropped_lines() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
 }
 
 /// One access log line.

@@ -53,7 +53,9 @@ fn main() -> ExitCode {
     };
     logging::init(cli.log_level, cli.log_format);
     crash::install();
-    match app::run(cli) {
+    let result = app::run(cli);
+    logging::flush();
+    match result {
         Ok(code) => code,
         Err(fatal) => {
             eprintln!("etl-serve: error: {fatal}");

@@ -11,6 +11,7 @@
 //! | `etl_serve_plugin_failures_total` | counter | `kind` (error, contract_violation) |
 //! | `etl_serve_concurrency_rejections_total` | counter | |
 //! | `etl_serve_plugin_calls_total` | counter | `thread` (inline, blocking) |
+//! | `etl_serve_log_lines_dropped_total` | counter | |
 //! | `process_start_time_seconds` | gauge | |
 //!
 //! The series every successful invocation updates are looked up once, at
@@ -195,6 +196,24 @@ struct FailureLabels {
     kind: FailureKind,
 }
 
+/// The log thread's count of dropped lines, read at each scrape.
+#[derive(Debug)]
+struct LogLinesDropped;
+
+impl TypedMetric for LogLinesDropped {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for LogLinesDropped {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        encoder.encode_counter::<NoLabelSet, _, u64>(&crate::logging::dropped_lines(), None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -267,6 +286,11 @@ impl Metrics {
             "etl_serve_plugin_calls",
             "Plugin calls, by where they ran: inline on an HTTP worker, or on a blocking thread",
             calls.clone(),
+        );
+        registry.register(
+            "etl_serve_log_lines_dropped",
+            "Log lines dropped because stderr did not take them fast enough",
+            LogLinesDropped,
         );
         let start = Gauge::<f64, AtomicU64>::default();
         start.set(

@@ -425,6 +425,7 @@ fn forced(signal: &str) -> ! {
 /// Exits at once, without atexit handlers or destructors, which could run
 /// under threads that are still inside the plugin.
 fn exit_now(code: u8) -> ! {
+    crate::logging::flush();
     let _ = std::io::stderr().flush();
     // SAFETY: _exit only ends the process.
     unsafe { nix::libc::_exit(i32::from(code)) }

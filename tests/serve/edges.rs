@@ -1,6 +1,6 @@
-//! Nothing lost at the edges of the drain: a response still being written
-//! when SIGTERM arrives, a body still arriving, a stream whose client
-//! stopped reading. See docs/shutdown.md, "Connections at shutdown".
+//! Nothing lost at the edges: a response still being written when SIGTERM
+//! arrives, a body still arriving, a stream whose client stopped reading
+//! (docs/shutdown.md, "Connections at shutdown"); a log pipe nobody reads.
 
 use crate::support;
 
@@ -159,4 +159,41 @@ fn a_stalled_stream_still_ends_the_shutdown_within_the_budget() {
     assert!(took < Duration::from_secs(1 + 5), "took {took:?}");
     assert_eq!(status.code(), Some(75), "{}", s.logs());
     drop(reader);
+}
+
+#[test]
+fn a_log_pipe_nobody_reads_stalls_neither_requests_nor_the_shutdown() {
+    let mut s = Server::start(&plugin("wordcount"), &[]);
+    s.pause_logs(true);
+    // One access log line each: more than the pipe (64 KiB, about 300
+    // lines) and the log thread's 10,000 waiting lines hold together.
+    let mut conn = s.connect();
+    conn.stream_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    for i in 0..15_000 {
+        let r = conn
+            .send("GET", "/healthz", None)
+            .unwrap_or_else(|e| panic!("request {i} got no answer: {e}"));
+        assert_eq!(r.status, 200);
+    }
+    let metrics = conn.send("GET", "/metrics", None).unwrap().text();
+    let dropped: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("etl_serve_log_lines_dropped_total "))
+        .expect("the dropped-lines counter")
+        .parse()
+        .unwrap();
+    assert!(dropped > 0, "{metrics}");
+    drop(conn);
+    let signalled = Instant::now();
+    s.signal(SIGTERM);
+    let status = s.wait_exit(Duration::from_secs(20)).expect("exits");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        signalled.elapsed()
+    );
+    s.pause_logs(false);
 }

@@ -97,6 +97,8 @@ pub struct Spawned {
     child: Child,
     logs: Arc<Mutex<String>>,
     listening: std::sync::mpsc::Receiver<String>,
+    /// While true, nobody reads the process's stderr.
+    paused: Arc<(Mutex<bool>, std::sync::Condvar)>,
 }
 
 impl Spawned {
@@ -110,8 +112,12 @@ impl Spawned {
         let (tx, listening) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         let sink = logs.clone();
+        let paused = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let pause = paused.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let (lock, resumed) = &*pause;
+                drop(resumed.wait_while(lock.lock().unwrap(), |p| *p).unwrap());
                 {
                     let mut l = sink.lock().unwrap();
                     l.push_str(&line);
@@ -134,7 +140,16 @@ impl Spawned {
             child,
             logs,
             listening,
+            paused,
         }
+    }
+
+    /// Stops reading the process's stderr (as a log collector that hangs),
+    /// or starts again.
+    pub fn pause_logs(&self, paused: bool) {
+        let (lock, resumed) = &*self.paused;
+        *lock.lock().unwrap() = paused;
+        resumed.notify_all();
     }
 
     pub fn pid(&self) -> i32 {
@@ -285,6 +300,10 @@ impl Server {
     /// Waits up to `timeout` for a log line containing `needle`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
         self.proc.wait_for_log(needle, timeout)
+    }
+
+    pub fn pause_logs(&self, paused: bool) {
+        self.proc.pause_logs(paused);
     }
 
     /// Waits up to `timeout` for the process to exit.
