@@ -17,6 +17,7 @@ use crate::inline::{InlineCalls, InvokeRescue};
 use crate::openapi;
 use crate::plugin::{LoadError, Plugin};
 use crate::reaper;
+use crate::routes::body::{BodyLimits, MemoryBudget};
 use crate::server::{self, ConnLimits, Listener};
 use crate::shutdown::{self, Drain, ShutdownSignals};
 use crate::validate::InputModel;
@@ -78,8 +79,8 @@ pub struct App {
     pub inline: &'static InlineCalls<InvokeRescue>,
     pub drain: Drain,
     pub inputs: InputModel,
-    /// Largest request body, in bytes (`--max-body-size`).
-    pub max_body: u64,
+    /// How request bodies are read: the size, pause and memory limits.
+    pub body: BodyLimits,
     /// Most requests waiting on the plugin at once; more get 503.
     pub limit_concurrency: Option<usize>,
     /// Whether to log one line per request.
@@ -106,7 +107,11 @@ impl App {
         let openapi = openapi::document(m);
         Ok(App {
             inputs,
-            max_body: cli.max_body_size,
+            body: BodyLimits {
+                max: cli.max_body_size,
+                pause: cli.body_read_timeout,
+                memory: MemoryBudget::new(cli.max_body_memory),
+            },
             limit_concurrency: cli.limit_concurrency.map(|n| n as usize),
             access_log: cli.access_log(),
             schema_body: json(&m.schema),
@@ -150,6 +155,7 @@ impl App {
 /// A [`Fatal`] when the plugin cannot be loaded or the address bound;
 /// nothing has been served then.
 pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
+    cli.check_limits().map_err(Fatal::Config)?;
     let plugin = Plugin::load(&cli.plugin, &cli.plugin_config).map_err(|error| Fatal::Plugin {
         path: cli.plugin.display().to_string(),
         error,

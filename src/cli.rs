@@ -96,6 +96,18 @@ pub struct Cli {
           value_parser = parse_size, help_heading = "Limits")]
     pub max_body_size: u64,
 
+    /// Answer 408 to a request whose body stops arriving for this long.
+    #[arg(long, env = "ETL_SERVE_BODY_READ_TIMEOUT", value_name = "DURATION", default_value = "10s",
+          value_parser = parse_duration, help_heading = "Limits")]
+    pub body_read_timeout: Duration,
+
+    /// Most bytes of request bodies held at once, from a body's first byte
+    /// until its response starts; a request that would go over gets 503.
+    /// At least --max-body-size.
+    #[arg(long, env = "ETL_SERVE_MAX_BODY_MEMORY", value_name = "SIZE", default_value = "256MiB",
+          value_parser = parse_size, help_heading = "Limits")]
+    pub max_body_memory: u64,
+
     /// How long a shutdown waits for invocations to finish before answering
     /// them with the 503 shutdown-abort and exiting. 0 cancels and exits at
     /// once.
@@ -171,6 +183,26 @@ pub enum NotServing {
     Print(String),
     /// A usage error: print this one line to stderr, and exit 64.
     Usage(String),
+}
+
+impl Cli {
+    /// Checks the limits that depend on each other, or on what a request
+    /// needs at least; the error names the flags.
+    ///
+    /// # Errors
+    /// One line saying which setting is wrong and why.
+    pub fn check_limits(&self) -> Result<(), String> {
+        if self.max_body_memory < self.max_body_size {
+            return Err(format!(
+                "--max-body-memory ({} bytes) is smaller than --max-body-size ({} bytes): no body of the largest size could be read",
+                self.max_body_memory, self.max_body_size
+            ));
+        }
+        if self.body_read_timeout.is_zero() {
+            return Err("--body-read-timeout must be more than 0".to_owned());
+        }
+        Ok(())
+    }
 }
 
 /// Parses the command line and the environment.

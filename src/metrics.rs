@@ -12,6 +12,7 @@
 //! | `etl_serve_concurrency_rejections_total` | counter | |
 //! | `etl_serve_plugin_calls_total` | counter | `thread` (inline, blocking) |
 //! | `etl_serve_log_lines_dropped_total` | counter | |
+//! | `etl_serve_request_body_bytes_held` | gauge | |
 //! | `process_start_time_seconds` | gauge | |
 //!
 //! The series every successful invocation updates are looked up once, at
@@ -214,6 +215,25 @@ impl EncodeMetric for LogLinesDropped {
     }
 }
 
+/// The request body bytes held, read at each scrape.
+#[derive(Debug)]
+struct BodyBytesHeld;
+
+impl TypedMetric for BodyBytesHeld {
+    const TYPE: MetricType = MetricType::Gauge;
+}
+
+impl EncodeMetric for BodyBytesHeld {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let held = i64::try_from(crate::routes::body::held_bytes()).unwrap_or(i64::MAX);
+        encoder.encode_gauge(&held)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
@@ -291,6 +311,11 @@ impl Metrics {
             "etl_serve_log_lines_dropped",
             "Log lines dropped because stderr did not take them fast enough",
             LogLinesDropped,
+        );
+        registry.register(
+            "etl_serve_request_body_bytes_held",
+            "Bytes of request bodies held now, against --max-body-memory",
+            BodyBytesHeld,
         );
         let start = Gauge::<f64, AtomicU64>::default();
         start.set(

@@ -5,13 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
-use super::reply::{detail, internal_error, json, overloaded, shutdown_abort, Body};
+use super::body::read_body;
+use super::reply::{internal_error, json, overloaded, shutdown_abort, Body};
 use super::stream::invoke_streaming;
 use crate::app::App;
 use crate::conn::AnswerPending;
@@ -40,8 +39,8 @@ pub async fn invoke(
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let body = match read_body(body, app.max_body).await {
-        Ok(body) => body,
+    let (body, _held) = match read_body(body, &app.body).await {
+        Ok(read) => read,
         Err(response) => return response,
     };
     // Counted before the drain check: a drain that starts after the check
@@ -67,61 +66,6 @@ pub async fn invoke(
     } else {
         invoke_plain(app, input, in_flight, from).await
     }
-}
-
-/// Reads the whole body, refusing one over `max` bytes with 413: at once
-/// when its Content-Length says so, else as soon as it grows past `max`.
-///
-/// A small body arrives in one frame, which is returned as it is: no copy,
-/// and no list of buffers to gather it in.
-async fn read_body(mut body: Incoming, max: u64) -> Result<Bytes, Response<Body>> {
-    let too_large = |len: Option<u64>| {
-        let text = match len {
-            Some(n) => format!(
-                "request body is {n} bytes, over the limit of {max} bytes (--max-body-size)"
-            ),
-            None => format!("request body is over the limit of {max} bytes (--max-body-size)"),
-        };
-        let mut r = detail(StatusCode::PAYLOAD_TOO_LARGE, &text);
-        // The rest of the body is not read, so the connection cannot be reused.
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        r
-    };
-    let declared = body.size_hint().exact();
-    if let Some(len) = declared.filter(|len| *len > max) {
-        return Err(too_large(Some(len)));
-    }
-    let mut first: Option<Bytes> = None;
-    let mut joined: Option<Vec<u8>> = None;
-    let mut len = 0u64;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            detail(
-                StatusCode::BAD_REQUEST,
-                &format!("cannot read the request body: {e}"),
-            )
-        })?;
-        // Trailers carry nothing the plugin reads.
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        len += data.len() as u64;
-        if len > max {
-            return Err(too_large(None));
-        }
-        match (&mut joined, first.take()) {
-            (Some(all), _) => all.extend_from_slice(&data),
-            (None, None) => first = Some(data),
-            (None, Some(earlier)) => {
-                let mut all = Vec::with_capacity(declared.unwrap_or(0).max(len) as usize);
-                all.extend_from_slice(&earlier);
-                all.extend_from_slice(&data);
-                joined = Some(all);
-            }
-        }
-    }
-    Ok(joined.map(Bytes::from).or(first).unwrap_or_default())
 }
 
 async fn invoke_plain(

@@ -14,8 +14,8 @@
 //! | `GET /readyz`    | 200 while serving, 503 once shutdown started          |
 //! | anything else    | 404 `{"detail":"Not Found"}`, or 405 for a known path |
 //!
-//! One file per concern: `invoke` (reading, checking and calling a plain
-//! `/invoke`), `stream` (a streaming plugin's NDJSON), `precheck`, `reply`
+//! One file per concern: `body` (reading a request body within its
+//! limits), `invoke` (checking and calling a plain `/invoke`), `stream` (a streaming plugin's NDJSON), `precheck`, `reply`
 //! (response bodies and the fixed answers) and `access` (request ids and
 //! the access log). Whether a plugin call runs inline or on the blocking
 //! pool is `inline`'s business.
@@ -35,6 +35,7 @@ use crate::shutdown::Drain;
 use reply::{fixed, json, redirect, with_type};
 
 mod access;
+pub mod body;
 mod invoke;
 mod precheck;
 mod reply;

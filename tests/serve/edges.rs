@@ -197,3 +197,116 @@ fn a_log_pipe_nobody_reads_stalls_neither_requests_nor_the_shutdown() {
     );
     s.pause_logs(false);
 }
+
+// ---------------------------------------------------------------------------
+// What a slow or greedy client can pin
+// ---------------------------------------------------------------------------
+
+/// Opens a connection and sends an /invoke head announcing `length` bytes
+/// of body, and `part` of them.
+fn upload_started(s: &Server, length: usize, part: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let head = format!(
+        "POST /invoke HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(part).unwrap();
+    stream
+}
+
+/// `etl_serve_request_body_bytes_held`, from /metrics.
+fn body_bytes_held(s: &Server) -> u64 {
+    s.get("/metrics")
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix("etl_serve_request_body_bytes_held "))
+        .expect("the held-bytes gauge")
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_body_that_stops_arriving_gets_408_naming_the_flag() {
+    let s = Server::start(&plugin("wordcount"), &["--body-read-timeout", "1s"]);
+    let stream = upload_started(&s, 1000, br#"{"text":"#);
+    let sent = Instant::now();
+    let r = support::read_response(&mut BufReader::new(stream)).expect("an answer");
+    assert_eq!(r.status, 408, "{}", r.text());
+    assert_eq!(
+        r.json()["detail"],
+        "the request body stopped arriving: nothing for 1s (--body-read-timeout)"
+    );
+    assert_eq!(r.header("connection"), Some("close"));
+    let waited = sent.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(10),
+        "{waited:?}"
+    );
+    // Nothing is held for it any more, and the server serves on.
+    assert_eq!(body_bytes_held(&s), 0);
+    assert_eq!(s.post_json("/invoke", r#"{"text":"a b"}"#).status, 200);
+}
+
+#[test]
+fn bodies_past_the_memory_budget_get_503_and_the_others_are_served() {
+    let s = Server::start(
+        &plugin("wordcount"),
+        &["--max-body-size", "1MiB", "--max-body-memory", "2MiB"],
+    );
+    let text = "w ".repeat(400_000);
+    let body = format!(r#"{{"text":"{text}"}}"#).into_bytes();
+    let (head, rest) = body.split_at(100);
+    // Two uploads of 800 kB under way hold 1.6 MB of the 2 MiB.
+    let mut uploads = vec![
+        upload_started(&s, body.len(), head),
+        upload_started(&s, body.len(), head),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while body_bytes_held(&s) < 2 * body.len() as u64 {
+        assert!(Instant::now() < deadline, "the uploads were never held");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A third cannot be held: refused before its body is read.
+    let third = upload_started(&s, body.len(), head);
+    let r = support::read_response(&mut BufReader::new(third)).expect("an answer");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert!(
+        r.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("(--max-body-memory)"),
+        "{}",
+        r.text()
+    );
+    // The two under way finish and are answered.
+    for mut stream in uploads.drain(..) {
+        stream.write_all(rest).unwrap();
+        let r = support::read_response(&mut BufReader::new(stream)).expect("an answer");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["output"]["words"], 400_000);
+    }
+    assert_eq!(body_bytes_held(&s), 0);
+}
+
+#[test]
+fn a_memory_budget_below_the_body_size_limit_is_refused_at_startup() {
+    let failed = Server::start_with(
+        &plugin("wordcount"),
+        &["--max-body-size", "16MiB", "--max-body-memory", "1MiB"],
+        &[],
+    )
+    .err()
+    .expect("refused");
+    assert_eq!(failed.status.code(), Some(64));
+    assert!(
+        failed.stderr.contains(
+            "--max-body-memory (1048576 bytes) is smaller than --max-body-size (16777216 bytes)"
+        ),
+        "{}",
+        failed.stderr
+    );
+}
