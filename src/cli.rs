@@ -39,11 +39,14 @@ pub struct Cli {
     #[arg(long, help_heading = "Plugin")]
     pub check: bool,
 
-    /// Address to listen on (the container image sets 0.0.0.0).
+    /// Address to listen on (the container image sets 0.0.0.0; `::` serves
+    /// IPv6 and, where the system allows, IPv4). A host name is resolved,
+    /// preferring IPv4 as uvicorn does.
     #[arg(
         long,
         env = "UVICORN_HOST",
         default_value = "127.0.0.1",
+        value_parser = parse_host,
         help_heading = "Network"
     )]
     pub host: IpAddr,
@@ -210,6 +213,7 @@ impl Cli {
 /// # Errors
 /// [`NotServing`] for `--help`, `--version` and usage errors.
 pub fn parse() -> Result<Cli, NotServing> {
+    ignore_empty_variables();
     Cli::try_parse().map_err(|e| match e.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
             NotServing::Print(e.render().to_string())
@@ -257,6 +261,40 @@ fn env_var_of(long: &str) -> Option<String> {
     let cmd = Cli::command();
     let arg = cmd.get_arguments().find(|a| a.get_long() == Some(name))?;
     arg.get_env().map(|v| v.to_string_lossy().into_owned())
+}
+
+/// Treats a variable set to the empty string as unset, as uvicorn (through
+/// click) does, so that a pod spec's `UVICORN_LIMIT_CONCURRENCY: ""` means
+/// "no limit" to both. Runs before any thread is started.
+fn ignore_empty_variables() {
+    for arg in Cli::command().get_arguments() {
+        if let Some(var) = arg.get_env() {
+            if std::env::var_os(var).is_some_and(|v| v.is_empty()) {
+                std::env::remove_var(var);
+            }
+        }
+    }
+}
+
+/// An IP address, or a host name resolved to its first IPv4 address (its
+/// first address when it has no IPv4 one): uvicorn binds a name with an
+/// IPv4 socket.
+fn parse_host(s: &str) -> Result<IpAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = s.parse() {
+        return Ok(ip);
+    }
+    let addrs: Vec<IpAddr> = (s, 0)
+        .to_socket_addrs()
+        .map_err(|e| format!("`{s}` is neither an IP address nor a host name that resolves: {e}"))?
+        .map(|a| a.ip())
+        .collect();
+    addrs
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| format!("the host name `{s}` resolves to no address"))
 }
 
 /// Seconds as uvicorn reads them (`30`, `2.5`), or a humantime duration

@@ -99,6 +99,32 @@ fn uvicorn_host_and_port_are_read_and_the_flag_wins() {
 }
 
 #[test]
+fn a_host_name_and_empty_variables_work_as_with_uvicorn() {
+    // Pod specs written for etl-uvicorn: `localhost` resolves, and empty
+    // variables are ignored rather than refused.
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let wc = plugin("wordcount");
+    let (s, addr) = start_at(
+        addr,
+        &["--plugin", wc.to_str().unwrap(), "--port", &port.to_string()],
+        &[
+            ("UVICORN_HOST", "localhost"),
+            ("UVICORN_LIMIT_CONCURRENCY", ""),
+            ("UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN", ""),
+            ("UVICORN_TIMEOUT_KEEP_ALIVE", ""),
+        ],
+    );
+    let r = support::request(
+        addr,
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 200);
+    // The defaults hold: 30 s of graceful timeout.
+    assert!(s.logs().contains("graceful_timeout=30s"), "{}", s.logs());
+}
+
+#[test]
 fn every_bad_value_is_one_line_naming_the_flag_or_variable() {
     // (flags, environment, what the error line must name)
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
