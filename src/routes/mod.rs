@@ -24,9 +24,10 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode, Version};
 
 use crate::app::App;
 use crate::conn::{AnswerPending, Conn};
@@ -45,6 +46,45 @@ pub use access::{AccessLine, X_REQUEST_ID};
 pub use invoke::{answer, record, Requester};
 pub use reply::{internal_error, shutdown_abort, Body};
 
+/// Refuses what HTTP/1.1 does not allow and hyper lets through: a request
+/// without exactly one `Host` (400, RFC 9112 section 3.2), and a transfer
+/// coding other than `chunked`, whose body would reach the plugin still
+/// encoded (501, RFC 9112 section 6.1). The connection then closes.
+fn refuse_framing(req: &Request<Incoming>) -> Option<Response<Body>> {
+    let headers = req.headers();
+    if req.version() == Version::HTTP_11 {
+        let mut hosts = headers.get_all(header::HOST).iter();
+        if hosts.next().is_none() || hosts.next().is_some() {
+            return Some(closing(reply::detail(
+                StatusCode::BAD_REQUEST,
+                "an HTTP/1.1 request must carry exactly one Host header",
+            )));
+        }
+    }
+    // Only a chunked body has no exact length; the check costs nothing
+    // to the others.
+    if req.body().size_hint().exact().is_none() {
+        let other_coding = headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+            .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        if other_coding {
+            return Some(closing(reply::detail(
+                StatusCode::NOT_IMPLEMENTED,
+                "only the chunked transfer coding is supported",
+            )));
+        }
+    }
+    None
+}
+
+fn closing(mut r: Response<Body>) -> Response<Body> {
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
 /// Answers one request. Never fails: every problem is an HTTP answer.
 pub async fn handle(
     app: &'static App,
@@ -61,48 +101,51 @@ pub async fn handle(
     let access = app
         .access_log
         .then(|| (Instant::now(), req.uri().path().to_owned()));
-    let mut response = match (route, &method) {
-        (Route::invoke, &Method::POST) => {
-            let from = Requester {
-                pending,
-                request_id: &request_id,
-                received: access.as_ref().map(|(at, _)| *at),
-            };
-            invoke::invoke(app, req, from).await
-        }
-        (Route::schema, &Method::GET) => json(StatusCode::OK, app.schema_body.clone()),
-        (Route::id, &Method::GET) => json(StatusCode::OK, app.id_body.clone()),
-        (Route::metadata, &Method::GET) => json(StatusCode::OK, app.metadata_body.clone()),
-        (Route::precheck, &Method::GET) => precheck::precheck(app).await,
-        (Route::openapi, &Method::GET) => json(StatusCode::OK, app.openapi_body.clone()),
-        (Route::docs, &Method::GET) => with_type(
-            StatusCode::OK,
-            "text/html; charset=utf-8",
-            app.docs_body.clone(),
-        ),
-        (Route::root, &Method::GET) => redirect("/docs"),
-        (Route::healthz, &Method::GET) => fixed(StatusCode::OK, br#"{"status":"ok"}"#),
-        (Route::readyz, &Method::GET) => readyz(&app.drain),
-        (Route::metrics, &Method::GET) => with_type(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            METRICS.encode(app.drain.in_flight()).into(),
-        ),
-        (Route::other, _) => fixed(StatusCode::NOT_FOUND, br#"{"detail":"Not Found"}"#),
-        (route, _) => {
-            let mut r = fixed(
-                StatusCode::METHOD_NOT_ALLOWED,
-                br#"{"detail":"Method Not Allowed"}"#,
-            );
-            let allow = if route == Route::invoke {
-                "POST"
-            } else {
-                "GET"
-            };
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static(allow));
-            r
-        }
+    let mut response = match refuse_framing(&req) {
+        Some(refused) => refused,
+        None => match (route, &method) {
+            (Route::invoke, &Method::POST) => {
+                let from = Requester {
+                    pending,
+                    request_id: &request_id,
+                    received: access.as_ref().map(|(at, _)| *at),
+                };
+                invoke::invoke(app, req, from).await
+            }
+            (Route::schema, &Method::GET) => json(StatusCode::OK, app.schema_body.clone()),
+            (Route::id, &Method::GET) => json(StatusCode::OK, app.id_body.clone()),
+            (Route::metadata, &Method::GET) => json(StatusCode::OK, app.metadata_body.clone()),
+            (Route::precheck, &Method::GET) => precheck::precheck(app).await,
+            (Route::openapi, &Method::GET) => json(StatusCode::OK, app.openapi_body.clone()),
+            (Route::docs, &Method::GET) => with_type(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                app.docs_body.clone(),
+            ),
+            (Route::root, &Method::GET) => redirect("/docs"),
+            (Route::healthz, &Method::GET) => fixed(StatusCode::OK, br#"{"status":"ok"}"#),
+            (Route::readyz, &Method::GET) => readyz(&app.drain),
+            (Route::metrics, &Method::GET) => with_type(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                METRICS.encode(app.drain.in_flight()).into(),
+            ),
+            (Route::other, _) => fixed(StatusCode::NOT_FOUND, br#"{"detail":"Not Found"}"#),
+            (route, _) => {
+                let mut r = fixed(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    br#"{"detail":"Method Not Allowed"}"#,
+                );
+                let allow = if route == Route::invoke {
+                    "POST"
+                } else {
+                    "GET"
+                };
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+                r
+            }
+        },
     };
     if app.drain.is_draining() {
         // Each connection closes after the response it is writing.

@@ -107,7 +107,12 @@ fn a_host_name_and_empty_variables_work_as_with_uvicorn() {
     let wc = plugin("wordcount");
     let (s, addr) = start_at(
         addr,
-        &["--plugin", wc.to_str().unwrap(), "--port", &port.to_string()],
+        &[
+            "--plugin",
+            wc.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ],
         &[
             ("UVICORN_HOST", "localhost"),
             ("UVICORN_LIMIT_CONCURRENCY", ""),

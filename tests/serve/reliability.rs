@@ -164,6 +164,35 @@ mod bad_input {
     }
 
     #[test]
+    fn framing_http_1_1_forbids_is_refused() {
+        let s = Server::start(&plugin("wordcount"), &[]);
+        let host = "an HTTP/1.1 request must carry exactly one Host header";
+        let coding = "only the chunked transfer coding is supported";
+        for (raw, status, detail) in [
+            (&b"GET /id HTTP/1.1\r\nConnection: close\r\n\r\n"[..], 400, host),
+            (
+                b"GET /id HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+                400,
+                host,
+            ),
+            (
+                b"POST /invoke HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                501,
+                coding,
+            ),
+        ] {
+            let r = request(s.addr, raw);
+            assert_eq!(r.status, status, "{}", String::from_utf8_lossy(raw));
+            assert_eq!(r.json()["detail"], detail);
+            assert_eq!(r.header("connection"), Some("close"));
+        }
+        // HTTP/1.0 needs no Host; a plain chunked body is fine.
+        assert_eq!(request(s.addr, b"GET /id HTTP/1.0\r\n\r\n").status, 200);
+        let chunked = b"POST /invoke HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\nConnection: close\r\n\r\nc\r\n{\"text\":\"a\"}\r\n0\r\n\r\n";
+        assert_eq!(request(s.addr, chunked).status, 200);
+    }
+
+    #[test]
     fn huge_numbers_and_deep_nesting_are_clean_rejections() {
         let s = Server::start(&plugin("wordcount"), &[]);
         // Beyond f64: not a number JSON can carry here.
