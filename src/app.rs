@@ -207,6 +207,10 @@ async fn serve(cli: &Cli, app: &'static App, drain: Drain) -> Result<ExitCode, F
     match &cli.uds {
         Some(path) => {
             let listener = bind_unix(path)?;
+            set_backlog(&listener, cli.backlog).map_err(|error| Fatal::Bind {
+                addr: format!("unix:{}", path.display()),
+                error,
+            })?;
             info!(socket = %path.display(), graceful_timeout = %timeout, "listening on unix:{}", path.display());
             // The socket file is removed when the listener closes.
             serve_on(listener, app, limits, drain, &mut signals, cli).await
@@ -218,6 +222,7 @@ async fn serve(cli: &Cli, app: &'static App, drain: Drain) -> Result<ExitCode, F
                 error,
             };
             let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+            set_backlog(&listener, cli.backlog).map_err(bind_error)?;
             let local = listener.local_addr().map_err(bind_error)?;
             info!(address = %local, graceful_timeout = %timeout, "listening on http://{local}");
             serve_on(listener, app, limits, drain, &mut signals, cli).await
@@ -264,8 +269,20 @@ async fn serve_on<L: Listener>(
     .await)
 }
 
+/// Sets the listen backlog: how many connections the kernel completes
+/// before they are accepted (`--backlog`). Listening again on a listening
+/// socket only changes its backlog; the kernel caps it at
+/// `net.core.somaxconn`.
+fn set_backlog(listener: &impl std::os::fd::AsFd, backlog: u32) -> std::io::Result<()> {
+    use nix::sys::socket::{listen, Backlog};
+    let backlog = Backlog::new(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    listen(listener, backlog)?;
+    Ok(())
+}
+
 /// Binds a Unix socket at `path`, replacing a stale socket file left by an
-/// earlier run but never another kind of file.
+/// earlier run but never another kind of file, nor the socket of a server
+/// that is still listening on it.
 fn bind_unix(path: &PathBuf) -> Result<UnixListener, Fatal> {
     use std::os::unix::fs::FileTypeExt;
     let bind_error = |error| Fatal::Bind {
@@ -276,6 +293,12 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener, Fatal> {
         if !meta.file_type().is_socket() {
             return Err(Fatal::Config(format!(
                 "--uds {}: the path exists and is not a socket; refusing to replace it",
+                path.display()
+            )));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Fatal::Config(format!(
+                "--uds {}: another process is listening on this socket; refusing to replace it",
                 path.display()
             )));
         }

@@ -69,6 +69,12 @@ pub struct Cli {
     )]
     pub uds: Option<PathBuf>,
 
+    /// How many connections the kernel may complete before etl-serve
+    /// accepts them (capped by the system's net.core.somaxconn).
+    #[arg(long, env = "UVICORN_BACKLOG", value_name = "N", default_value = "2048",
+          value_parser = clap::value_parser!(u32).range(1..), help_heading = "Network")]
+    pub backlog: u32,
+
     /// Answer 503 at once when this many invocations are already in flight,
     /// instead of queueing without bound.
     #[arg(long, env = "UVICORN_LIMIT_CONCURRENCY", value_name = "N",
@@ -188,6 +194,10 @@ pub enum NotServing {
     Usage(String),
 }
 
+/// The smallest `--max-header-size`: a request line and the few headers
+/// every client sends.
+const MIN_HEADER_SIZE: u64 = 1024;
+
 impl Cli {
     /// Checks the limits that depend on each other, or on what a request
     /// needs at least; the error names the flags.
@@ -199,6 +209,12 @@ impl Cli {
             return Err(format!(
                 "--max-body-memory ({} bytes) is smaller than --max-body-size ({} bytes): no body of the largest size could be read",
                 self.max_body_memory, self.max_body_size
+            ));
+        }
+        if self.max_header_size < MIN_HEADER_SIZE {
+            return Err(format!(
+                "--max-header-size {} is too small to carry a request head; use at least {MIN_HEADER_SIZE} bytes (the default is 64KiB)",
+                self.max_header_size
             ));
         }
         if self.body_read_timeout.is_zero() {

@@ -64,14 +64,79 @@ pub struct Plugin {
     _library: libloading::Library,
 }
 
+/// What a file that is not a regular file is, for the error.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// The machine this etl-serve is built for, named as [`elf_machine`]
+/// names it.
+const HOST_MACHINE: &str = if cfg!(target_arch = "x86_64") {
+    "x86_64"
+} else if cfg!(target_arch = "aarch64") {
+    "aarch64"
+} else if cfg!(target_arch = "x86") {
+    "x86 (32-bit)"
+} else if cfg!(target_arch = "arm") {
+    "arm (32-bit)"
+} else {
+    "this machine"
+};
+
+/// The machine an ELF file is built for, from its header; `None` when the
+/// file is not ELF or cannot be read.
+fn elf_machine(path: &Path) -> Option<&'static str> {
+    use std::io::Read;
+    let mut head = [0u8; 20];
+    std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    if &head[..4] != b"\x7fELF" {
+        return None;
+    }
+    // e_ident[EI_CLASS] (1: 32-bit, 2: 64-bit), e_ident[EI_DATA] (1:
+    // little-endian), then e_machine at offset 18.
+    let machine = if head[5] == 1 {
+        u16::from_le_bytes([head[18], head[19]])
+    } else {
+        u16::from_be_bytes([head[18], head[19]])
+    };
+    Some(match (head[4], machine) {
+        (2, 62) => "x86_64",
+        (2, 183) => "aarch64",
+        (1, 3) => "x86 (32-bit)",
+        (1, 40) => "arm (32-bit)",
+        (1, 62) => "x86_64 with 32-bit pointers",
+        (2, 243) => "riscv64",
+        (2, 21) => "ppc64",
+        (2, 22) => "s390x",
+        _ => "another machine",
+    })
+}
+
 /// Why a plugin could not be loaded. Each message names the reason; the
 /// caller adds the path.
 #[derive(Debug)]
 pub enum LoadError {
     /// The file does not exist or cannot be read.
     Missing(std::io::Error),
-    /// `dlopen` refused it (not a shared library, wrong architecture, an
-    /// unresolved dependency...).
+    /// A FIFO, a directory, a device: `dlopen` could block on it or
+    /// fail with a misleading message.
+    NotAFile(&'static str),
+    /// An ELF file built for another machine than this etl-serve's.
+    WrongMachine { file: String, host: &'static str },
+    /// `dlopen` refused it (not a shared library, an unresolved
+    /// dependency...).
     Open(libloading::Error),
     /// The library does not export `etl_plugin_entry`.
     NoEntry(libloading::Error),
@@ -95,6 +160,11 @@ impl fmt::Display for LoadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             LoadError::Missing(e) => write!(f, "cannot read the plugin file: {e}"),
+            LoadError::NotAFile(kind) => write!(f, "not a regular file: it is {kind}"),
+            LoadError::WrongMachine { file, host } => write!(
+                f,
+                "the library is built for {file}, and this etl-serve runs on {host}; build the plugin for {host}"
+            ),
             LoadError::Open(e) => write!(f, "not a loadable shared library: {e}"),
             LoadError::NoEntry(_) => write!(
                 f,
@@ -133,7 +203,10 @@ impl Plugin {
     /// # Errors
     /// Every [`LoadError`] variant, as documented on it.
     pub fn load(path: &Path, config: &str) -> Result<Plugin, LoadError> {
-        std::fs::metadata(path).map_err(LoadError::Missing)?;
+        let meta = std::fs::metadata(path).map_err(LoadError::Missing)?;
+        if !meta.is_file() {
+            return Err(LoadError::NotAFile(file_kind(&meta)));
+        }
         // dlopen searches the library path for a bare name; a relative path
         // with a slash is what the operator means.
         let path: PathBuf = if path.components().count() == 1 {
@@ -144,7 +217,17 @@ impl Plugin {
 
         // SAFETY: loading a library runs its initialisers. Plugins are
         // trusted code (see the header's trust model).
-        let library = unsafe { libloading::Library::new(&path) }.map_err(LoadError::Open)?;
+        let library = unsafe { libloading::Library::new(&path) }.map_err(|e| {
+            // glibc says "No such file or directory" for a library built
+            // for another machine: name the real cause.
+            match elf_machine(&path) {
+                Some(file) if file != HOST_MACHINE => LoadError::WrongMachine {
+                    file: file.to_owned(),
+                    host: HOST_MACHINE,
+                },
+                _ => LoadError::Open(e),
+            }
+        })?;
         // SAFETY: the symbol's type is the header's etl_plugin_entry_fn.
         let entry: libloading::Symbol<abi::EtlPluginEntryFn> =
             unsafe { library.get(abi::ENTRY_SYMBOL) }.map_err(LoadError::NoEntry)?;

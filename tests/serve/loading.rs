@@ -44,6 +44,51 @@ fn a_missing_file() {
 }
 
 #[test]
+fn a_fifo_or_a_directory_is_refused_without_opening_it() {
+    // dlopen would block opening a FIFO until a writer comes.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let fifo = dir.join("libfifo_plugin.so");
+    let _ = std::fs::remove_file(&fifo);
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.unwrap().success(), "mkfifo");
+    assert_eq!(
+        refusal(&fifo),
+        format!(
+            "etl-serve: error: cannot load plugin {}: not a regular file: it is a FIFO",
+            fifo.display()
+        )
+    );
+    assert_eq!(
+        refusal(dir),
+        format!(
+            "etl-serve: error: cannot load plugin {}: not a regular file: it is a directory",
+            dir.display()
+        )
+    );
+}
+
+#[test]
+fn a_library_for_another_machine_is_named_as_such() {
+    // A real plugin whose ELF header says aarch64 (or x86_64, on aarch64).
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("libother_machine.so");
+    let mut elf = std::fs::read(plugin("wordcount")).unwrap();
+    let (other, name, host) = if cfg!(target_arch = "aarch64") {
+        (62u16, "x86_64", "aarch64")
+    } else {
+        (183u16, "aarch64", "x86_64")
+    };
+    elf[18..20].copy_from_slice(&other.to_le_bytes());
+    std::fs::write(&path, elf).unwrap();
+    assert_eq!(
+        refusal(&path),
+        format!(
+            "etl-serve: error: cannot load plugin {}: the library is built for {name}, and this etl-serve runs on {host}; build the plugin for {host}",
+            path.display()
+        )
+    );
+}
+
+#[test]
 fn a_file_that_is_not_a_shared_library() {
     let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("libnot_a_library.so");
     std::fs::write(&path, "this is text, not ELF\n").unwrap();

@@ -714,6 +714,27 @@ fn it_serves_on_a_unix_socket() {
     let r = read_response(&mut BufReader::new(stream)).unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["output"]["words"], 4);
+
+    // A second instance on the same path refuses to take the live socket.
+    let out = support::etl_serve()
+        .arg("--plugin")
+        .arg(plugin("wordcount"))
+        .arg("--uds")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "--uds {}: another process is listening on this socket; refusing to replace it",
+            sock.display()
+        )),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(UnixStream::connect(&sock).is_ok(), "the first still serves");
+
     s.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(
         s.wait_exit(Duration::from_secs(10))
@@ -738,4 +759,62 @@ fn it_serves_on_a_unix_socket() {
         String::from_utf8_lossy(&out.stderr).contains("is not a socket; refusing to replace it")
     );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+}
+
+#[test]
+fn a_header_size_too_small_for_any_request_is_refused() {
+    let out = support::etl_serve()
+        .arg("--plugin")
+        .arg(plugin("wordcount"))
+        .args(["--max-header-size", "1"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        "etl-serve: error: --max-header-size 1 is too small to carry a request head; use at least 1024 bytes (the default is 64KiB)"
+    );
+}
+
+/// How many of `n` connects complete within moments while etl-serve is
+/// stopped (SIGSTOP), so that only the kernel's accept queue takes them.
+fn connects_taken_while_stopped(s: &Server, n: usize) -> usize {
+    s.signal(nix::sys::signal::Signal::SIGSTOP);
+    // Stopping reaches each thread on its way back to user space: wait
+    // until every one of them is stopped.
+    let tasks = format!("/proc/{}/task", s.pid());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_dir(&tasks).unwrap().all(|t| {
+        let stat = std::fs::read_to_string(t.unwrap().path().join("stat")).unwrap_or_default();
+        // The state follows the command name in parentheses.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('T'))
+    }) {
+        assert!(Instant::now() < deadline, "etl-serve did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut taken = Vec::new();
+    for _ in 0..n {
+        // Loopback: a handshake the queue has room for completes at once;
+        // a SYN the full queue drops would only be retried after a second.
+        if let Ok(c) = TcpStream::connect_timeout(&s.addr, Duration::from_millis(200)) {
+            taken.push(c);
+        }
+    }
+    s.signal(nix::sys::signal::Signal::SIGCONT);
+    taken.len()
+}
+
+#[test]
+fn the_listen_backlog_is_uvicorns_and_can_be_set() {
+    // uvicorn's default is 2048: 300 connects are all queued.
+    let s = Server::start(&plugin("wordcount"), &[]);
+    assert_eq!(connects_taken_while_stopped(&s, 300), 300);
+    assert_eq!(s.get("/healthz").status, 200);
+    // --backlog 8 (UVICORN_BACKLOG): the kernel queues about 8.
+    let s = Server::start_with(&plugin("wordcount"), &[], &[("UVICORN_BACKLOG", "8")]).unwrap();
+    let taken = connects_taken_while_stopped(&s, 20);
+    assert!((8..=10).contains(&taken), "{taken} queued");
+    assert_eq!(s.get("/healthz").status, 200);
 }
