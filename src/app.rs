@@ -156,10 +156,40 @@ impl App {
 /// nothing has been served then.
 pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
     cli.check_limits().map_err(Fatal::Config)?;
-    let plugin = Plugin::load(&cli.plugin, &cli.plugin_config).map_err(|error| Fatal::Plugin {
-        path: cli.plugin.display().to_string(),
-        error,
-    })?;
+    let workers = runtime_workers();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .thread_name("etl-serve")
+        .build()
+        .map_err(|e| Fatal::Os(format!("cannot start the async runtime: {e}")))?;
+    let code = runtime.block_on(start(&cli, workers));
+    // Do not wait for blocking threads: an abandoned plugin call never ends.
+    runtime.shutdown_background();
+    code
+}
+
+/// Everything from the signal handlers to the exit code, on the runtime.
+async fn start(cli: &Cli, workers: usize) -> Result<ExitCode, Fatal> {
+    // The handlers come first, so that a signal sent while the plugin
+    // initialises is not lost (as PID 1, one without a handler is dropped).
+    let mut signals = ShutdownSignals::install()
+        .map_err(|e| Fatal::Os(format!("cannot install signal handlers: {e}")))?;
+    if std::process::id() == 1 {
+        reaper::spawn();
+    }
+    info!(path = %cli.plugin.display(), "loading the plugin");
+    let (path, config) = (cli.plugin.clone(), cli.plugin_config.clone());
+    let loading = tokio::task::spawn_blocking(move || Plugin::load(&path, &config));
+    let plugin = tokio::select! {
+        loaded = loading => loaded
+            .map_err(|e| Fatal::Os(format!("the plugin loader thread failed: {e}")))?
+            .map_err(|error| Fatal::Plugin {
+                path: cli.plugin.display().to_string(),
+                error,
+            })?,
+        signal = signals.next() => shutdown::stopped_while_loading(signal),
+    };
     if cli.check {
         print!("{}", check_report(&cli.plugin, &plugin));
         plugin.shutdown();
@@ -173,36 +203,25 @@ pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
         "plugin loaded"
     );
     let drain = Drain::default();
-    let workers = runtime_workers();
-    let app = App::new(plugin, &cli, workers, drain.clone()).map_err(|why| Fatal::Plugin {
+    let app = App::new(plugin, cli, workers, drain.clone()).map_err(|why| Fatal::Plugin {
         path: cli.plugin.display().to_string(),
         error: LoadError::BadSchema(why),
     })?;
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .thread_name("etl-serve")
-        .build()
-        .map_err(|e| Fatal::Os(format!("cannot start the async runtime: {e}")))?;
     // Lives as long as the process: requests borrow it without counting.
     let app: &'static App = Box::leak(Box::new(app));
-    let code = runtime.block_on(serve(&cli, app, drain));
-    // Do not wait for blocking threads: an abandoned plugin call never ends.
-    runtime.shutdown_background();
-    code
+    serve(cli, app, drain, signals).await
 }
 
-async fn serve(cli: &Cli, app: &'static App, drain: Drain) -> Result<ExitCode, Fatal> {
-    let mut signals = ShutdownSignals::install()
-        .map_err(|e| Fatal::Os(format!("cannot install signal handlers: {e}")))?;
+async fn serve(
+    cli: &Cli,
+    app: &'static App,
+    drain: Drain,
+    mut signals: ShutdownSignals,
+) -> Result<ExitCode, Fatal> {
     let limits = ConnLimits {
         head_timeout: cli.timeout_keep_alive.min(cli.header_read_timeout),
         max_header_size: usize::try_from(cli.max_header_size).unwrap_or(usize::MAX),
     };
-    if std::process::id() == 1 {
-        reaper::spawn();
-    }
     let timeout = humantime::format_duration(cli.graceful_timeout);
     match &cli.uds {
         Some(path) => {

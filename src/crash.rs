@@ -2,7 +2,9 @@
 //! segfaults or aborts takes etl-serve down with it; nothing can answer its
 //! callers then. What etl-serve can do is say so: on a fatal signal it
 //! writes one line to stderr, then dies of that same signal, so the exit
-//! status (and a core dump, where enabled) is what it would have been.
+//! status (and a core dump, where enabled) is what it would have been. As
+//! PID 1, which the kernel does not let die of its own signal, it exits
+//! with 128 plus the signal's number instead.
 
 use nix::libc;
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
@@ -25,6 +27,11 @@ extern "C" fn on_fatal(signo: libc::c_int) {
     // SA_RESETHAND restored the default action: die of the same signal.
     // SAFETY: raise(3) is async-signal-safe.
     unsafe { libc::raise(signo) };
+    // Still here: as PID 1 the kernel drops a signal whose action is the
+    // default. Exit with the status a shell gives death by it (134 for
+    // SIGABRT), rather than let abort() go on to a second fault.
+    // SAFETY: _exit(2) is async-signal-safe.
+    unsafe { libc::_exit(128 + signo) }
 }
 
 /// Installs the handler for SIGSEGV, SIGBUS, SIGILL, SIGFPE and SIGABRT.

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGALRM, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook_tokio::Signals;
 use tokio::sync::Notify;
 use tracing::{info, warn};
@@ -47,6 +47,16 @@ pub mod exit {
     pub const DRAIN_TIMED_OUT: u8 = 75;
     /// A second SIGTERM or SIGINT forced the exit during the drain.
     pub const FORCED: u8 = 130;
+
+    /// 128 plus the signal's number, as a shell reports death by it: for a
+    /// signal that stopped etl-serve before it served.
+    pub fn by_signal(name: &str) -> u8 {
+        match name {
+            "SIGINT" => 130,
+            "SIGQUIT" => 131,
+            _ => 143,
+        }
+    }
 }
 
 /// Where the server is in its life.
@@ -232,32 +242,58 @@ impl Drain {
     }
 }
 
-/// The signals that start a shutdown, installed before the port is bound so
-/// that none is missed.
+/// The signals etl-serve handles, installed before the plugin loads so
+/// that none is missed. The same whether etl-serve is PID 1 or not (as PID
+/// 1, a signal without a handler would be dropped; otherwise most would
+/// kill the process without a word):
+///
+/// | signal | meaning |
+/// |---|---|
+/// | SIGTERM, SIGINT, SIGQUIT | shut down gracefully; a second one forces the exit |
+/// | SIGHUP, SIGUSR1, SIGUSR2, SIGALRM | logged and ignored: etl-serve has nothing to reload or report |
 pub struct ShutdownSignals {
     signals: Signals,
 }
 
+const IGNORED: [(i32, &str); 4] = [
+    (SIGHUP, "SIGHUP"),
+    (SIGUSR1, "SIGUSR1"),
+    (SIGUSR2, "SIGUSR2"),
+    (SIGALRM, "SIGALRM"),
+];
+
 impl ShutdownSignals {
-    /// Installs the handlers for SIGTERM and SIGINT.
+    /// Installs the handlers.
     ///
     /// # Errors
     /// The handlers cannot be installed.
     pub fn install() -> std::io::Result<ShutdownSignals> {
+        let shutdown = [SIGTERM, SIGINT, SIGQUIT];
+        let ignored = IGNORED.map(|(n, _)| n);
         Ok(ShutdownSignals {
-            signals: Signals::new([SIGTERM, SIGINT])?,
+            signals: Signals::new(shutdown.iter().chain(&ignored))?,
         })
     }
 
-    /// Waits for the next SIGTERM (Kubernetes stopping the pod) or SIGINT
-    /// (an operator's Ctrl-C) and returns its name.
+    /// Waits for the next signal that asks for a shutdown: SIGTERM
+    /// (Kubernetes stopping the pod), SIGINT (an operator's Ctrl-C) or
+    /// SIGQUIT; returns its name. The others are logged on the way.
     pub async fn next(&mut self) -> &'static str {
-        match self.signals.next().await {
-            Some(SIGTERM) => "SIGTERM",
-            Some(SIGINT) => "SIGINT",
-            Some(_) => "signal",
-            // The stream never ends while the handle lives.
-            None => std::future::pending().await,
+        loop {
+            match self.signals.next().await {
+                Some(SIGTERM) => return "SIGTERM",
+                Some(SIGINT) => return "SIGINT",
+                Some(SIGQUIT) => return "SIGQUIT",
+                Some(n) => {
+                    let name = IGNORED
+                        .iter()
+                        .find_map(|(s, name)| (*s == n).then_some(*name))
+                        .unwrap_or("a signal");
+                    info!(signal = name, "{name} received and ignored: only SIGTERM, SIGINT and SIGQUIT stop etl-serve");
+                }
+                // The stream never ends while the handle lives.
+                None => std::future::pending().await,
+            }
         }
     }
 }
@@ -411,6 +447,20 @@ pub async fn finish(
         exit_now(code)
     }
     ExitCode::from(code)
+}
+
+/// A shutdown signal arrived while the plugin was still loading: nothing
+/// was served, so there is nothing to drain. Exits at once, without waiting
+/// for the plugin's `init`, with the shell's code for death by that signal
+/// (143 for SIGTERM).
+pub fn stopped_while_loading(signal: &'static str) -> ! {
+    let code = exit::by_signal(signal);
+    warn!(
+        signal,
+        exit_code = code,
+        "{signal} while the plugin was loading: exiting without serving"
+    );
+    exit_now(code)
 }
 
 fn forced(signal: &str) -> ! {

@@ -8,7 +8,8 @@
 //! - `loading`: plugins that load, and the ones that must not;
 //! - `operations`: settings, limits, logs, metrics and probes;
 //! - `reliability`: plugin faults, bad input, and SIGTERM under load;
-//! - `shutdown`: the shutdown sequence, driven with real signals.
+//! - `shutdown`: the shutdown sequence, driven with real signals;
+//! - `signals`: every other signal, as PID 1 and not.
 
 mod contract;
 mod edges;
@@ -16,4 +17,5 @@ mod loading;
 mod operations;
 mod reliability;
 mod shutdown;
+mod signals;
 mod support;

@@ -510,23 +510,12 @@ fn zombies_come_and_go(parent: i32, n: usize) -> Duration {
 
 #[test]
 fn as_pid_1_it_reaps_orphans_keeps_its_plugins_children_and_shuts_down() {
-    let probe = std::process::Command::new("unshare")
-        .args(["--pid", "--fork", "true"])
-        .output();
-    match probe {
-        Ok(out) if out.status.success() => {}
-        other => {
-            eprintln!("SKIPPED: `unshare --pid --fork` is not permitted here ({other:?}); PID 1 behaviour untested");
-            return;
-        }
-    }
-    let mut cmd = std::process::Command::new("unshare");
-    cmd.args(["--pid", "--fork", "--kill-child"])
-        .arg(env!("CARGO_BIN_EXE_etl-serve"));
+    let Some(mut cmd) = support::as_pid_1() else {
+        return;
+    };
     cmd.arg("--plugin")
         .arg(fixture(None))
         .args(["--host", "127.0.0.1", "--port", "0"]);
-    cmd.env_remove("UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN");
     let mut s = Server::spawn(cmd).expect("etl-serve starts as PID 1");
     assert!(s.logs().contains("running as PID 1"), "{}", s.logs());
     let inner = children_of(s.pid());

@@ -519,3 +519,27 @@ pub fn read_response(r: &mut impl BufRead) -> std::io::Result<Response> {
 }
 
 pub mod load;
+
+/// A command that runs etl-serve as PID 1 of a new PID namespace
+/// (`unshare --pid --fork`), or `None` where that is not permitted.
+pub fn as_pid_1() -> Option<Command> {
+    let probe = Command::new("unshare")
+        .args(["--pid", "--fork", "true"])
+        .output();
+    match probe {
+        Ok(out) if out.status.success() => {}
+        other => {
+            eprintln!("SKIPPED: `unshare --pid --fork` is not permitted here ({other:?}); PID 1 behaviour untested");
+            return None;
+        }
+    }
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--kill-child"])
+        .arg(env!("CARGO_BIN_EXE_etl-serve"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("UVICORN_") || k.starts_with("ETL_SERVE_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    Some(cmd)
+}
