@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::cli::Cli;
 use crate::conn::Connections;
-use crate::inline::{InlineCalls, InvokeRescue};
+use crate::inline::{self, InlineCalls, InvokeRescue};
 use crate::openapi;
 use crate::plugin::{LoadError, Plugin};
 use crate::reaper;
@@ -157,8 +157,12 @@ impl App {
 pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
     cli.check_limits().map_err(Fatal::Config)?;
     let workers = runtime_workers();
+    let plugin_threads = cli.plugin_threads as usize;
+    inline::set_plugin_threads(plugin_threads);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
+        // One more for loading the plugin.
+        .max_blocking_threads(plugin_threads + 1)
         .enable_all()
         .thread_name("etl-serve")
         .build()
@@ -221,6 +225,7 @@ async fn serve(
     let limits = ConnLimits {
         head_timeout: cli.timeout_keep_alive.min(cli.header_read_timeout),
         max_header_size: usize::try_from(cli.max_header_size).unwrap_or(usize::MAX),
+        write_timeout: cli.write_timeout,
     };
     let timeout = humantime::format_duration(cli.graceful_timeout);
     match &cli.uds {

@@ -81,6 +81,13 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(1..), help_heading = "Limits")]
     pub limit_concurrency: Option<u32>,
 
+    /// Most plugin calls holding a thread at once (every call that does not
+    /// run inline: streams, prechecks, slow invocations). Past it, new
+    /// work gets 503 rather than waiting behind calls that may never end.
+    #[arg(long, env = "ETL_SERVE_PLUGIN_THREADS", value_name = "N", default_value = "512",
+          value_parser = clap::value_parser!(u32).range(1..=65536), help_heading = "Limits")]
+    pub plugin_threads: u32,
+
     /// Close a connection that waits this long for its next request.
     /// Seconds (5, 2.5) or a duration (5s, 500ms).
     #[arg(long, env = "UVICORN_TIMEOUT_KEEP_ALIVE", value_name = "DURATION", default_value = "5",
@@ -104,6 +111,12 @@ pub struct Cli {
     #[arg(long, env = "ETL_SERVE_MAX_BODY_SIZE", value_name = "SIZE", default_value = "16MiB",
           value_parser = parse_size, help_heading = "Limits")]
     pub max_body_size: u64,
+
+    /// Close a connection whose client takes none of a response for this
+    /// long (it stopped reading).
+    #[arg(long, env = "ETL_SERVE_WRITE_TIMEOUT", value_name = "DURATION", default_value = "30s",
+          value_parser = parse_duration, help_heading = "Limits")]
+    pub write_timeout: Duration,
 
     /// Answer 408 to a request whose body stops arriving for this long.
     #[arg(long, env = "ETL_SERVE_BODY_READ_TIMEOUT", value_name = "DURATION", default_value = "10s",
@@ -219,6 +232,9 @@ impl Cli {
         }
         if self.body_read_timeout.is_zero() {
             return Err("--body-read-timeout must be more than 0".to_owned());
+        }
+        if self.write_timeout.is_zero() {
+            return Err("--write-timeout must be more than 0".to_owned());
         }
         Ok(())
     }

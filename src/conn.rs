@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::metrics::METRICS;
+use crate::server::ConnLimits;
 use crate::sync::lock;
 
 /// What the routes, and the inline-call watchdog, know of one connection:
@@ -131,17 +133,28 @@ impl Conn {
 /// by hyper's header-read timer (`http1::Builder::header_read_timeout`),
 /// which behaves the same but boxes a new sleep and registers it for every
 /// request: about 920 instructions of each request (4.5%, `bench/callgrind`).
+///
+/// The write deadline: a write the socket cannot take (the client reads
+/// nothing) waits at most `write_timeout`, then fails with `TimedOut` and
+/// hyper closes the connection, letting go of the response (and, for a
+/// stream, cancelling its plugin call). Any progress starts the wait anew;
+/// a write that goes through at once, as nearly all do, costs nothing.
 pub struct ConnIo<S> {
     io: ManuallyDrop<S>,
     conn: Arc<Conn>,
     head_timeout: Duration,
-    head_timer: HeadTimer,
+    head_timer: LazyTimer,
+    write_timeout: Duration,
+    /// Since when writes have been refused, while they are.
+    write_stalled_since: Option<Instant>,
+    write_timer: LazyTimer,
 }
 
 impl<S: AsRawFd> ConnIo<S> {
-    /// Wraps `io`, which is listed in `all` until it closes and must
-    /// deliver each request head within `head_timeout` of becoming idle.
-    pub fn new(io: S, all: &Connections, head_timeout: Duration) -> (ConnIo<S>, Arc<Conn>) {
+    /// Wraps `io`, which is listed in `all` until it closes, must deliver
+    /// each request head within `limits.head_timeout` of becoming idle, and
+    /// must take some of each write within `limits.write_timeout`.
+    pub fn new(io: S, all: &Connections, limits: &ConnLimits) -> (ConnIo<S>, Arc<Conn>) {
         let conn = Arc::new(Conn {
             fd: io.as_raw_fd(),
             flushed: AtomicBool::new(true),
@@ -152,8 +165,11 @@ impl<S: AsRawFd> ConnIo<S> {
         let io = ConnIo {
             io: ManuallyDrop::new(io),
             conn: conn.clone(),
-            head_timeout,
-            head_timer: HeadTimer::default(),
+            head_timeout: limits.head_timeout,
+            head_timer: LazyTimer::default(),
+            write_timeout: limits.write_timeout,
+            write_stalled_since: None,
+            write_timer: LazyTimer::default(),
         };
         all.add(&conn);
         (io, conn)
@@ -183,6 +199,34 @@ impl<S> ConnIo<S> {
         }
         let deadline = *EPOCH + Duration::from_nanos(idle_since) + self.head_timeout;
         self.head_timer.poll_until(deadline, cx).is_ready()
+    }
+}
+
+impl<S> ConnIo<S> {
+    /// Passes `written` on, unless it is a write refused for longer than
+    /// the write timeout: then a `TimedOut` error.
+    fn within_write_deadline<T>(
+        &mut self,
+        written: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
+        if written.is_ready() {
+            self.write_stalled_since = None;
+            return written;
+        }
+        let since = *self.write_stalled_since.get_or_insert_with(Instant::now);
+        if self
+            .write_timer
+            .poll_until(since + self.write_timeout, cx)
+            .is_ready()
+        {
+            METRICS.write_timeout();
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took none of the response within the write timeout",
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -220,7 +264,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
     ) -> Poll<io::Result<usize>> {
         self.conn.flushed.store(false, Ordering::Relaxed);
         self.conn.idle_since.store(0, Ordering::Relaxed);
-        Pin::new(&mut *self.io).poll_write(cx, buf)
+        let written = Pin::new(&mut *self.io).poll_write(cx, buf);
+        self.within_write_deadline(written, cx)
     }
 
     fn poll_write_vectored(
@@ -230,7 +275,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
     ) -> Poll<io::Result<usize>> {
         self.conn.flushed.store(false, Ordering::Relaxed);
         self.conn.idle_since.store(0, Ordering::Relaxed);
-        Pin::new(&mut *self.io).poll_write_vectored(cx, bufs)
+        let written = Pin::new(&mut *self.io).poll_write_vectored(cx, bufs);
+        self.within_write_deadline(written, cx)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -239,6 +285,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let flushed = Pin::new(&mut *self.io).poll_flush(cx);
+        let flushed = self.within_write_deadline(flushed, cx);
         if matches!(flushed, Poll::Ready(Ok(()))) && !self.conn.flushed.load(Ordering::Relaxed) {
             self.conn.flushed.store(true, Ordering::Relaxed);
             // Bytes written since the last flush are out: if that was the
@@ -300,9 +347,10 @@ impl Connections {
     }
 }
 
-/// The runtime timer behind one connection's head deadline.
+/// A runtime timer for a deadline that moves often: a connection's head
+/// deadline, or its write deadline.
 ///
-/// The deadline moves with every request, and moving a runtime timer costs
+/// The head deadline moves with every request, and moving a runtime timer costs
 /// a removal and an insertion in the runtime's timer wheel. So the timer
 /// stays where it is while it is set no later than the deadline: when it
 /// fires early, the task looks at the deadline again and the timer moves,
@@ -310,7 +358,7 @@ impl Connections {
 /// reset for every deadline, that saves about 430 instructions of each
 /// request (2.2%, `bench/callgrind`).
 #[derive(Default)]
-struct HeadTimer {
+struct LazyTimer {
     /// Made on first use, from inside the runtime.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Where `sleep` is set.
@@ -319,7 +367,7 @@ struct HeadTimer {
     waker: Option<Waker>,
 }
 
-impl HeadTimer {
+impl LazyTimer {
     /// Ready once `deadline` has passed; else pending, with the task to be
     /// woken at or before `deadline`.
     fn poll_until(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
@@ -374,12 +422,12 @@ mod tests {
         tokio::time::Instant::now().into_std()
     }
 
-    async fn until(timer: &mut HeadTimer, deadline: Instant) {
+    async fn until(timer: &mut LazyTimer, deadline: Instant) {
         std::future::poll_fn(|cx| timer.poll_until(deadline, cx)).await;
     }
 
     /// One look at the deadline, as a read that finds nothing does.
-    fn look(timer: &mut HeadTimer, deadline: Instant) -> Poll<()> {
+    fn look(timer: &mut LazyTimer, deadline: Instant) -> Poll<()> {
         timer.poll_until(deadline, &mut Context::from_waker(Waker::noop()))
     }
 
@@ -390,7 +438,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_timer_ends_at_its_deadline_and_not_before() {
-        let mut timer = HeadTimer::default();
+        let mut timer = LazyTimer::default();
         let start = now();
         until(&mut timer, start + ms(100)).await;
         let slept = now() - start;
@@ -399,7 +447,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_later_deadline_keeps_the_timer_and_is_still_met() {
-        let mut timer = HeadTimer::default();
+        let mut timer = LazyTimer::default();
         let start = now();
         // One look per request, each with a later deadline.
         for i in 0..3 {
@@ -415,7 +463,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_earlier_deadline_moves_the_timer_forward() {
-        let mut timer = HeadTimer::default();
+        let mut timer = LazyTimer::default();
         let start = now();
         assert!(look(&mut timer, start + Duration::from_secs(60)).is_pending());
         until(&mut timer, start + ms(50)).await;

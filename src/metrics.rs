@@ -10,6 +10,7 @@
 //! | `etl_serve_client_disconnect_cancels_total` | counter | |
 //! | `etl_serve_plugin_failures_total` | counter | `kind` (error, contract_violation) |
 //! | `etl_serve_concurrency_rejections_total` | counter | |
+//! | `etl_serve_write_timeouts_total` | counter | |
 //! | `etl_serve_plugin_calls_total` | counter | `thread` (inline, blocking) |
 //! | `etl_serve_log_lines_dropped_total` | counter | |
 //! | `etl_serve_request_body_bytes_held` | gauge | |
@@ -243,6 +244,7 @@ pub struct Metrics {
     client_disconnects: Counter,
     failures: Family<FailureLabels, Counter>,
     rejections: Counter,
+    write_timeouts: Counter,
     // The series every successful invocation touches, looked up once so
     // the hot path does not hash labels under a lock: about 700
     // instructions of each request (3.6%, `bench/callgrind`).
@@ -295,10 +297,16 @@ impl Metrics {
             "Plugin calls that failed, by kind",
             failures.clone(),
         );
+        let write_timeouts = Counter::default();
+        registry.register(
+            "etl_serve_write_timeouts",
+            "Connections closed because the client took none of a response within --write-timeout",
+            write_timeouts.clone(),
+        );
         let rejections = Counter::default();
         registry.register(
             "etl_serve_concurrency_rejections",
-            "Invocations refused with 503 by --limit-concurrency",
+            "Invocations refused with 503 by --limit-concurrency or --plugin-threads",
             rejections.clone(),
         );
         let calls = Family::<CallLabels, Counter>::default();
@@ -351,6 +359,7 @@ impl Metrics {
             client_disconnects,
             failures,
             rejections,
+            write_timeouts,
             invoke_ok,
             duration_ok,
             calls_inline,
@@ -395,6 +404,10 @@ impl Metrics {
 
     pub fn client_disconnect(&self) {
         self.client_disconnects.inc();
+    }
+
+    pub fn write_timeout(&self) {
+        self.write_timeouts.inc();
     }
 
     pub fn rejection(&self) {

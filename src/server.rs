@@ -33,6 +33,8 @@ pub struct ConnLimits {
     pub head_timeout: Duration,
     /// Largest request head, in bytes (431 above it).
     pub max_header_size: usize,
+    /// How long a write may wait for the client to take some of it.
+    pub write_timeout: Duration,
 }
 
 /// Something that accepts connections: a TCP or a Unix listener.
@@ -171,7 +173,7 @@ pub async fn accept_until<L: Listener>(
         .writev(false)
         .max_header_size(limits.max_header_size);
     let serve = |stream: L::Io| {
-        let (io, conn) = ConnIo::new(stream, connections, limits.head_timeout);
+        let (io, conn) = ConnIo::new(stream, connections, &limits);
         let service = service_fn(move |req| routes::handle(app, conn.clone(), req));
         let served = builder.clone().serve_connection(TokioIo::new(io), service);
         tokio::spawn(async move {

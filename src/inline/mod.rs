@@ -302,13 +302,48 @@ impl<R: Rescue> InlineCalls<R> {
     }
 }
 
+/// Plugin calls given to the blocking pool and not yet returned, queued or
+/// running (a call abandoned at the drain timeout, or whose client left,
+/// still holds its thread until the plugin returns).
+static ON_POOL: AtomicUsize = AtomicUsize::new(0);
+
+/// How many plugin calls may hold blocking threads at once
+/// (`--plugin-threads`); set once at startup.
+static POOL_THREADS: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Sets the `--plugin-threads` bound, before any call.
+pub fn set_plugin_threads(n: usize) {
+    POOL_THREADS.store(n, Ordering::Relaxed);
+}
+
+/// Whether every plugin thread is taken: new work is then refused with 503
+/// rather than queued behind calls that may never return. Checked before
+/// a call is registered, so a burst may pass it by a few; the runtime's
+/// own bound on blocking threads holds regardless.
+pub fn pool_full() -> Option<usize> {
+    let limit = POOL_THREADS.load(Ordering::Relaxed);
+    (ON_POOL.load(Ordering::Relaxed) >= limit).then_some(limit)
+}
+
 /// Runs `call` on the blocking pool, counted as such: for the calls that
 /// never run inline (streams, prechecks).
 pub fn on_blocking_pool<T: Send + 'static>(
     call: impl FnOnce() -> T + Send + 'static,
 ) -> tokio::task::JoinHandle<T> {
+    /// Counts a call in [`ON_POOL`] until it returns, or is dropped unrun.
+    struct OnPool;
+    impl Drop for OnPool {
+        fn drop(&mut self) {
+            ON_POOL.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
     METRICS.plugin_call(CallThread::blocking);
-    tokio::task::spawn_blocking(call)
+    ON_POOL.fetch_add(1, Ordering::Relaxed);
+    let counted = OnPool;
+    tokio::task::spawn_blocking(move || {
+        let _counted = counted;
+        call()
+    })
 }
 
 /// Whether a call that started at `started` has run past [`OVERRUN`] by

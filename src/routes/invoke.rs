@@ -10,12 +10,12 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use super::body::read_body;
-use super::reply::{internal_error, json, overloaded, shutdown_abort, Body};
+use super::reply::{internal_error, json, overloaded, shutdown_abort, threads_busy, Body};
 use super::stream::invoke_streaming;
 use crate::app::App;
 use crate::conn::AnswerPending;
 use crate::envelope::{self, Outcome};
-use crate::inline::InlineCall;
+use crate::inline::{self, InlineCall};
 use crate::invocation::{Collected, Invocation, Kind};
 use crate::metrics::{self, FailureKind, METRICS};
 use crate::shutdown::InFlightGuard;
@@ -53,6 +53,9 @@ pub async fn invoke(
         if app.drain.in_flight() > limit {
             return overloaded(limit);
         }
+    }
+    if let Some(limit) = inline::pool_full() {
+        return threads_busy(limit);
     }
     let input = match app.inputs.prepare(content_type, &body) {
         Ok(input) => input,

@@ -4,7 +4,7 @@
 use hyper::{Response, StatusCode};
 
 use super::invoke::{outcome_of, ClientWatch};
-use super::reply::{add_retry_headers, internal_error, json, shutdown_abort, Body};
+use super::reply::{add_retry_headers, internal_error, json, shutdown_abort, threads_busy, Body};
 use crate::app::App;
 use crate::envelope::{self, Outcome};
 use crate::inline;
@@ -21,6 +21,9 @@ pub async fn precheck(app: &'static App) -> Response<Body> {
             StatusCode::OK,
             envelope::precheck(&c, &Outcome::Ok(None)).into(),
         );
+    }
+    if let Some(limit) = inline::pool_full() {
+        return threads_busy(limit);
     }
     let plugin = app.plugin;
     let registered = Invocation::start(Kind::Precheck, None);

@@ -44,6 +44,18 @@ pub fn overloaded(limit: usize) -> Response<Body> {
     r
 }
 
+/// The 503 when every plugin thread is taken (`--plugin-threads`).
+pub fn threads_busy(limit: usize) -> Response<Body> {
+    METRICS.rejection();
+    let mut r = detail(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &format!("all {limit} plugin threads are busy (--plugin-threads); retry later"),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
 pub fn internal_error(why: &str) -> Response<Body> {
     let c = Collected::default();
     let outcome = Outcome::Failed {

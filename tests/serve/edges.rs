@@ -310,3 +310,81 @@ fn a_memory_budget_below_the_body_size_limit_is_refused_at_startup() {
         failed.stderr
     );
 }
+
+/// A counter from /metrics.
+fn counter(s: &Server, name: &str) -> u64 {
+    s.get("/metrics")
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name}"))
+        .parse()
+        .unwrap()
+}
+
+/// Waits until `name` reaches `at_least`.
+fn wait_counter(s: &Server, name: &str, at_least: u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counter(s, name) < at_least {
+        assert!(Instant::now() < deadline, "{name} never reached {at_least}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_client_that_stops_reading_is_cut_at_the_write_timeout() {
+    let s = Server::start(&fixture(None), &["--write-timeout", "1s"]);
+    let (mut reader, length) = huge_answer_started(&s);
+    // The client reads nothing more; the 100 MB cannot all be written.
+    let stalled = Instant::now();
+    wait_counter(&s, "etl_serve_write_timeouts_total", 1);
+    assert!(stalled.elapsed() >= Duration::from_millis(900));
+    let buffered = reader.buffer().len();
+    reader.consume(buffered);
+    let got = buffered + read_slowly(&mut reader, 1 << 20, Duration::ZERO);
+    assert!(got < length, "the answer was cut: {got} of {length}");
+    assert_eq!(s.get("/healthz").status, 200);
+}
+
+#[test]
+fn streams_whose_clients_stopped_reading_release_their_threads() {
+    let s = Server::start(
+        &fixture(Some("STREAMING")),
+        &["--plugin-threads", "2", "--write-timeout", "1s"],
+    );
+    // Two streams whose clients read the head and nothing more: each holds
+    // a plugin thread, its emit blocked.
+    let stalled: Vec<_> = (0..2)
+        .map(|_| {
+            let mut stream = TcpStream::connect(s.addr).unwrap();
+            stream
+                .write_all(invoke_request(r#"{"mode":"flood_ignore"}"#).as_bytes())
+                .unwrap();
+            let mut reader = BufReader::new(stream);
+            assert_eq!(read_head(&mut reader).0, 200);
+            reader
+        })
+        .collect();
+    // Every thread is taken: new work is refused at once, not queued.
+    let r = s.post_json("/invoke", r#"{"mode":"ok"}"#);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(
+        r.json()["detail"],
+        "all 2 plugin threads are busy (--plugin-threads); retry later"
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // The write timeout cuts both streams, their plugins see the stream
+    // closed, and the threads come back.
+    wait_counter(&s, "etl_serve_write_timeouts_total", 2);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = s.post_json("/invoke", r#"{"mode":"ok"}"#);
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(Instant::now() < deadline, "the threads never came back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(stalled);
+}

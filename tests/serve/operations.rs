@@ -126,7 +126,11 @@ fn a_host_name_and_empty_variables_work_as_with_uvicorn() {
     );
     assert_eq!(r.status, 200);
     // The defaults hold: 30 s of graceful timeout.
-    assert!(s.logs().contains("graceful_timeout=30s"), "{}", s.logs());
+    assert!(
+        s.wait_for_log("graceful_timeout=30s", Duration::from_secs(10)),
+        "{}",
+        s.logs()
+    );
 }
 
 #[test]
