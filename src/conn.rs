@@ -34,9 +34,9 @@ use crate::sync::lock;
 /// can be answered from another thread (see `inline`).
 pub struct Conn {
     fd: RawFd,
-    /// False from each write until the flush after it: while true, hyper
-    /// holds no bytes that it has not written to the socket. Only the
-    /// connection's own task writes it.
+    /// False from each write, and from each response handed to hyper,
+    /// until the flush after it: while true, hyper holds no bytes that it
+    /// has not written to the socket.
     flushed: AtomicBool,
     /// Also the lock under which the socket is closed, so that the
     /// watchdog never touches a descriptor number that was reused.
@@ -45,6 +45,10 @@ pub struct Conn {
     /// response is done (see [`AnswerPending`]). Only the connection's task,
     /// and the inline-call watchdog when it answers, change it.
     answers_pending: AtomicU32,
+    /// True from a read that brought request bytes until a request is
+    /// handed to its route: while true, hyper may hold a request it has
+    /// not dispatched yet, so the connection is not idle.
+    unparsed: AtomicBool,
     /// When the connection last became idle ([`since_epoch`]), where its
     /// head deadline counts from; 0 while it is not idle or not yet seen
     /// idle (see [`ConnIo::past_head_deadline`]).
@@ -69,6 +73,7 @@ pub struct AnswerPending(Arc<Conn>);
 impl AnswerPending {
     pub fn begin(conn: Arc<Conn>) -> AnswerPending {
         conn.answers_pending.fetch_add(1, Ordering::Relaxed);
+        conn.unparsed.store(false, Ordering::Relaxed);
         conn.idle_since.store(0, Ordering::Relaxed);
         AnswerPending(conn)
     }
@@ -80,6 +85,9 @@ impl AnswerPending {
 
 impl Drop for AnswerPending {
     fn drop(&mut self) {
+        // The response is now hyper's to write: until it has, hyper holds
+        // bytes it has not written, and the connection is not idle.
+        self.0.flushed.store(false, Ordering::Relaxed);
         self.0.answers_pending.fetch_sub(1, Ordering::Release);
     }
 }
@@ -93,6 +101,14 @@ enum ConnState {
 }
 
 impl Conn {
+    /// Whether the connection is serving a request (read but not yet
+    /// dispatched, its body still arriving, or its answer being written).
+    fn busy(&self) -> bool {
+        self.answers_pending.load(Ordering::Acquire) != 0
+            || !self.flushed()
+            || self.unparsed.load(Ordering::Relaxed)
+    }
+
     /// Whether hyper has written everything it was given to the socket.
     pub fn flushed(&self) -> bool {
         self.flushed.load(Ordering::Relaxed)
@@ -160,6 +176,7 @@ impl<S: AsRawFd> ConnIo<S> {
             flushed: AtomicBool::new(true),
             state: Mutex::new(ConnState::Open),
             answers_pending: AtomicU32::new(0),
+            unparsed: AtomicBool::new(false),
             idle_since: AtomicU64::new(since_epoch(Instant::now()).max(1)),
         });
         let io = ConnIo {
@@ -245,7 +262,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
         let read = Pin::new(&mut *self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.conn.unparsed.store(true, Ordering::Relaxed);
+        }
         if read.is_pending() && self.past_head_deadline(cx) {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -308,14 +329,17 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
 #[derive(Default)]
 pub struct Connections {
     list: Mutex<Vec<Weak<Conn>>>,
+    /// Set when the last accepts of the shutdown fail for want of a file
+    /// descriptor: the idle connections should then give theirs back.
+    want_descriptors: AtomicBool,
 }
 
 /// What a look at every open connection found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Census {
     pub open: usize,
-    /// Open connections serving a request (its body may still be
-    /// arriving) or still writing a response.
+    /// Open connections serving a request (read but not yet dispatched,
+    /// or its body still arriving) or still writing a response.
     pub busy: usize,
 }
 
@@ -330,6 +354,42 @@ impl Connections {
         list.push(Arc::downgrade(conn));
     }
 
+    /// Says that the connections still queued in the kernel cannot be
+    /// accepted for want of a file descriptor.
+    pub fn want_descriptors(&self) {
+        self.want_descriptors.store(true, Ordering::Relaxed);
+    }
+
+    /// When [`Connections::want_descriptors`] was said since the last call:
+    /// closes every open connection that is idle and has nothing unread in
+    /// its socket, so that its descriptor comes back, and returns how many.
+    /// Its client sees the connection end between requests.
+    pub fn close_idle_if_short(&self) -> usize {
+        if !self.want_descriptors.swap(false, Ordering::Relaxed) {
+            return 0;
+        }
+        let list = lock(&self.list);
+        let mut closed = 0;
+        for conn in list.iter().filter_map(Weak::upgrade) {
+            if conn.busy() {
+                continue;
+            }
+            let shut = conn.peek_socket(|fd| {
+                let mut unread: nix::libc::c_int = 0;
+                // SAFETY: FIONREAD writes one int; the descriptor is open
+                // (peek_socket holds the lock it is closed under).
+                let rc = unsafe { nix::libc::ioctl(fd, nix::libc::FIONREAD, &mut unread) };
+                // Reads then end, so hyper closes the connection itself.
+                // SAFETY: as above.
+                rc == 0
+                    && unread == 0
+                    && unsafe { nix::libc::shutdown(fd, nix::libc::SHUT_RDWR) } == 0
+            });
+            closed += usize::from(shut == Some(true));
+        }
+        closed
+    }
+
     /// Looks at every connection still open.
     pub fn census(&self) -> Census {
         let list = lock(&self.list);
@@ -339,9 +399,7 @@ impl Connections {
                 continue;
             }
             census.open += 1;
-            if conn.answers_pending.load(Ordering::Acquire) != 0 || !conn.flushed() {
-                census.busy += 1;
-            }
+            census.busy += usize::from(conn.busy());
         }
         census
     }

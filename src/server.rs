@@ -212,7 +212,12 @@ pub async fn accept_until<L: Listener>(
                 serve(stream);
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-            Err(e) => retry.after(&e).await,
+            Err(e) => {
+                if out_of_descriptors(&e) {
+                    connections.want_descriptors();
+                }
+                retry.after(&e).await;
+            }
         }
     }
 }

@@ -397,6 +397,17 @@ pub async fn finish(
         if census.open == 0 && queue_empty {
             break;
         }
+        if !queue_empty && census.open > census.busy {
+            // If the queue waits for descriptors, the idle connections
+            // give theirs back.
+            let closed = connections.close_idle_if_short();
+            if closed > 0 {
+                info!(
+                    closed,
+                    "closed idle connections to accept the ones still queued"
+                );
+            }
+        }
         let now = Instant::now();
         if census.busy == 0 && queue_empty {
             let since = *idle_since.get_or_insert(now);

@@ -388,3 +388,75 @@ fn streams_whose_clients_stopped_reading_release_their_threads() {
     }
     drop(stalled);
 }
+
+#[test]
+fn out_of_descriptors_the_queued_connections_are_still_answered_at_shutdown() {
+    // About ten descriptors for connections, and thirty clients.
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=24:24", "--"])
+        .arg(env!("CARGO_BIN_EXE_etl-serve"))
+        .arg("--plugin")
+        .arg(plugin("wordcount"))
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--timeout-keep-alive",
+            "60",
+        ]);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("UVICORN_") || k.starts_with("ETL_SERVE_") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    let mut s = Server::spawn(cmd).expect("starts");
+    let keep_alive = invoke_request(r#"{"text":"a b c"}"#).replace("Connection: close\r\n", "");
+    let clients: Vec<TcpStream> = (0..30)
+        .map(|_| {
+            let mut c = TcpStream::connect(s.addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            c.write_all(keep_alive.as_bytes()).unwrap();
+            c
+        })
+        .collect();
+    assert!(
+        s.wait_for_log("out of file descriptors", Duration::from_secs(10)),
+        "{}",
+        s.logs()
+    );
+    s.signal(SIGTERM);
+    // Every request sent is answered: the ones accepted before, normally;
+    // the ones still queued, with the shutdown-abort once the idle
+    // connections gave their descriptors back.
+    let (mut ok, mut aborted) = (0, 0);
+    for c in clients {
+        let r = support::read_response(&mut BufReader::new(c)).expect("an answer");
+        match r.status {
+            200 => ok += 1,
+            503 => {
+                assert_eq!(r.json()["plugin_error"]["error_type"], "shutdown");
+                aborted += 1;
+            }
+            other => panic!("{other}: {}", r.text()),
+        }
+    }
+    assert!(ok > 0 && aborted > 0, "{ok} answered, {aborted} aborted");
+    let status = s.wait_exit(Duration::from_secs(30)).expect("exits");
+    assert_eq!(status.code(), Some(0), "{}", s.logs());
+    // One warning per run of failures, not one per try (the old loop
+    // logged twenty a second), and tries that back off: a run under 30 s
+    // takes at most a dozen.
+    let logs = s.logs();
+    let warnings = logs.matches("accept failed").count();
+    assert!((1..=3).contains(&warnings), "{logs}");
+    for line in logs.lines().filter(|l| l.contains("accept works again")) {
+        let tries: u32 = line
+            .split("failures=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count in {line}"));
+        assert!(tries <= 12, "{line}");
+    }
+}
