@@ -460,3 +460,38 @@ fn out_of_descriptors_the_queued_connections_are_still_answered_at_shutdown() {
         assert!(tries <= 12, "{line}");
     }
 }
+
+#[test]
+fn requests_pipelined_behind_one_cut_by_sigterm_get_a_clean_close() {
+    // RFC 9112, section 9.6: after a response with `Connection: close` the
+    // server processes no further request on the connection, and a clean
+    // close (not a reset) tells the client the later requests were not
+    // processed, so it can send them elsewhere.
+    let mut s = Server::start(&plugin("slow"), &[]);
+    let body = r#"{"units":100000}"#;
+    let one = invoke_request(body).replace("Connection: close\r\n", "");
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // Three requests in one write: the first reaches the plugin, the other
+    // two wait behind it.
+    stream.write_all(one.repeat(3).as_bytes()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s.get("/metrics").text().contains("etl_serve_invocations_in_flight 1") {
+        assert!(Instant::now() < deadline, "the first never reached the plugin");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    s.signal(SIGTERM);
+    let mut reader = BufReader::new(stream);
+    let r = support::read_response(&mut reader).expect("the first is answered");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["plugin_error"]["error_type"], "shutdown");
+    assert_eq!(r.header("connection"), Some("close"));
+    let mut rest = Vec::new();
+    reader
+        .read_to_end(&mut rest)
+        .expect("a clean close, not a reset");
+    assert!(rest.is_empty(), "nothing after the close: {rest:?}");
+    assert_eq!(s.wait_exit(Duration::from_secs(10)).unwrap().code(), Some(0));
+}
