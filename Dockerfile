@@ -1,17 +1,36 @@
+# syntax=docker/dockerfile:1
 # etl-serve serving the example `wordcount` plugin.
 #
 # To serve your own plugin, copy its library into the image and point
 # ETL_SERVE_PLUGIN at it (or pass --plugin PATH as the command).
+#
+#   docker build -t etl-serve .
+#   docker run --rm -p 8080:8080 etl-serve
 
-# ---- build: etl-serve and the example plugins ---------------------------
-FROM rust:1-bookworm AS build
+# ---- build: only what ships ----------------------------------------------
+# Pinned to the toolchain the project is tested with. Its Debian release
+# (bookworm, 12) must be the runtime's: the binary is linked against the
+# builder's glibc and would need symbols an older runtime glibc lacks.
+FROM rust:1.95.0-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --workspace \
+# The registry and the target directory are cache mounts: a change to docs
+# or to one crate rebuilds only what it touches. The binary and the plugin
+# are stripped (30.4 MB to 6.6 MB, and 2.8 MB to 0.47 MB); the binary's
+# debug info stays in the build stage, under /out/debug.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p etl-serve -p wordcount \
     && install -D -m 0755 target/release/etl-serve /out/etl-serve \
-    && install -D -m 0644 target/release/libwordcount.so /out/plugins/libwordcount.so
+    && install -D -m 0644 target/release/libwordcount.so /out/plugins/libwordcount.so \
+    && mkdir -p /out/debug \
+    && objcopy --only-keep-debug /out/etl-serve /out/debug/etl-serve.debug \
+    && strip --strip-unneeded /out/etl-serve /out/plugins/libwordcount.so
 
 # ---- run: glibc and libgcc only, no shell, non-root ---------------------
+# Debian 12, as the builder above. distroless publishes no version tags:
+# pin it by digest (cc-debian12:nonroot@sha256:...) where builds must be
+# reproducible.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/etl-serve /usr/local/bin/etl-serve
 COPY --from=build /out/plugins/ /opt/etl/plugins/
@@ -24,4 +43,8 @@ USER 65532:65532
 EXPOSE 8080
 # Kubernetes and `docker stop` send SIGTERM; etl-serve drains on it.
 STOPSIGNAL SIGTERM
+# No shell or curl in the image: etl-serve asks itself (GET /readyz on the
+# address the same variables describe; exit 0 when ready).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["/usr/local/bin/etl-serve", "--probe"]
 ENTRYPOINT ["/usr/local/bin/etl-serve"]

@@ -94,9 +94,10 @@ typedef struct etl_str {
 
 /* Injected capabilities a plugin asks for, in etl_plugin.capabilities. They
  * mirror the reference host's opt-in parameters. The host always lets the
- * plugin call every callback; the bits declare intent and appear in /metadata
- * and the `--check` report. ETL_CAP_CANCELLATION says the plugin reads its
- * cancel flag, so shutdown can expect it to stop promptly. */
+ * plugin call every callback; the bits declare intent and appear in the
+ * `--check` report and the startup log line (named usage, message_channels,
+ * filedata_meta, cancellation). ETL_CAP_CANCELLATION says the plugin reads
+ * its cancel flag, so shutdown can expect it to stop promptly. */
 #define ETL_CAP_USAGE (1u << 0)
 #define ETL_CAP_MESSAGE_CHANNELS (1u << 1)
 #define ETL_CAP_FILEDATA_META (1u << 2)

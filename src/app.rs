@@ -182,20 +182,24 @@ async fn start(cli: &Cli, workers: usize) -> Result<ExitCode, Fatal> {
     if std::process::id() == 1 {
         reaper::spawn();
     }
-    info!(path = %cli.plugin.display(), "loading the plugin");
-    let (path, config) = (cli.plugin.clone(), cli.plugin_config.clone());
+    let plugin_path = cli
+        .plugin
+        .clone()
+        .expect("the command line requires --plugin unless --probe");
+    info!(path = %plugin_path.display(), "loading the plugin");
+    let (path, config) = (plugin_path.clone(), cli.plugin_config.clone());
     let loading = tokio::task::spawn_blocking(move || Plugin::load(&path, &config));
     let plugin = tokio::select! {
         loaded = loading => loaded
             .map_err(|e| Fatal::Os(format!("the plugin loader thread failed: {e}")))?
             .map_err(|error| Fatal::Plugin {
-                path: cli.plugin.display().to_string(),
+                path: plugin_path.display().to_string(),
                 error,
             })?,
         signal = signals.next() => shutdown::stopped_while_loading(signal),
     };
     if cli.check {
-        print!("{}", check_report(&cli.plugin, &plugin));
+        print!("{}", check_report(&plugin_path, &plugin));
         plugin.shutdown();
         return Ok(ExitCode::SUCCESS);
     }
@@ -203,17 +207,24 @@ async fn start(cli: &Cli, workers: usize) -> Result<ExitCode, Fatal> {
     info!(
         plugin = %m.name, version = %m.version, id = %m.id,
         abi = %format!("{}.{}", m.abi_major, m.abi_minor),
-        streaming = m.streaming, capabilities = ?m.capability_names(),
+        streaming = m.streaming, capabilities = %m.capability_names().join(","),
         "plugin loaded"
     );
     let drain = Drain::default();
     let app = App::new(plugin, cli, workers, drain.clone()).map_err(|why| Fatal::Plugin {
-        path: cli.plugin.display().to_string(),
+        path: plugin_path.display().to_string(),
         error: LoadError::BadSchema(why),
     })?;
     // Lives as long as the process: requests borrow it without counting.
     let app: &'static App = Box::leak(Box::new(app));
-    serve(cli, app, drain, signals).await
+    let served = serve(cli, app, drain, signals).await;
+    if served.is_err() {
+        // Nothing was served (the address could not be bound): the plugin
+        // was initialised, so it is shut down as at any other exit.
+        app.plugin.shutdown();
+        info!("nothing was served; the plugin's shutdown hook ran");
+    }
+    served
 }
 
 async fn serve(

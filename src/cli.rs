@@ -19,9 +19,10 @@ pub struct Cli {
         long,
         env = "ETL_SERVE_PLUGIN",
         value_name = "PATH",
+        required_unless_present = "probe",
         help_heading = "Plugin"
     )]
-    pub plugin: PathBuf,
+    pub plugin: Option<PathBuf>,
 
     /// Configuration string handed to the plugin's init hook.
     #[arg(
@@ -33,6 +34,12 @@ pub struct Cli {
         help_heading = "Plugin"
     )]
     pub plugin_config: String,
+
+    /// Ask the etl-serve that --host/--port (or --uds) point at whether it
+    /// is ready: request /readyz, exit 0 on 200 and 1 otherwise. For a
+    /// container HEALTHCHECK, where the image has no shell or curl.
+    #[arg(long, help_heading = "Plugin")]
+    pub probe: bool,
 
     /// Load and initialise the plugin, print what it declares (name, version,
     /// ABI, capabilities, id, schema), and exit: 0 if it loads, 65 if not.
@@ -203,7 +210,8 @@ pub enum LogFormat {
 pub enum NotServing {
     /// `--help` or `--version`: print this to stdout, and exit 0.
     Print(String),
-    /// A usage error: print this one line to stderr, and exit 64.
+    /// A usage error: print this to stderr (one line; with no arguments
+    /// at all, the usage and where to look too), and exit 64.
     Usage(String),
 }
 
@@ -250,6 +258,12 @@ pub fn parse() -> Result<Cli, NotServing> {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
             NotServing::Print(e.render().to_string())
         }
+        // Run with nothing at all: say how to run it, not only what is
+        // missing.
+        _ if std::env::args_os().len() == 1 => NotServing::Usage(format!(
+            "{}\nusage: etl-serve --plugin PATH [--host ADDR] [--port N] [OPTIONS]\nrun `etl-serve --help` for every option",
+            one_line(&e)
+        )),
         _ => NotServing::Usage(one_line(&e)),
     })
 }
@@ -413,7 +427,7 @@ mod tests {
     fn every_flag_but_the_switches_has_an_environment_variable() {
         for arg in Cli::command().get_arguments() {
             let id = arg.get_id().as_str();
-            if ["check", "no_access_log", "help", "version"].contains(&id) {
+            if ["check", "probe", "no_access_log", "help", "version"].contains(&id) {
                 continue;
             }
             assert!(

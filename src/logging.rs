@@ -10,6 +10,7 @@
 //! Request and response bodies are never logged.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -26,6 +27,8 @@ const BUFFERED_LINES: usize = 10_000;
 /// Flushes the waiting lines when dropped; see [`flush`].
 static WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+/// Whether the logs are JSON (`--log-format json`).
+static JSON: AtomicBool = AtomicBool::new(false);
 
 /// Installs the global subscriber.
 pub fn init(level: LogLevel, format: LogFormat) {
@@ -37,6 +40,7 @@ pub fn init(level: LogLevel, format: LogFormat) {
         .thread_name("etl-serve-log")
         .finish(std::io::stderr());
     let _ = DROPPED.set(writer.error_counter());
+    JSON.store(matches!(format, LogFormat::Json), Ordering::Relaxed);
     *lock(&WRITER) = Some(guard);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -75,19 +79,36 @@ pub struct Access<'a> {
 }
 
 impl Access<'_> {
+    /// Writes the line. In text the message says the method, path and
+    /// status, so the fields add only the rest; in JSON every one is a
+    /// field of its own as well, for queries.
     pub fn log(&self) {
-        tracing::info!(
-            target: "etl_serve::access",
-            method = self.method,
-            path = self.path,
-            status = self.status,
-            duration_ms = (self.elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
-            bytes = self.bytes,
-            request_id = self.request_id,
-            "{} {} {}",
-            self.method,
-            self.path,
-            self.status
-        );
+        let duration_ms = (self.elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
+        if JSON.load(Ordering::Relaxed) {
+            tracing::info!(
+                target: "etl_serve::access",
+                method = self.method,
+                path = self.path,
+                status = self.status,
+                duration_ms,
+                bytes = self.bytes,
+                request_id = self.request_id,
+                "{} {} {}",
+                self.method,
+                self.path,
+                self.status
+            );
+        } else {
+            tracing::info!(
+                target: "etl_serve::access",
+                duration_ms,
+                bytes = self.bytes,
+                request_id = self.request_id,
+                "{} {} {}",
+                self.method,
+                self.path,
+                self.status
+            );
+        }
     }
 }

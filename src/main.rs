@@ -9,7 +9,8 @@
 //! thread a plugin call runs on, and the inline path whole), `plugin`
 //! (loading a library through the C ABI), `invocation` (the host side of
 //! one call into the plugin), `envelope`, `validate`, `plugin_id` and
-//! `openapi` (what the routes answer), `cli`, `logging`, `metrics`, `crash`
+//! `openapi` (what the routes answer), `cli`, `probe` (`--probe`, a health
+//! check), `logging`, `metrics`, `crash`
 //! (making a plugin crash visible), `unique` (ids without a contended
 //! counter), `sync` (locking that outlives a panic), and `no_libm` (why the
 //! binary does not load libm).
@@ -29,6 +30,7 @@ mod no_libm;
 mod openapi;
 mod plugin;
 mod plugin_id;
+mod probe;
 #[cfg(test)]
 mod proptests;
 mod reaper;
@@ -51,6 +53,9 @@ fn main() -> ExitCode {
             return ExitCode::from(app::exit::USAGE);
         }
     };
+    if cli.probe {
+        return probe::run(&cli);
+    }
     logging::init(cli.log_level, cli.log_format);
     crash::install();
     let result = app::run(cli);

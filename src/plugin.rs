@@ -32,12 +32,14 @@ pub struct Manifest {
 
 impl Manifest {
     /// The capability names the plugin declares, for logs and `--check`.
+    /// The declared capabilities, named as the header's `ETL_CAP_*` bits
+    /// and the SDK's `Capabilities` fields are.
     pub fn capability_names(&self) -> Vec<&'static str> {
         [
             (abi::CAP_USAGE, "usage"),
             (abi::CAP_MESSAGE_CHANNELS, "message_channels"),
             (abi::CAP_FILEDATA_META, "filedata_meta"),
-            (abi::CAP_CANCELLATION, "cancellation_token"),
+            (abi::CAP_CANCELLATION, "cancellation"),
         ]
         .into_iter()
         .filter(|(bit, _)| self.capabilities & bit != 0)

@@ -478,8 +478,15 @@ fn requests_pipelined_behind_one_cut_by_sigterm_get_a_clean_close() {
     // two wait behind it.
     stream.write_all(one.repeat(3).as_bytes()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !s.get("/metrics").text().contains("etl_serve_invocations_in_flight 1") {
-        assert!(Instant::now() < deadline, "the first never reached the plugin");
+    while !s
+        .get("/metrics")
+        .text()
+        .contains("etl_serve_invocations_in_flight 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first never reached the plugin"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     s.signal(SIGTERM);
@@ -493,5 +500,8 @@ fn requests_pipelined_behind_one_cut_by_sigterm_get_a_clean_close() {
         .read_to_end(&mut rest)
         .expect("a clean close, not a reset");
     assert!(rest.is_empty(), "nothing after the close: {rest:?}");
-    assert_eq!(s.wait_exit(Duration::from_secs(10)).unwrap().code(), Some(0));
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
 }

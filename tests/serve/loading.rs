@@ -187,9 +187,16 @@ fn a_bad_flag_is_a_usage_error() {
         "{err}"
     );
 
+    // With no arguments at all: what is missing, how to run it, and where
+    // to look.
     let out = support::etl_serve().output().unwrap();
     assert_eq!(out.status.code(), Some(64));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--plugin <PATH>"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "etl-serve: error: the following required arguments were not provided: --plugin <PATH>\n\
+         usage: etl-serve --plugin PATH [--host ADDR] [--port N] [OPTIONS]\n\
+         run `etl-serve --help` for every option\n"
+    );
 }
 
 #[test]
@@ -198,4 +205,73 @@ fn the_example_plugins_load() {
         let s = Server::start(&plugin(name), &[]);
         assert_eq!(s.get("/healthz").status, 200, "{name}");
     }
+}
+
+#[test]
+fn a_rust_plugin_crate_outside_the_workspace_builds_from_the_docs_and_loads() {
+    // The Cargo.toml and the code of the SDK's documented example, as a
+    // crate of its own: the SDK must be its only schema dependency, and no
+    // C compiler may be needed (CC points at nothing).
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("outside-plugin");
+    let _ = std::fs::remove_dir_all(dir.join("src"));
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    let sdk_docs = std::fs::read_to_string(workspace.join("crates/etl-plugin/src/lib.rs")).unwrap();
+    let blocks = doc_code_blocks(&sdk_docs);
+    let manifest = blocks
+        .iter()
+        .find(|b| b.starts_with("[package]"))
+        .expect("the documented Cargo.toml")
+        .replace(
+            "path = \"../etl-serve/crates/etl-plugin\"",
+            &format!("path = {:?}", workspace.join("crates/etl-plugin")),
+        );
+    // Not a member of the workspace this directory happens to sit in.
+    std::fs::write(dir.join("Cargo.toml"), format!("{manifest}\n[workspace]\n")).unwrap();
+    let code = blocks
+        .iter()
+        .find(|b| b.contains("export_plugin!(Shout)"))
+        .expect("the documented example");
+    std::fs::write(dir.join("src/lib.rs"), code).unwrap();
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--offline", "--quiet"])
+        .current_dir(&dir)
+        .env("CARGO_TARGET_DIR", dir.join("target"))
+        .env("CC", "/nonexistent/cc")
+        .env_remove("RUSTFLAGS")
+        .status()
+        .unwrap();
+    assert!(status.success(), "the documented plugin crate builds");
+    let out = support::etl_serve()
+        .arg("--plugin")
+        .arg(dir.join("target/debug/libshout.so"))
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("plugin:       shout 0.1.0"));
+}
+
+/// The fenced code blocks of a Rust file's `//!` documentation.
+fn doc_code_blocks(source: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in source.lines().filter_map(|l| l.strip_prefix("//!")) {
+        let line = line.strip_prefix(' ').unwrap_or(line);
+        if line.starts_with("```") {
+            match current.take() {
+                Some(block) => blocks.push(block),
+                None => current = Some(String::new()),
+            }
+        } else if let Some(block) = current.as_mut() {
+            block.push_str(line);
+            block.push('\n');
+        }
+    }
+    blocks
 }

@@ -590,6 +590,12 @@ fn json_logs_are_one_object_per_line_with_an_access_line_per_request() {
             "{l}"
         );
     }
+    // Structured fields are JSON values, not Rust debug output.
+    let loaded = lines
+        .iter()
+        .find(|l| l["message"] == "plugin loaded")
+        .unwrap();
+    assert_eq!(loaded["capabilities"], "usage");
     let access = lines.iter().find(|l| l["request_id"] == "req-42").unwrap();
     assert_eq!(access["method"], "POST");
     assert_eq!(access["path"], "/invoke");
@@ -610,7 +616,14 @@ fn the_access_log_can_be_turned_off() {
         "{}",
         on.logs()
     );
-    // A stream's line is written when it ends, with every byte it sent.
+    // The message says method, path and status; the fields do not repeat
+    // them. A stream's line is written when it ends, with every byte it
+    // sent.
+    assert!(
+        on.logs().contains("POST /invoke 200 duration_ms="),
+        "{}",
+        on.logs()
+    );
     assert!(
         on.logs().contains(&format!("bytes={}", r.body.len())),
         "{}",
@@ -821,4 +834,94 @@ fn the_listen_backlog_is_uvicorns_and_can_be_set() {
     let taken = connects_taken_while_stopped(&s, 20);
     assert!((8..=10).contains(&taken), "{taken} queued");
     assert_eq!(s.get("/healthz").status, 200);
+}
+
+#[test]
+fn an_address_in_use_after_the_plugin_loaded_shuts_the_plugin_down() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let marker = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("bind-failed-hook-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let out = support::etl_serve()
+        .arg("--plugin")
+        .arg(fixture(None))
+        .arg("--plugin-config")
+        .arg(format!("marker:{}", marker.display()))
+        .args(["--host", "127.0.0.1", "--port", &port])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(71));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nothing was served; the plugin's shutdown hook ran"),
+        "{err}"
+    );
+    assert!(
+        err.trim_end().ends_with(&format!(
+            "etl-serve: error: cannot listen on 127.0.0.1:{port}: Address already in use (os error 98)"
+        )),
+        "{err}"
+    );
+    assert!(marker.exists(), "the hook ran");
+}
+
+/// Runs `etl-serve --probe` with `args` and `env`: its exit code and stderr.
+fn probe(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = support::etl_serve()
+        .arg("--probe")
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn probe_mode_reports_readiness_for_a_healthcheck() {
+    let mut s = Server::start(&plugin("slow"), &["--graceful-timeout", "30s"]);
+    let port = s.addr.port().to_string();
+    // Ready: the same settings the server runs with, flag or variable.
+    assert_eq!(probe(&["--port", &port], &[]), (Some(0), String::new()));
+    assert_eq!(
+        probe(&[], &[("UVICORN_HOST", "0.0.0.0"), ("UVICORN_PORT", &port)]),
+        (Some(0), String::new())
+    );
+    // Draining: not ready.
+    let _call = s.send_in_background(invoke_request(r#"{"units":100000,"cooperative":false}"#));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !s
+        .get("/metrics")
+        .text()
+        .contains("etl_serve_invocations_in_flight 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the call never reached the plugin"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(s.wait_for_log("draining", Duration::from_secs(10)));
+    assert_eq!(
+        probe(&["--port", &port], &[]),
+        (
+            Some(1),
+            format!("etl-serve --probe: 127.0.0.1:{port} is not ready: /readyz answered 503\n")
+        )
+    );
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    s.wait_exit(Duration::from_secs(10)).expect("exits");
+    // Nothing listening.
+    let (code, err) = probe(&["--port", &port], &[]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.starts_with(&format!("etl-serve --probe: cannot ask 127.0.0.1:{port}: ")),
+        "{err}"
+    );
 }

@@ -156,13 +156,3 @@ pub struct EtlPlugin {
 
 /// `etl_plugin_entry_fn`: the type of the exported entry symbol.
 pub type EtlPluginEntryFn = unsafe extern "C" fn() -> *const EtlPlugin;
-
-/// The layout the C compiler gives the header's types, for the layout test.
-#[doc(hidden)]
-pub mod c_layout {
-    extern "C" {
-        /// Fills `out` with up to `cap` numbers (see `layout_probe.c`) and
-        /// returns how many it knows.
-        pub fn etl_abi_layout_probe(out: *mut usize, cap: usize) -> usize;
-    }
-}

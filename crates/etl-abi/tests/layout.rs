@@ -1,6 +1,8 @@
 //! The Rust mirror and the C header agree on every size, alignment, offset
 //! and constant. The numbers on the C side come from `layout_probe.c`,
-//! compiled from `include/etl_plugin.h` by the build script.
+//! which this test compiles against `include/etl_plugin.h` with the C
+//! compiler (`CC`, else `cc`) and runs. Only this test needs a C compiler:
+//! building the crate does not.
 
 use core::mem::{align_of, offset_of, size_of};
 use etl_abi::*;
@@ -81,11 +83,34 @@ fn rust_types_match_the_c_header() {
     ]
     .concat();
 
-    let mut c = vec![0usize; 256];
-    // SAFETY: the probe writes at most `cap` entries into `c`.
-    let n = unsafe { c_layout::etl_abi_layout_probe(c.as_mut_ptr(), c.len()) };
-    c.truncate(n);
-    assert_eq!(rust, c, "include/etl_plugin.h and crates/etl-abi disagree");
+    assert_eq!(
+        rust,
+        c_layout(),
+        "include/etl_plugin.h and crates/etl-abi disagree"
+    );
+}
+
+/// The numbers `layout_probe.c` prints.
+fn c_layout() -> Vec<usize> {
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let probe = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("etl_abi_layout_probe");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = std::process::Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Werror", "-I"])
+        .arg(here.join("../../include"))
+        .arg(here.join("layout_probe.c"))
+        .arg("-o")
+        .arg(&probe)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}`: {e}"));
+    assert!(status.success(), "compiling layout_probe.c failed");
+    let out = std::process::Command::new(&probe).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
 }
 
 #[test]

@@ -10,11 +10,31 @@
 //!
 //! # Example
 //!
-//! A complete plugin: build it as a `cdylib` and serve it with
-//! `etl-serve --plugin target/release/libshout.so`.
+//! A complete plugin crate. Its `Cargo.toml`:
+//!
+//! ```toml
+//! [package]
+//! name = "shout"
+//! version = "0.1.0"
+//! edition = "2021"
+//!
+//! [lib]
+//! crate-type = ["cdylib"]   # a shared library etl-serve can load
+//!
+//! [dependencies]
+//! # The SDK is not on crates.io: depend on it by path in a checkout of
+//! # etl-serve, or by git with the URL of the etl-serve repository you use
+//! # (etl-plugin = { git = "URL" }; cargo finds the crate in it).
+//! etl-plugin = { path = "../etl-serve/crates/etl-plugin" }
+//! serde = { version = "1", features = ["derive"] }
+//! ```
+//!
+//! The SDK is the only schema dependency: it re-exports [`schemars`], and
+//! `#[derive(JsonSchema)]` finds it through the `schemars` name in scope, so
+//! import that name with the rest. `src/lib.rs`:
 //!
 //! ```
-//! use etl_plugin::{export_plugin, Context, Error, JsonSchema, Plugin};
+//! use etl_plugin::{export_plugin, schemars, Context, Error, JsonSchema, Plugin};
 //! use serde::{Deserialize, Serialize};
 //!
 //! #[derive(Deserialize, JsonSchema)]
@@ -52,11 +72,14 @@
 //! export_plugin!(Shout);
 //! ```
 //!
+//! `cargo build --release` makes `target/release/libshout.so`; serve it with
+//! `etl-serve --plugin target/release/libshout.so`. No C compiler is needed.
+//!
 //! # Threads
 //!
 //! `invoke` runs on host worker threads, several at once, so a plugin is
 //! `Send + Sync` and keeps mutable state behind its own locks. `init` and
-//! `shutdown` run once each, on the host's main thread.
+//! `shutdown` run once each, on a host thread, never while an `invoke` runs.
 //!
 //! # Cancellation
 //!
@@ -85,9 +108,9 @@ pub use schema::schema_for;
 
 /// Which injected capabilities a plugin declares (`ETL_CAP_*`).
 ///
-/// The callbacks work whatever is declared; the bits show up in `/metadata`
-/// and `etl-serve --check`, and `cancellation` tells operators that the
-/// plugin stops promptly on shutdown.
+/// The callbacks work whatever is declared; the bits show up in
+/// `etl-serve --check` and its startup log line, and `cancellation` tells
+/// operators that the plugin stops promptly on shutdown.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Capabilities {
     pub usage: bool,

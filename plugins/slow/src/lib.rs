@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use etl_plugin::{export_plugin, Capabilities, Context, Error, JsonSchema, Plugin};
+use etl_plugin::{export_plugin, schemars, Capabilities, Context, Error, JsonSchema, Plugin};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize, JsonSchema)]

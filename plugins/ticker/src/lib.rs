@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use etl_plugin::{
-    export_plugin, Capabilities, Context, Emitter, Error, JsonSchema, StreamingPlugin,
+    export_plugin, schemars, Capabilities, Context, Emitter, Error, JsonSchema, StreamingPlugin,
 };
 use serde::{Deserialize, Serialize};
 

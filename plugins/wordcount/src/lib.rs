@@ -5,7 +5,7 @@
 //! `def wordcount(usage: list, text: str, repeat: int = 1) -> Out`, so both
 //! hosts give it the same plugin id.
 
-use etl_plugin::{export_plugin, Capabilities, Context, Error, JsonSchema, Plugin};
+use etl_plugin::{export_plugin, schemars, Capabilities, Context, Error, JsonSchema, Plugin};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize, JsonSchema)]
