@@ -134,17 +134,26 @@ impl InputModel {
             .schema
             .get("additionalProperties")
             .is_some_and(|a| a != &Value::Bool(false));
-        if !open {
-            given.retain(|k, _| props.contains_key(k));
-        }
+        // The declared inputs come first, in the schema's order (as the
+        // fast path writes them), whatever the client's order; then, for an
+        // open schema, the others as sent.
+        let mut input = Map::with_capacity(given.len().max(props.len()));
         for (name, prop) in props {
-            if !given.contains_key(name) {
-                if let Some(default) = prop.get("default") {
-                    given.insert(name.clone(), default.clone());
+            match given.shift_remove(name) {
+                Some(value) => {
+                    input.insert(name.clone(), value);
+                }
+                None => {
+                    if let Some(default) = prop.get("default") {
+                        input.insert(name.clone(), default.clone());
+                    }
                 }
             }
         }
-        Value::Object(given)
+        if open {
+            input.extend(given);
+        }
+        Value::Object(input)
     }
 }
 

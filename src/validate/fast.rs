@@ -25,7 +25,7 @@ const MAX_FIELDS: usize = 16;
 /// A compiled check of an object of scalar inputs.
 pub struct FlatPlan {
     /// The declared inputs, in the order the general path writes them
-    /// (serde_json's map order: by key).
+    /// (the schema's order).
     fields: Vec<Field>,
 }
 
@@ -293,7 +293,7 @@ mod tests {
         let p = wordcount();
         assert_eq!(
             prepared(&p, r#"{"text":"hello big world"}"#).as_deref(),
-            Some(r#"{"repeat":1,"text":"hello big world"}"#)
+            Some(r#"{"text":"hello big world","repeat":1}"#)
         );
         assert_eq!(
             prepared(
@@ -301,12 +301,12 @@ mod tests {
                 r#" { "repeat" : 3 , "text" : "a", "extra": [1, {"b": 2}] } "#
             )
             .as_deref(),
-            Some(r#"{"repeat":3,"text":"a"}"#)
+            Some(r#"{"text":"a","repeat":3}"#)
         );
         // A repeated key keeps its last value, as serde_json's map does.
         assert_eq!(
             prepared(&p, r#"{"text":"a","text":"b"}"#).as_deref(),
-            Some(r#"{"repeat":1,"text":"b"}"#)
+            Some(r#"{"text":"b","repeat":1}"#)
         );
     }
 

@@ -91,6 +91,33 @@ fn schema_id_and_metadata_are_identical_for_rust_and_c() {
     }
 }
 
+/// Answers of etl-uvicorn 0.1.0 for the reference `wordcount` function,
+/// recorded byte for byte.
+const REFERENCE_SCHEMA: &str = r#"{"inputs":{"type":"object","required":["text"],"properties":{"text":{"type":"string"},"repeat":{"type":"integer","default":1}}},"outputs":{"type":"object","properties":{"words":{"type":"integer"},"chars":{"type":"integer"}},"required":["words","chars"]}}"#;
+const REFERENCE_422S: [(&str, &str); 2] = [
+    (
+        r#"{"text":5,"repeat":"x"}"#,
+        r#"{"detail":[{"type":"string_type","loc":["body","text"],"msg":"Input should be a valid string","input":5},{"type":"int_parsing","loc":["body","repeat"],"msg":"Input should be a valid integer, unable to parse string as an integer","input":"x"}]}"#,
+    ),
+    (
+        r#"{"repeat":2.5}"#,
+        r#"{"detail":[{"type":"missing","loc":["body","text"],"msg":"Field required","input":{"repeat":2.5}},{"type":"int_from_float","loc":["body","repeat"],"msg":"Input should be a valid integer, got a number with a fractional part","input":2.5}]}"#,
+    ),
+];
+
+#[test]
+fn a_plugin_declaring_the_reference_schema_answers_byte_for_byte() {
+    // The C wordcount declares the reference's schema text: /schema keeps
+    // its key order, and 422 items carry the reference's keys in its order.
+    let s = Server::start(&plugin("wordcount_c"), &[]);
+    assert_eq!(s.get("/schema").text(), REFERENCE_SCHEMA);
+    for (body, answer) in REFERENCE_422S {
+        let r = s.post_json("/invoke", body);
+        assert_eq!(r.status, 422);
+        assert_eq!(r.text(), answer, "{body}");
+    }
+}
+
 #[test]
 fn validation_errors_are_fastapi_shaped() {
     for s in wordcounts() {
