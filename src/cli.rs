@@ -115,7 +115,9 @@ pub struct Cli {
     pub max_header_size: u64,
 
     /// Largest request body accepted; a larger one gets 413 before it is read.
-    #[arg(long, env = "ETL_SERVE_MAX_BODY_SIZE", value_name = "SIZE", default_value = "16MiB",
+    /// The reference has no limit, and an ETL document's elements can run
+    /// to hundreds of MiB.
+    #[arg(long, env = "ETL_SERVE_MAX_BODY_SIZE", value_name = "SIZE", default_value = "256MiB",
           value_parser = parse_size, help_heading = "Limits")]
     pub max_body_size: u64,
 
@@ -133,7 +135,7 @@ pub struct Cli {
     /// Most bytes of request bodies held at once, from a body's first byte
     /// until its response starts; a request that would go over gets 503.
     /// At least --max-body-size.
-    #[arg(long, env = "ETL_SERVE_MAX_BODY_MEMORY", value_name = "SIZE", default_value = "256MiB",
+    #[arg(long, env = "ETL_SERVE_MAX_BODY_MEMORY", value_name = "SIZE", default_value = "512MiB",
           value_parser = parse_size, help_heading = "Limits")]
     pub max_body_memory: u64,
 

@@ -4,10 +4,14 @@
 //! The steps, in the reference's order:
 //! 1. no body: run with `{}` when every input is optional, else the
 //!    "body missing" 422;
-//! 2. a content type that is not JSON: the "not a dictionary" 422, with the
-//!    body as a string, since FastAPI does not parse it;
+//! 2. the body decoded as text the way Python's `json.loads` decodes bytes
+//!    (UTF-8 with or without a BOM, UTF-16 or UTF-32 by BOM or by where the
+//!    zero bytes fall; any `charset` is ignored): a body that does not
+//!    decode gets `400 {"detail":"There was an error parsing the body"}`;
 //! 3. malformed JSON: `{"detail":"Invalid JSON body","reason":"malformed_envelope"}`;
-//! 4. not an object: the "not a dictionary" 422;
+//! 4. JSON under a content type that is not JSON: the "not a dictionary"
+//!    422 with the body as a string, since FastAPI does not parse it; then
+//!    JSON that is not an object: the "not a dictionary" 422;
 //! 5. pydantic's lax conversions (`"3"` and `3.0` are integers, `"true"` a
 //!    boolean...), then JSON Schema validation, every error in FastAPI's
 //!    `{"type","loc","msg","input"}` form;
@@ -18,6 +22,7 @@ use jsonschema::paths::LocationSegment;
 use jsonschema::{JsonType, Validator};
 use serde_json::{json, Map, Value};
 
+mod decode;
 mod fast;
 
 /// The request's input model, compiled once from the inputs schema.
@@ -33,6 +38,8 @@ pub struct InputModel {
 /// Why a body was refused: a 422 and its JSON body.
 #[derive(Debug)]
 pub struct Rejection {
+    /// 422, or 400 for a body that cannot be decoded as text.
+    pub status: u16,
     pub body: Value,
 }
 
@@ -89,16 +96,26 @@ impl InputModel {
             }
             Value::Object(Map::new())
         } else {
-            if !is_json_content_type(content_type) {
-                let text = String::from_utf8_lossy(body).into_owned();
-                return Err(detail(vec![not_a_dict(Value::String(text))]));
+            let json_type = is_json_content_type(content_type);
+            if json_type {
+                if let Some(input) = self.plan.as_ref().and_then(|plan| plan.prepare(body)) {
+                    return Ok(input);
+                }
             }
-            if let Some(input) = self.plan.as_ref().and_then(|plan| plan.prepare(body)) {
-                return Ok(input);
-            }
-            serde_json::from_slice::<Value>(body).map_err(|_| Rejection {
+            let text = decode::json_text(body).map_err(|()| Rejection {
+                status: 400,
+                body: json!({"detail": "There was an error parsing the body"}),
+            })?;
+            let value = serde_json::from_str::<Value>(&text).map_err(|_| Rejection {
+                status: 422,
                 body: json!({"detail": "Invalid JSON body", "reason": "malformed_envelope"}),
-            })?
+            })?;
+            // Valid JSON under another content type reaches the model as
+            // the text it is, which is not an object.
+            if !json_type {
+                return Err(detail(vec![not_a_dict(Value::String(text.into_owned()))]));
+            }
+            value
         };
         if !value.is_object() {
             return Err(detail(vec![not_a_dict(value)]));
@@ -173,6 +190,7 @@ fn is_json_content_type(content_type: Option<&str>) -> bool {
 
 fn detail(errors: Vec<Value>) -> Rejection {
     Rejection {
+        status: 422,
         body: json!({ "detail": errors }),
     }
 }

@@ -61,7 +61,9 @@ pub async fn invoke(
         Ok(input) => input,
         Err(rejection) => {
             let body = serde_json::to_vec(&rejection.body).expect("a Value always serialises");
-            return json(StatusCode::UNPROCESSABLE_ENTITY, body.into());
+            let status =
+                StatusCode::from_u16(rejection.status).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
+            return json(status, body.into());
         }
     };
     if app.plugin.manifest().streaming {

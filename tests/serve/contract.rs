@@ -182,21 +182,63 @@ fn malformed_json_missing_body_and_wrong_content_type() {
     assert_eq!(r.json()["detail"][0]["type"], "model_attributes_type");
     assert_eq!(r.json()["detail"][0]["input"], r#"{"text":"a b"}"#);
 
-    // A raw control character, and bytes that are not UTF-8: clean 422s.
+    // A raw control character: a clean 422.
     let r = s.post_json("/invoke", "{\"text\":\"\u{0}\"}");
     assert_eq!(
         (r.status, r.json()["reason"].clone()),
         (422, json!("malformed_envelope"))
     );
-    let r = s.post(
-        "/invoke",
-        Some("application/json"),
-        b"{\"text\":\"\xff\xfe\"}",
-    );
-    assert_eq!(
-        (r.status, r.json()["reason"].clone()),
-        (422, json!("malformed_envelope"))
-    );
+}
+
+#[test]
+fn bodies_decode_as_the_reference_decodes_them() {
+    // Recorded from etl-uvicorn 0.1.0: bytes that do not decode are a 400,
+    // whatever the charset says; a UTF-8 BOM and UTF-16 or UTF-32 (with
+    // or without a BOM) are read; text that is not JSON is the "Invalid
+    // JSON body" 422 under any content type.
+    let s = Server::start(&plugin("wordcount_c"), &[]);
+    let text = r#"{"text":"héllo wörld"}"#;
+    let utf16le: Vec<u8> = text.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    let utf32be: Vec<u8> = text
+        .chars()
+        .flat_map(|c| (c as u32).to_be_bytes())
+        .collect();
+    for (name, body, content_type) in [
+        (
+            "UTF-8 BOM",
+            [&[0xEF, 0xBB, 0xBF][..], text.as_bytes()].concat(),
+            "application/json",
+        ),
+        ("UTF-16LE", utf16le.clone(), "application/json"),
+        (
+            "UTF-16 BOM",
+            [&[0xFF, 0xFE][..], &utf16le].concat(),
+            "application/json; charset=utf-16",
+        ),
+        ("UTF-32BE", utf32be, "application/json"),
+    ] {
+        let r = s.post("/invoke", Some(content_type), &body);
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        assert_eq!(r.json()["output"]["words"], 2, "{name}");
+    }
+    for body in [&b"{\"text\":\"\xff\xfe\"}"[..], b"{\"text\":\"caf\xe9\"}"] {
+        for content_type in ["application/json", "application/json; charset=latin-1"] {
+            let r = s.post("/invoke", Some(content_type), body);
+            assert_eq!(r.status, 400);
+            assert_eq!(
+                r.text(),
+                r#"{"detail":"There was an error parsing the body"}"#
+            );
+        }
+    }
+    for content_type in [None, Some("text/plain")] {
+        let r = s.post("/invoke", content_type, b"hello");
+        assert_eq!(r.status, 422);
+        assert_eq!(
+            r.text(),
+            r#"{"detail":"Invalid JSON body","reason":"malformed_envelope"}"#
+        );
+    }
 }
 
 #[test]
@@ -558,4 +600,15 @@ fn bodies_over_the_cap_are_refused_before_they_are_read() {
 
     // Under the cap is fine.
     assert_eq!(s.post_json("/invoke", r#"{"text":"small"}"#).status, 200);
+}
+
+#[test]
+fn a_document_larger_than_16_mib_is_served_by_default() {
+    // etl-uvicorn has no body limit; the default here is 256 MiB.
+    let s = Server::start(&plugin("wordcount"), &[]);
+    let body = format!(r#"{{"text":"{}"}}"#, "ab ".repeat(6 << 20));
+    assert!(body.len() > 16 << 20);
+    let r = s.post_json("/invoke", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["output"]["words"], 6 << 20);
 }
