@@ -8,11 +8,14 @@
 //! | `GET /id`        | the plugin id as a JSON string                       |
 //! | `GET /precheck`  | the precheck envelope                                |
 //! | `GET /metadata`  | `{"api_version": "3", "identifier": ..., "capabilities": []}` |
-//! | `GET /openapi.json`, `GET /docs` | the OpenAPI document and a page about it |
+//! | `GET /openapi.json`, `GET /docs`, `GET /redoc` | the OpenAPI document and a page about it |
 //! | `GET /`          | 307 to `/docs`                                       |
+//! | one of the above with a trailing slash | 307 to it, as the reference (`location: http://HOST/id`) |
 //! | `GET /healthz`   | 200 while the process runs                           |
 //! | `GET /readyz`    | 200 while serving, 503 once shutdown started          |
 //! | anything else    | 404 `{"detail":"Not Found"}`, or 405 for a known path |
+//!
+//! Paths are matched with their percent-escapes decoded (`/%69d` is `/id`).
 //!
 //! One file per concern: `body` (reading a request body within its
 //! limits), `invoke` (checking and calling a plain `/invoke`), `stream` (a streaming plugin's NDJSON), `precheck`, `reply`
@@ -20,6 +23,7 @@
 //! the access log). Whether a plugin call runs inline or on the blocking
 //! pool is `inline`'s business.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
@@ -96,7 +100,7 @@ pub async fn handle(
     let pending = AnswerPending::begin(conn);
     let request_id = access::request_id(&req);
     let method = req.method().clone();
-    let route = route_of(req.uri().path());
+    let route = route_of(&decoded_path(req.uri().path()));
     // Kept only for the access log line.
     let access = app
         .access_log
@@ -122,7 +126,7 @@ pub async fn handle(
                 "text/html; charset=utf-8",
                 app.docs_body.clone(),
             ),
-            (Route::root, &Method::GET) => redirect("/docs"),
+            (Route::root, &Method::GET) => redirect(HeaderValue::from_static("/docs")),
             (Route::healthz, &Method::GET) => fixed(StatusCode::OK, br#"{"status":"ok"}"#),
             (Route::readyz, &Method::GET) => readyz(&app.drain),
             (Route::metrics, &Method::GET) => with_type(
@@ -130,7 +134,10 @@ pub async fn handle(
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 METRICS.encode(app.drain.in_flight()).into(),
             ),
-            (Route::other, _) => fixed(StatusCode::NOT_FOUND, br#"{"detail":"Not Found"}"#),
+            (Route::other, _) => match without_trailing_slash(&req) {
+                Some(location) => redirect(location),
+                None => fixed(StatusCode::NOT_FOUND, br#"{"detail":"Not Found"}"#),
+            },
             (route, _) => {
                 let mut r = fixed(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -179,6 +186,70 @@ pub async fn handle(
 }
 
 /// The route a path names, as a metrics label.
+/// The path with its percent-escapes decoded, as the reference routes it
+/// (`/%69d` is `/id`). Nearly every path has none and is borrowed.
+fn decoded_path(path: &str) -> Cow<'_, str> {
+    if !path.contains('%') {
+        return Cow::Borrowed(path);
+    }
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// For a path that is one of the reference's routes plus a trailing slash,
+/// where the reference redirects (307): the location, built as it builds
+/// it, from the `Host` header, the path without the slash and the query.
+fn without_trailing_slash(req: &Request<Incoming>) -> Option<HeaderValue> {
+    let path = decoded_path(req.uri().path());
+    let bare = path.strip_suffix('/').filter(|p| !p.is_empty())?;
+    let reference_route = matches!(
+        route_of(bare),
+        Route::invoke
+            | Route::schema
+            | Route::id
+            | Route::precheck
+            | Route::metadata
+            | Route::openapi
+            | Route::docs
+    );
+    if !reference_route {
+        return None;
+    }
+    let query = req
+        .uri()
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
+    let location = match req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+    {
+        Some(host) => format!("http://{host}{bare}{query}"),
+        None => format!("{bare}{query}"),
+    };
+    HeaderValue::from_str(&location).ok()
+}
+
 fn route_of(path: &str) -> Route {
     match path {
         "/invoke" => Route::invoke,
@@ -187,7 +258,8 @@ fn route_of(path: &str) -> Route {
         "/precheck" => Route::precheck,
         "/metadata" => Route::metadata,
         "/openapi.json" => Route::openapi,
-        "/docs" => Route::docs,
+        // Both pages: etl-serve's one page says what either would.
+        "/docs" | "/redoc" => Route::docs,
         "/" => Route::root,
         "/healthz" => Route::healthz,
         "/readyz" => Route::readyz,

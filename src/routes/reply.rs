@@ -65,11 +65,10 @@ pub fn internal_error(why: &str) -> Response<Body> {
     json(StatusCode::OK, envelope::write(&c, &outcome).into())
 }
 
-pub fn redirect(to: &'static str) -> Response<Body> {
+pub fn redirect(to: HeaderValue) -> Response<Body> {
     let mut r = Response::new(Body::Full(None));
     *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-    r.headers_mut()
-        .insert(header::LOCATION, HeaderValue::from_static(to));
+    r.headers_mut().insert(header::LOCATION, to);
     r
 }
 

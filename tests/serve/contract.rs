@@ -612,3 +612,41 @@ fn a_document_larger_than_16_mib_is_served_by_default() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["output"]["words"], 6 << 20);
 }
+
+#[test]
+fn routes_are_matched_as_the_reference_matches_them() {
+    // Recorded from etl-uvicorn 0.1.0: a trailing slash on one of its routes
+    // is a 307 to the route, absolute from the Host header, query kept;
+    // percent-escapes are decoded; a fragment is ignored; /redoc exists.
+    let s = Server::start(&plugin("wordcount"), &[]);
+    let get = |target: &str, method: &str| {
+        support::request(
+            s.addr,
+            format!("{method} {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
+    };
+    for (target, method, location) in [
+        ("/id/", "GET", "http://t/id"),
+        ("/schema/", "GET", "http://t/schema"),
+        ("/invoke/", "POST", "http://t/invoke"),
+        ("/docs/", "GET", "http://t/docs"),
+        ("/id/?x=1", "GET", "http://t/id?x=1"),
+    ] {
+        let r = get(target, method);
+        assert_eq!(r.status, 307, "{method} {target}");
+        assert_eq!(r.header("location"), Some(location), "{method} {target}");
+        assert!(r.body.is_empty());
+    }
+    for target in ["/%69d", "/id#fragment", "/id?x=1"] {
+        let r = get(target, "GET");
+        assert_eq!((r.status, r.text()), (200, format!("\"{WORDCOUNT_ID}\"")), "{target}");
+    }
+    let r = get("/redoc", "GET");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/html; charset=utf-8"));
+    // Not one of the reference's routes, or not a route at all: 404.
+    for target in ["/healthz/", "/nothere/", "//id"] {
+        assert_eq!(get(target, "GET").status, 404, "{target}");
+    }
+}
