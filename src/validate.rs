@@ -128,7 +128,7 @@ impl InputModel {
             let errors: Vec<Value> = self
                 .validator
                 .iter_errors(&value)
-                .filter_map(|e| to_fastapi(&e))
+                .flat_map(|e| to_fastapi(&e))
                 .collect();
             if !errors.is_empty() {
                 return Err(detail(errors));
@@ -310,7 +310,37 @@ fn coerce(schema: &Value, value: &mut Value) {
 // JSON Schema errors in FastAPI's words.
 // ---------------------------------------------------------------------------
 
-fn to_fastapi(e: &jsonschema::ValidationError<'_>) -> Option<Value> {
+/// A JSON Schema error as the FastAPI items pydantic would report for the
+/// same input: usually one, more for an optional value whose own schema
+/// failed several ways.
+fn to_fastapi(e: &jsonschema::ValidationError<'_>) -> Vec<Value> {
+    if let ValidationErrorKind::AnyOf { context } = e.kind() {
+        // `Optional[X]` (anyOf [X, null]): pydantic reports X's own error
+        // (`int_from_float`, `int_parsing`...), not the union's.
+        let mut members = context
+            .iter()
+            .filter(|errors| !errors.iter().all(is_null_type_error));
+        if let (Some(only), None) = (members.next(), members.next()) {
+            let items: Vec<Value> = only.iter().flat_map(to_fastapi).collect();
+            if !items.is_empty() {
+                return items;
+            }
+        }
+    }
+    to_fastapi_item(e).into_iter().collect()
+}
+
+/// Whether `e` is the null branch of an optional value refusing a value.
+fn is_null_type_error(e: &jsonschema::ValidationError<'_>) -> bool {
+    matches!(
+        e.kind(),
+        ValidationErrorKind::Type {
+            kind: TypeKind::Single(JsonType::Null)
+        }
+    )
+}
+
+fn to_fastapi_item(e: &jsonschema::ValidationError<'_>) -> Option<Value> {
     let path: Vec<Value> = e
         .instance_path()
         .iter()

@@ -640,7 +640,11 @@ fn routes_are_matched_as_the_reference_matches_them() {
     }
     for target in ["/%69d", "/id#fragment", "/id?x=1"] {
         let r = get(target, "GET");
-        assert_eq!((r.status, r.text()), (200, format!("\"{WORDCOUNT_ID}\"")), "{target}");
+        assert_eq!(
+            (r.status, r.text()),
+            (200, format!("\"{WORDCOUNT_ID}\"")),
+            "{target}"
+        );
     }
     let r = get("/redoc", "GET");
     assert_eq!(r.status, 200);
@@ -648,5 +652,36 @@ fn routes_are_matched_as_the_reference_matches_them() {
     // Not one of the reference's routes, or not a route at all: 404.
     for target in ["/healthz/", "/nothere/", "//id"] {
         assert_eq!(get(target, "GET").status, 404, "{target}");
+    }
+}
+
+#[test]
+fn an_optional_field_reports_its_own_type_error() {
+    // Recorded from etl-uvicorn 0.1.0 for `fail_at: Optional[int] = None`
+    // (`anyOf: [integer, null]`): pydantic reports the integer's own error,
+    // not the union's.
+    let s = Server::start(&plugin("ticker"), &[]);
+    for (value, answer) in [
+        (
+            "2.5",
+            r#"{"detail":[{"type":"int_from_float","loc":["body","fail_at"],"msg":"Input should be a valid integer, got a number with a fractional part","input":2.5}]}"#,
+        ),
+        (
+            r#""x""#,
+            r#"{"detail":[{"type":"int_parsing","loc":["body","fail_at"],"msg":"Input should be a valid integer, unable to parse string as an integer","input":"x"}]}"#,
+        ),
+        (
+            "[1]",
+            r#"{"detail":[{"type":"int_type","loc":["body","fail_at"],"msg":"Input should be a valid integer","input":[1]}]}"#,
+        ),
+    ] {
+        let r = s.post_json("/invoke", &format!(r#"{{"count":1,"fail_at":{value}}}"#));
+        assert_eq!(r.status, 422);
+        assert_eq!(r.text(), answer, "{value}");
+    }
+    // null, and "3" in lax mode, are accepted.
+    for value in ["null", r#""3""#] {
+        let r = s.post_json("/invoke", &format!(r#"{{"count":1,"fail_at":{value}}}"#));
+        assert_eq!(r.status, 200, "{value}: {}", r.text());
     }
 }
