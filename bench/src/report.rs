@@ -361,7 +361,7 @@ pub fn markdown(results: &Results<'_>) -> String {
     let _ = writeln!(
         w,
         "`bench/run` builds the workspace in release mode, installs wrk (Debian) when it is missing, \
-         creates the reference's virtualenv under `target/bench-venv`, then runs `etl-bench` \
+         creates the reference's virtualenv under `target/reference-venv` (`scripts/reference-venv`), then runs `etl-bench` \
          (`bench/src/main.rs`). The servers:\n"
     );
     let _ = writeln!(

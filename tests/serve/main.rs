@@ -4,6 +4,7 @@
 //! module is compiled once.
 //!
 //! - `contract`: every route and error case of the etl plugin contract;
+//! - `differential`: the same requests to etl-uvicorn 0.1.0 and etl-serve;
 //! - `edges`: responses, bodies and streams still moving at shutdown;
 //! - `loading`: plugins that load, and the ones that must not;
 //! - `operations`: settings, limits, logs, metrics and probes;
@@ -12,6 +13,7 @@
 //! - `signals`: every other signal, as PID 1 and not.
 
 mod contract;
+mod differential;
 mod edges;
 mod loading;
 mod operations;

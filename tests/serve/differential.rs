@@ -1,0 +1,251 @@
+//! The same requests to etl-uvicorn 0.1.0 and to etl-serve, compared byte
+//! for byte: status, content type and body. The reference serves the
+//! Python `wordcount` of bench/reference/; etl-serve serves the C
+//! wordcount, which declares the reference's schema text. The reference
+//! is installed by `scripts/reference-venv` (python3 with venv, and PyPI).
+//!
+//! What differs on purpose is listed in [`DELIBERATE`], with its reason,
+//! and in docs/operations.md ("Where etl-serve answers differently").
+
+use crate::support;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{plugin, Server};
+
+/// Requests whose answers differ on purpose, and why.
+const DELIBERATE: &[(&str, &str)] = &[
+    (
+        "GET /metadata",
+        "etl-serve lists no capabilities: it does not yet implement the reserved invocation_settings and invocation_context fields",
+    ),
+    (
+        "POST /invoke NaN",
+        "the reference answers a plain-text 500 (its JSON encoder fails on NaN); etl-serve answers the Invalid JSON body 422",
+    ),
+    (
+        "POST /invoke big integer",
+        "the reference hands Python's exact integer to the function; etl-serve's general path reads numbers beyond 64 bits as floats",
+    ),
+];
+
+/// etl-uvicorn serving `wordcount`, stopped when dropped.
+struct Reference {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Reference {
+    fn start() -> Reference {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(workspace.join("scripts/reference-venv"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/reference-venv");
+        assert!(out.status.success(), "scripts/reference-venv failed");
+        let venv = workspace.join(String::from_utf8(out.stdout).unwrap().trim());
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(venv.join("bin/etl-uvicorn"))
+            .arg("etl_bench_plugins:wordcount")
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--log-level", "warning", "--no-access-log"])
+            .env("PYTHONPATH", workspace.join("bench/reference"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etl-uvicorn");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut reference = Reference { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                reference.child.try_wait().unwrap().is_none(),
+                "etl-uvicorn exited"
+            );
+            assert!(Instant::now() < deadline, "etl-uvicorn never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        reference
+    }
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One request: a name for the report, the method and target, the content
+/// type, and the body.
+struct Case {
+    name: String,
+    method: &'static str,
+    target: &'static str,
+    content_type: Option<&'static str>,
+    body: Vec<u8>,
+}
+
+fn invoke(name: &str, content_type: Option<&'static str>, body: impl Into<Vec<u8>>) -> Case {
+    Case {
+        name: format!("POST /invoke {name}"),
+        method: "POST",
+        target: "/invoke",
+        content_type,
+        body: body.into(),
+    }
+}
+
+fn get(target: &'static str) -> Case {
+    Case {
+        name: format!("GET {target}"),
+        method: "GET",
+        target,
+        content_type: None,
+        body: Vec::new(),
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let json = Some("application/json");
+    let text = r#"{"text":"héllo big wörld"}"#;
+    let utf16le: Vec<u8> = text.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    let mut cases = vec![
+        // Valid bodies.
+        invoke("plain", json, r#"{"text":"hello big world"}"#),
+        invoke("repeat", json, r#"{"text":"a b","repeat":3}"#),
+        invoke("non-ASCII", json, text),
+        invoke("empty text", json, r#"{"text":""}"#),
+        invoke("unknown field", json, r#"{"text":"a","extra":[1,{"b":2}]}"#),
+        invoke("lax integer string", json, r#"{"text":"a","repeat":"2"}"#),
+        invoke("whole float", json, r#"{"text":"a","repeat":2.0}"#),
+        invoke(
+            "charset",
+            Some("application/json; charset=utf-8"),
+            r#"{"text":"a"}"#,
+        ),
+        // Every family of bad input.
+        invoke("string for text", json, r#"{"text":5}"#),
+        invoke("two errors", json, r#"{"text":5,"repeat":"x"}"#),
+        invoke("missing and fractional", json, r#"{"repeat":2.5}"#),
+        invoke("empty object", json, "{}"),
+        invoke("array", json, "[1,2]"),
+        invoke("string", json, r#""a""#),
+        invoke("null", json, "null"),
+        invoke("no body", json, ""),
+        invoke("malformed", json, "{"),
+        invoke("not JSON", Some("text/plain"), "hello"),
+        invoke("JSON as text/plain", Some("text/plain"), r#"{"text":"a"}"#),
+        invoke("no content type", None, r#"{"text":"a"}"#),
+        invoke("control character", json, "{\"text\":\"\u{1}\"}"),
+        // Encodings.
+        invoke(
+            "UTF-8 BOM",
+            json,
+            [&[0xEF, 0xBB, 0xBF][..], text.as_bytes()].concat(),
+        ),
+        invoke("UTF-16LE", json, utf16le.clone()),
+        invoke("UTF-16 BOM", json, [&[0xFF, 0xFE][..], &utf16le].concat()),
+        invoke("not UTF-8", json, &b"{\"text\":\"caf\xe9\"}"[..]),
+        // Routes.
+        get("/schema"),
+        get("/id"),
+        get("/id?x=1"),
+        get("/%69d"),
+        get("/schema/"),
+        get("/id/?x=1"),
+        get("/nothere"),
+        get("/invoke"),
+        Case {
+            name: "POST /id".into(),
+            method: "POST",
+            target: "/id",
+            content_type: None,
+            body: Vec::new(),
+        },
+        Case {
+            name: "POST /invoke/".into(),
+            method: "POST",
+            target: "/invoke/",
+            content_type: json,
+            body: br#"{"text":"a"}"#.to_vec(),
+        },
+    ];
+    // The deliberate differences are sent too, so that a change on either
+    // side shows.
+    cases.push(get("/metadata"));
+    cases.push(invoke("NaN", json, r#"{"text":"a","repeat":NaN}"#));
+    cases.push(invoke(
+        "big integer",
+        json,
+        r#"{"text":"a","repeat":1000000000000000000000000000000}"#,
+    ));
+    cases
+}
+
+/// Status, content type and body of `case` sent to `addr`.
+fn answer(addr: SocketAddr, case: &Case) -> (u16, Option<String>, Vec<u8>) {
+    let mut raw = format!(
+        "{} {} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
+        case.method,
+        case.target,
+        case.body.len()
+    );
+    if let Some(ct) = case.content_type {
+        raw.push_str(&format!("Content-Type: {ct}\r\n"));
+    }
+    raw.push_str("\r\n");
+    let mut raw = raw.into_bytes();
+    raw.extend_from_slice(&case.body);
+    let r = support::request(addr, &raw);
+    (
+        r.status,
+        r.header("content-type").map(str::to_owned),
+        r.body,
+    )
+}
+
+#[test]
+fn the_reference_and_etl_serve_answer_the_same_bytes() {
+    let reference = Reference::start();
+    let ours = Server::start(&plugin("wordcount_c"), &[]);
+    let mut differences = Vec::new();
+    let mut deliberate_seen = Vec::new();
+    for case in cases() {
+        let theirs = answer(reference.addr, &case);
+        let mine = answer(ours.addr, &case);
+        let deliberate = DELIBERATE.iter().find(|(name, _)| *name == case.name);
+        match (theirs == mine, deliberate) {
+            (true, None) => {}
+            (false, Some((name, _))) => deliberate_seen.push(*name),
+            (true, Some((name, _))) => differences.push(format!(
+                "{name}: listed as a deliberate difference, but both answer {}",
+                String::from_utf8_lossy(&mine.2)
+            )),
+            (false, None) => differences.push(format!(
+                "{}:\n  etl-uvicorn: {} {:?} {}\n  etl-serve:   {} {:?} {}",
+                case.name,
+                theirs.0,
+                theirs.1,
+                String::from_utf8_lossy(&theirs.2),
+                mine.0,
+                mine.1,
+                String::from_utf8_lossy(&mine.2)
+            )),
+        }
+    }
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+    assert_eq!(
+        deliberate_seen.len(),
+        DELIBERATE.len(),
+        "{deliberate_seen:?}"
+    );
+}
