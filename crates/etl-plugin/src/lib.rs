@@ -102,7 +102,7 @@ pub use schemars::{self, JsonSchema};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-mod schema;
+pub mod schema;
 
 pub use schema::schema_for;
 
