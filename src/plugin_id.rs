@@ -99,7 +99,7 @@ fn write_number(out: &mut String, n: &Number) {
 /// `repr(float)` in CPython: the shortest digits that round-trip, in fixed
 /// notation when the decimal exponent is in -4..16, else scientific with a
 /// signed two-digit-minimum exponent; whole numbers keep a trailing `.0`.
-fn python_float_repr(f: f64) -> String {
+pub(crate) fn python_float_repr(f: f64) -> String {
     if f.is_nan() {
         return "NaN".into();
     }

@@ -24,6 +24,7 @@ use serde_json::{json, Map, Value};
 
 mod decode;
 mod fast;
+mod lax;
 
 /// The request's input model, compiled once from the inputs schema.
 pub struct InputModel {
@@ -121,21 +122,46 @@ impl InputModel {
             return Err(detail(vec![not_a_dict(value)]));
         }
 
-        coerce(&self.schema, &mut value);
+        if out_of_range(&value) {
+            // Beyond what a double holds (1e400): not a number JSON can
+            // carry here.
+            return Err(Rejection {
+                status: 422,
+                body: json!({"detail": "Invalid JSON body", "reason": "malformed_envelope"}),
+            });
+        }
+        let mut refused = Vec::new();
+        lax::coerce(&self.schema, &mut value, &mut Vec::new(), &mut refused);
         // Error reports are built only for input that fails: valid input,
         // the common case, is checked without them.
-        if !self.validator.is_valid(&value) {
-            let errors: Vec<Value> = self
+        if !refused.is_empty() || !self.validator.is_valid(&value) {
+            let mut errors: Vec<Value> = self
                 .validator
                 .iter_errors(&value)
                 .flat_map(|e| to_fastapi(&e))
                 .collect();
+            errors.append(&mut refused);
             if !errors.is_empty() {
+                self.in_field_order(&mut errors);
                 return Err(detail(errors));
             }
         }
         let input = self.finish(value);
         Ok(serde_json::to_vec(&input).expect("a Value always serialises"))
+    }
+
+    /// Puts `errors` in the order of the fields they are about, as pydantic
+    /// reports them (errors about the same field keep their order).
+    fn in_field_order(&self, errors: &mut [Value]) {
+        let Some(Value::Object(props)) = self.schema.get("properties") else {
+            return;
+        };
+        errors.sort_by_key(|e| {
+            e["loc"][1]
+                .as_str()
+                .and_then(|field| props.keys().position(|k| k == field))
+                .unwrap_or(usize::MAX)
+        });
     }
 
     /// Fills in defaults and drops the top-level fields the schema does not
@@ -174,6 +200,17 @@ impl InputModel {
     }
 }
 
+/// Whether a number in `v` is beyond a double (its text is kept, so the
+/// parser took it).
+fn out_of_range(v: &Value) -> bool {
+    match v {
+        Value::Number(n) => n.as_f64().is_none_or(|f| !f.is_finite()),
+        Value::Array(items) => items.iter().any(out_of_range),
+        Value::Object(map) => map.values().any(out_of_range),
+        _ => false,
+    }
+}
+
 fn is_json_content_type(content_type: Option<&str>) -> bool {
     let Some(ct) = content_type else { return false };
     // What nearly every client sends, checked before any splitting.
@@ -208,102 +245,6 @@ fn not_a_dict(input: Value) -> Value {
         "Input should be a valid dictionary or object to extract fields from",
         input,
     )
-}
-
-// ---------------------------------------------------------------------------
-// pydantic's lax mode, for the scalar types a schema names.
-// ---------------------------------------------------------------------------
-
-/// The one non-null type a schema slot asks for: `"integer"`, or the
-/// non-null branch of `anyOf: [X, {"type": "null"}]`.
-fn slot_type(schema: &Value) -> Option<(&str, &Value)> {
-    if let Some(t) = schema.get("type").and_then(Value::as_str) {
-        return Some((t, schema));
-    }
-    let any = schema.get("anyOf")?.as_array()?;
-    let mut non_null = any
-        .iter()
-        .filter(|s| s.get("type").and_then(Value::as_str) != Some("null"));
-    let only = non_null.next()?;
-    if non_null.next().is_some() {
-        return None;
-    }
-    only.get("type").and_then(Value::as_str).map(|t| (t, only))
-}
-
-/// Converts, in place, the values pydantic would accept in lax mode.
-fn coerce(schema: &Value, value: &mut Value) {
-    let Some((ty, schema)) = slot_type(schema) else {
-        return;
-    };
-    match (ty, &mut *value) {
-        ("object", Value::Object(map)) => {
-            if let Some(Value::Object(props)) = schema.get("properties") {
-                for (k, v) in map.iter_mut() {
-                    if let Some(p) = props.get(k) {
-                        coerce(p, v);
-                    }
-                }
-            }
-        }
-        ("array", Value::Array(items)) => {
-            if let Some(item_schema) = schema.get("items") {
-                items.iter_mut().for_each(|v| coerce(item_schema, v));
-            }
-        }
-        ("integer", v) => {
-            let converted = match v {
-                Value::String(s) => s.trim().parse::<i64>().ok().map(Value::from),
-                Value::Bool(b) => Some(Value::from(*b as i64)),
-                Value::Number(n) if !n.is_i64() && !n.is_u64() => n
-                    .as_f64()
-                    .filter(|f| f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15)
-                    .map(|f| Value::from(f as i64)),
-                _ => None,
-            };
-            if let Some(c) = converted {
-                *v = c;
-            }
-        }
-        ("number", v) => {
-            let converted = match v {
-                Value::String(s) => s
-                    .trim()
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|f| f.is_finite())
-                    .map(Value::from),
-                Value::Bool(b) => Some(Value::from(*b as i64)),
-                _ => None,
-            };
-            if let Some(c) = converted {
-                *v = c;
-            }
-        }
-        ("boolean", v) => {
-            let converted = match v {
-                Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
-                    "true" | "1" | "yes" | "y" | "on" | "t" => Some(true),
-                    "false" | "0" | "no" | "n" | "off" | "f" => Some(false),
-                    _ => None,
-                },
-                Value::Number(n) => n.as_f64().and_then(|f| {
-                    if f == 1.0 {
-                        Some(true)
-                    } else if f == 0.0 {
-                        Some(false)
-                    } else {
-                        None
-                    }
-                }),
-                _ => None,
-            };
-            if let Some(c) = converted {
-                *v = Value::Bool(c);
-            }
-        }
-        _ => {}
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -512,6 +453,19 @@ mod tests {
 
     fn accept(m: &InputModel, body: &str) -> Value {
         serde_json::from_slice(&m.prepare(JSON, body.as_bytes()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn integers_beyond_64_bits_reach_the_plugin_exactly() {
+        let m = wordcount();
+        let big = "1000000000000000000000000000000";
+        let input = m
+            .prepare(JSON, format!(r#"{{"text":"a","repeat":{big}}}"#).as_bytes())
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(input).unwrap(),
+            format!(r#"{{"text":"a","repeat":{big}}}"#)
+        );
     }
 
     // Each expected body below is what the reference host answered.

@@ -158,9 +158,12 @@ impl Field {
                 if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
                     return None;
                 }
+                // `-0` is written `0` for the plugin, and integers past 64
+                // bits are the general path's: it passes them on exactly.
+                if raw == "-0" {
+                    return None;
+                }
                 let n: Number = serde_json::from_str(raw).ok()?;
-                // `-0` and integers past u64 parse as floats: the general
-                // path converts or refuses those.
                 (n.is_i64() || n.is_u64()).then_some(Text::Number(n))
             }
             Scalar::Number => {

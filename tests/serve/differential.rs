@@ -28,7 +28,7 @@ const DELIBERATE: &[(&str, &str)] = &[
     ),
     (
         "POST /invoke big integer",
-        "the reference hands Python's exact integer to the function; etl-serve's general path reads numbers beyond 64 bits as floats",
+        "both hosts hand the plugin the exact integer; the reference's Python function computes with it, the C wordcount cannot hold it in 64 bits",
     ),
 ];
 
@@ -146,6 +146,27 @@ fn cases() -> Vec<Case> {
         invoke("JSON as text/plain", Some("text/plain"), r#"{"text":"a"}"#),
         invoke("no content type", None, r#"{"text":"a"}"#),
         invoke("control character", json, "{\"text\":\"\u{1}\"}"),
+        // Numbers, as pydantic's lax mode reads them.
+        invoke(
+            "whole float past 64 bits",
+            json,
+            r#"{"text":"a","repeat":1e20}"#,
+        ),
+        invoke(
+            "negative past 64 bits",
+            json,
+            r#"{"text":"a","repeat":-1e30}"#,
+        ),
+        invoke("whole float in range", json, r#"{"text":"a","repeat":1e3}"#),
+        invoke("underscores", json, r#"{"text":"a","repeat":"1_000"}"#),
+        invoke(
+            "zero fraction string",
+            json,
+            r#"{"text":"a","repeat":"3.0"}"#,
+        ),
+        invoke("fraction string", json, r#"{"text":"a","repeat":"3.5"}"#),
+        invoke("exponent string", json, r#"{"text":"a","repeat":"1e3"}"#),
+        invoke("errors in field order", json, r#"{"repeat":1e20,"text":5}"#),
         // Encodings.
         invoke(
             "UTF-8 BOM",

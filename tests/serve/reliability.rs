@@ -201,8 +201,8 @@ mod bad_input {
             (r.status, r.json()["reason"].clone()),
             (422, json!("malformed_envelope"))
         );
-        // Beyond i64: parsed as a float the plugin cannot take as an
-        // integer: its own clean failure inside the envelope.
+        // Beyond 64 bits: handed to the plugin exactly, which cannot hold
+        // it in an i64: its own clean failure inside the envelope.
         let r = s.post_json(
             "/invoke",
             r#"{"text":"a","repeat":99999999999999999999999}"#,
