@@ -13,6 +13,7 @@
  * object; it still refuses anything else instead of guessing.
  */
 #include <stdint.h>
+#include <limits.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -164,7 +165,11 @@ static int read_int(cursor *c, long long *out) {
     }
     const unsigned char *start = c->p;
     while (c->p < c->end && *c->p >= '0' && *c->p <= '9') {
-        v = v * 10 + (*c->p++ - '0');
+        int digit = *c->p++ - '0';
+        /* The host hands integers over exactly, of any size: refuse one
+         * that does not fit rather than wrap around. */
+        if (v > (LLONG_MAX - digit) / 10) return 0;
+        v = v * 10 + digit;
     }
     /* A whole number may arrive as 2.0 or 2e0 after validation; keep its
      * integer part and skip the rest. */
@@ -227,7 +232,7 @@ static int32_t wordcount_invoke(const etl_invoke_ctx *ctx, etl_str request) {
                 if (!count_string(&c, &words, &chars)) return fail(ctx, "text must be a string");
                 have_text = 1;
             } else if (key_len == 6 && memcmp(key, "repeat", 6) == 0) {
-                if (!read_int(&c, &repeat)) return fail(ctx, "repeat must be an integer");
+                if (!read_int(&c, &repeat)) return fail(ctx, "repeat must be an integer of at most 64 bits");
             } else if (!skip_value(&c)) {
                 return fail(ctx, "malformed request object");
             }
@@ -236,8 +241,9 @@ static int32_t wordcount_invoke(const etl_invoke_ctx *ctx, etl_str request) {
     }
     if (!have_text) return fail(ctx, "text is required");
 
-    words *= repeat;
-    chars *= repeat;
+    if (__builtin_mul_overflow(words, repeat, &words) || __builtin_mul_overflow(chars, repeat, &chars)) {
+        return fail(ctx, "the counts do not fit in 64 bits");
+    }
     ctx->host->add_usage(ctx->invocation, ETL_STR("chars"), chars);
 
     char out[96];

@@ -209,6 +209,17 @@ mod bad_input {
         );
         assert_eq!(r.status, 200);
         assert_eq!(r.json()["status_code"], 422);
+        // The C wordcount refuses it too, rather than wrap around.
+        let c = Server::start(&plugin("wordcount_c"), &[]);
+        let r = c.post_json(
+            "/invoke",
+            r#"{"text":"a","repeat":1000000000000000000000000000000}"#,
+        );
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.json()["status_code_text"],
+            "[InputError] repeat must be an integer of at most 64 bits"
+        );
         // 100 000 levels of nesting: refused by the parser, no stack overflow.
         let deep = format!(r#"{{"text":{}}}"#, "[".repeat(100_000));
         let r = s.post_json("/invoke", &deep);
