@@ -34,23 +34,22 @@ pub fn add_retry_headers(r: &mut Response<Body>) {
 
 /// The 503 of `--limit-concurrency`: not a shutdown, so no envelope.
 pub fn overloaded(limit: usize) -> Response<Body> {
-    METRICS.rejection();
-    let mut r = detail(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &format!("too many invocations in flight (--limit-concurrency {limit}); retry later"),
-    );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    r
+    refused(&format!(
+        "too many invocations in flight (--limit-concurrency {limit}); retry later"
+    ))
 }
 
 /// The 503 when every plugin thread is taken (`--plugin-threads`).
 pub fn threads_busy(limit: usize) -> Response<Body> {
+    refused(&format!(
+        "all {limit} plugin threads are busy (--plugin-threads); retry later"
+    ))
+}
+
+/// A request refused for want of capacity: 503, retry in a second.
+fn refused(why: &str) -> Response<Body> {
     METRICS.rejection();
-    let mut r = detail(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &format!("all {limit} plugin threads are busy (--plugin-threads); retry later"),
-    );
+    let mut r = detail(StatusCode::SERVICE_UNAVAILABLE, why);
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     r

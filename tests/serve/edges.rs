@@ -477,18 +477,7 @@ fn requests_pipelined_behind_one_cut_by_sigterm_get_a_clean_close() {
     // Three requests in one write: the first reaches the plugin, the other
     // two wait behind it.
     stream.write_all(one.repeat(3).as_bytes()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !s
-        .get("/metrics")
-        .text()
-        .contains("etl_serve_invocations_in_flight 1")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the first never reached the plugin"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    s.wait_in_flight(1);
     s.signal(SIGTERM);
     let mut reader = BufReader::new(stream);
     let r = support::read_response(&mut reader).expect("the first is answered");

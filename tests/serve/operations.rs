@@ -894,18 +894,7 @@ fn probe_mode_reports_readiness_for_a_healthcheck() {
     );
     // Draining: not ready.
     let _call = s.send_in_background(invoke_request(r#"{"units":100000,"cooperative":false}"#));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !s
-        .get("/metrics")
-        .text()
-        .contains("etl_serve_invocations_in_flight 1")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the call never reached the plugin"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    s.wait_in_flight(1);
     s.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(s.wait_for_log("draining", Duration::from_secs(10)));
     assert_eq!(

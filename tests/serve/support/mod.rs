@@ -306,6 +306,16 @@ impl Server {
         self.proc.pause_logs(paused);
     }
 
+    /// Waits until `etl_serve_invocations_in_flight` reads `n`.
+    pub fn wait_in_flight(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let want = format!("etl_serve_invocations_in_flight {n}");
+        while !self.get("/metrics").text().contains(&want) {
+            assert!(Instant::now() < deadline, "never {n} in flight");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits up to `timeout` for the process to exit.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         self.proc.wait_exit(timeout)
