@@ -10,11 +10,11 @@
 use crate::support;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{plugin, Server};
+use support::{fixture, plugin, Server};
 
 /// Requests whose answers differ on purpose, and why.
 const DELIBERATE: &[(&str, &str)] = &[
@@ -38,15 +38,21 @@ struct Reference {
     addr: SocketAddr,
 }
 
+/// The reference's virtualenv, made by `scripts/reference-venv` if missing.
+fn reference_venv() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(workspace.join("scripts/reference-venv"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/reference-venv");
+    assert!(out.status.success(), "scripts/reference-venv failed");
+    workspace.join(String::from_utf8(out.stdout).unwrap().trim())
+}
+
 impl Reference {
     fn start() -> Reference {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let out = Command::new(workspace.join("scripts/reference-venv"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/reference-venv");
-        assert!(out.status.success(), "scripts/reference-venv failed");
-        let venv = workspace.join(String::from_utf8(out.stdout).unwrap().trim());
+        let venv = reference_venv();
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -269,4 +275,35 @@ fn the_reference_and_etl_serve_answer_the_same_bytes() {
         DELIBERATE.len(),
         "{deliberate_seen:?}"
     );
+}
+
+#[test]
+fn the_openapi_document_passes_an_openapi_validator() {
+    // openapi-spec-validator, from the reference's virtualenv, on the
+    // document of a plain, a streaming and a C plugin.
+    let python = reference_venv().join("bin/python");
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    for (name, path) in [
+        ("wordcount", plugin("wordcount")),
+        ("ticker", plugin("ticker")),
+        ("wordcount_c", plugin("wordcount_c")),
+        ("faulty-streaming", fixture(Some("STREAMING"))),
+    ] {
+        let s = Server::start(&path, &[]);
+        let doc = dir.join(format!("openapi-{name}.json"));
+        std::fs::write(&doc, s.get("/openapi.json").body).unwrap();
+        let out = Command::new(&python)
+            .args([
+                "-c",
+                "import json, sys\nfrom openapi_spec_validator import validate\nvalidate(json.load(open(sys.argv[1])))",
+            ])
+            .arg(&doc)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
