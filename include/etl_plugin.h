@@ -314,8 +314,9 @@ typedef struct etl_plugin {
      * are quick (64 in a row under 1 ms), the host may run a call on one of
      * its HTTP threads instead, to save a thread hand-off (docs/abi.md, "Which
      * thread"). Do not rely on which thread it is. `request_json` is the
-     * validated request body with defaults applied, a JSON object, owned by
-     * the host and valid until invoke returns. Report the result through
+     * validated request body with defaults applied, a JSON object in UTF-8
+     * (docs/abi.md, "What request holds": conversions, key order, integers
+     * of any size), owned by the host and valid until invoke returns. Report the result through
      * ctx->host and return an ETL_RESULT_* value. */
     int32_t (*invoke)(const etl_invoke_ctx *ctx, etl_str request_json);
 

@@ -118,6 +118,8 @@ fn integer(v: &Value) -> Result<Option<Value>, Value> {
     match v {
         Value::String(s) => Ok(integer_text(s.trim()).map(Value::Number)),
         Value::Bool(b) => Ok(Some(Value::from(i64::from(*b)))),
+        // `-0` is Python's 0.
+        Value::Number(n) if n.to_string() == "-0" => Ok(Some(Value::from(0))),
         Value::Number(n) if is_integer_literal(n) => Ok(None),
         Value::Number(n) => match n.as_f64() {
             Some(f) if f.is_finite() && f.fract() == 0.0 => {
@@ -203,6 +205,7 @@ mod tests {
             ("1e18", "1000000000000000000"),
             ("9.2e18", "9200000000000000000"),
             ("true", "1"),
+            ("-0", "0"),
         ] {
             let v: Value = serde_json::from_str(input).unwrap();
             let got = lax(v).unwrap().map(|c| text(&c));
