@@ -45,9 +45,10 @@ pub struct Conn {
     /// response is done (see [`AnswerPending`]). Only the connection's task,
     /// and the inline-call watchdog when it answers, change it.
     answers_pending: AtomicU32,
-    /// True from a read that brought request bytes until a request is
-    /// handed to its route: while true, hyper may hold a request it has
-    /// not dispatched yet, so the connection is not idle.
+    /// True from a read that brought bytes while no request was being
+    /// served until a request is handed to its route: while true, hyper
+    /// may hold a request it has not dispatched yet, so the connection is
+    /// not idle.
     unparsed: AtomicBool,
     /// When the connection last became idle ([`since_epoch`]), where its
     /// head deadline counts from; 0 while it is not idle or not yet seen
@@ -264,7 +265,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let read = Pin::new(&mut *self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
+        // Bytes read while no request is being served start the next one.
+        // (Read while one is served, they are its body, or a request hyper
+        // dispatches once the answer is out.)
+        if buf.filled().len() > before && self.conn.answers_pending.load(Ordering::Relaxed) == 0 {
             self.conn.unparsed.store(true, Ordering::Relaxed);
         }
         if read.is_pending() && self.past_head_deadline(cx) {

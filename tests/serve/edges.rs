@@ -494,3 +494,40 @@ fn requests_pipelined_behind_one_cut_by_sigterm_get_a_clean_close() {
         Some(0)
     );
 }
+
+#[test]
+fn an_idle_keep_alive_connection_after_a_large_upload_does_not_hold_the_shutdown() {
+    // A body that arrives in several reads after its request was
+    // dispatched, answered; the connection then sits idle. It must count
+    // as idle at shutdown: closed after the linger, exit 0, nothing "cut".
+    // The keep-alive timeout is long, so only the shutdown closes it.
+    let mut s = Server::start(
+        &plugin("wordcount"),
+        &["--graceful-timeout", "30s", "--timeout-keep-alive", "60"],
+    );
+    let body = format!(r#"{{"text":"{}"}}"#, "w ".repeat(200_000));
+    let raw = invoke_request(&body).replace("Connection: close\r\n", "");
+    let (head, rest) = raw.as_bytes().split_at(raw.len() - body.len() + 10);
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(head).unwrap();
+    for part in rest.chunks(50_000) {
+        std::thread::sleep(Duration::from_millis(20));
+        stream.write_all(part).unwrap();
+    }
+    let mut reader = BufReader::new(stream);
+    let r = support::read_response(&mut reader).expect("an answer");
+    assert_eq!(r.status, 200);
+    let signalled = Instant::now();
+    s.signal(SIGTERM);
+    let status = s.wait_exit(Duration::from_secs(40)).expect("exits");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "the idle connection held the shutdown for {:?}",
+        signalled.elapsed()
+    );
+    assert_eq!(status.code(), Some(0), "{}", s.logs());
+    drop(reader);
+}
