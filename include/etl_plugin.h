@@ -39,7 +39,17 @@
  *   in bytes, UTF-8, not necessarily NUL-terminated. A zero-length `etl_str`
  *   may have a NULL pointer. Whoever passes an `etl_str` owns its bytes; the
  *   receiver copies what it wants to keep before the call returns, unless the
- *   field's own comment says otherwise.
+ *   field's own comment says otherwise. Where a comment says "NULL: null", a
+ *   NULL `ptr` stands for JSON null and a non-NULL one for a string (which
+ *   may be empty).
+ *
+ * WHAT 1.1 ADDED
+ *
+ *   A state pointer from `init` handed to every later hook; a log callback;
+ *   the request id, the deadline and the reserved `/invoke` fields in the
+ *   invoke context; a structured failure (`report_failure`). A 1.0 plugin
+ *   loads and works unchanged: it never reads the fields it does not know,
+ *   and the host never reads past the plugin's `struct_size`.
  */
 #ifndef ETL_PLUGIN_H
 #define ETL_PLUGIN_H
@@ -57,7 +67,7 @@ extern "C" {
 
 /* The ABI this header describes. A plugin puts these in its etl_plugin. */
 #define ETL_ABI_VERSION_MAJOR 1
-#define ETL_ABI_VERSION_MINOR 0
+#define ETL_ABI_VERSION_MINOR 1
 
 /* The name of the one symbol a plugin exports. */
 #define ETL_PLUGIN_ENTRY_SYMBOL "etl_plugin_entry"
@@ -102,12 +112,34 @@ typedef struct etl_str {
 #define ETL_CAP_MESSAGE_CHANNELS (1u << 1)
 #define ETL_CAP_FILEDATA_META (1u << 2)
 #define ETL_CAP_CANCELLATION (1u << 3)
+/* (1.1) The plugin resolves sealed settings documents itself: a
+ * `dag_node_settings` member of `invocation_settings` reaches it as sent (see
+ * etl_invoke_ctx.invocation_settings). `/metadata` then lists the capability
+ * "invoke_with_sealed_dag_node_settings_v2", which tells a controller it may
+ * send such documents. */
+#define ETL_CAP_SEALED_SETTINGS_V2 (1u << 4)
 
 /* Bits of etl_plugin.flags. */
 /* The plugin streams: `emit` may be called any number of times, and each
  * item becomes one NDJSON line of the response. Without it, `emit` must be
  * called exactly once on success. */
 #define ETL_FLAG_STREAMING (1u << 0)
+
+/* (1.1) Levels of etl_host_api.log, most severe first. */
+#define ETL_LOG_ERROR 1
+#define ETL_LOG_WARN 2
+#define ETL_LOG_INFO 3
+#define ETL_LOG_DEBUG 4
+#define ETL_LOG_TRACE 5
+
+/* (1.1) What etl_host_api.remaining_ms returns when the invocation has no
+ * deadline. */
+#define ETL_NO_DEADLINE INT64_MAX
+
+/* (1.1) Who can act on a failure: etl_plugin_error.audience. */
+#define ETL_AUDIENCE_NONE 0     /* "audience": null */
+#define ETL_AUDIENCE_USER 1     /* "audience": "user" */
+#define ETL_AUDIENCE_PLATFORM 2 /* "audience": "platform" */
 
 /* ------------------------------------------------------------------------ */
 /* The cancel flags                                                          */
@@ -155,6 +187,38 @@ static inline int etl_flag_is_set(const uint32_t *flag) {
 typedef struct etl_invocation etl_invocation;
 
 /*
+ * (1.1) The envelope's `plugin_error` object: a classification a controller
+ * can act on. The reference host fills it for its user errors as
+ * {"error_type":"configuration","error_reason":<failure_category or
+ * "invalid_input">,"dependency":null,"audience":"user","retryable":false}.
+ * Borrowed for the call, like every etl_str argument.
+ */
+typedef struct etl_plugin_error {
+    etl_str error_type;   /* required, e.g. "configuration" */
+    etl_str error_reason; /* required, e.g. "invalid_input" */
+    etl_str dependency;   /* the failing dependency's name; NULL: null */
+    uint32_t audience;    /* ETL_AUDIENCE_* */
+    uint32_t retryable;   /* 0: false, anything else: true */
+} etl_plugin_error;
+
+/*
+ * (1.1) A failure exactly as the envelope reports it; see
+ * etl_host_api.report_failure. Borrowed for the call.
+ */
+typedef struct etl_failure {
+    /* sizeof(etl_failure) as the plugin was built. */
+    uint32_t struct_size;
+    /* The envelope's status_code: 100..=599, anything else reads as 500. */
+    int32_t status_code;
+    /* The envelope's status_code_text, verbatim (no "[Type] " is added). */
+    etl_str status_code_text;
+    /* The envelope's failure_category; NULL: null. */
+    etl_str failure_category;
+    /* The envelope's plugin_error; NULL: null. */
+    const etl_plugin_error *plugin_error;
+} etl_failure;
+
+/*
  * The callbacks a plugin uses to report its results. The table is owned by
  * the host, static, and valid until the process exits.
  *
@@ -198,6 +262,33 @@ typedef struct etl_host_api {
      * The last call wins. */
     int32_t (*set_failure)(etl_invocation *invocation, int32_t status_code, etl_str error_type,
                            etl_str message);
+
+    /* (1.1) Write one line into the host's log at `level` (ETL_LOG_*; other
+     * values read as ETL_LOG_INFO), with the invocation's request id when
+     * `invocation` is live. `invocation` may be NULL (in `init`, or from a
+     * background thread): the line is written without a request id. A line
+     * is written even for a stale handle. Never blocks: past a full log pipe
+     * lines are dropped and counted (docs/operations.md). Callable from any
+     * thread, at any time after `init` starts. Returns ETL_CB_OK, or
+     * ETL_CB_INVALID when `message` is not UTF-8 (the line is written with
+     * the bad bytes replaced). */
+    int32_t (*log)(etl_invocation *invocation, int32_t level, etl_str message);
+
+    /* (1.1) Milliseconds left until this invocation's deadline: the sooner of
+     * the caller's (the `x-etl-timeout-ms` request header, counted from when
+     * the host read the request head) and, once shutdown has started, the
+     * graceful deadline. 0 when it has passed; ETL_NO_DEADLINE when there is
+     * none; ETL_CB_CLOSED when the invocation is over. The host does not stop
+     * a call at its deadline: it is the plugin's to use (give up early, pass
+     * it on to a dependency). Cheap; may change during the call. */
+    int64_t (*remaining_ms)(etl_invocation *invocation);
+
+    /* (1.1) Describe the failure `invoke` (or `precheck`) is about to report
+     * with ETL_RESULT_FAILED, field for field as the envelope shows it. It
+     * replaces anything set_failure set, and the other way round: the last
+     * call wins. ETL_CB_INVALID (and a contract violation) when a string is
+     * not UTF-8 or `plugin_error` lacks error_type or error_reason. */
+    int32_t (*report_failure)(etl_invocation *invocation, const etl_failure *failure);
 } etl_host_api;
 
 /*
@@ -216,6 +307,26 @@ typedef struct etl_invoke_ctx {
     const uint32_t *cancel_flag;
     /* The process-wide cancel flag; valid until the process exits. */
     const uint32_t *process_cancel_flag;
+
+    /* (1.1) What `init` stored in *etl_init_ctx.state (NULL if nothing). */
+    void *state;
+    /* (1.1) The request id: the `x-request-id` the caller sent, or the one
+     * the host made up; it is echoed in the response and on the access log
+     * line. Valid until the hook returns. */
+    etl_str request_id;
+    /* (1.1) The reserved `invocation_settings` field of the /invoke body, as
+     * JSON text; empty when the body has none. The host has applied the
+     * reference host's transport rules (docs/abi.md, "The reserved fields"):
+     * it is an object, either the plaintext settings, or one with a
+     * `dag_node_settings` member holding a sealed settings document, passed
+     * on unopened (see ETL_CAP_SEALED_SETTINGS_V2). Valid until the hook
+     * returns. Empty in precheck. */
+    etl_str invocation_settings;
+    /* (1.1) The reserved `invocation_context` field, validated (identity
+     * facets, `schema_version` "1") and with its `schema_version` filled in,
+     * as a JSON object; empty when the body has none. Valid until the hook
+     * returns. Empty in precheck. */
+    etl_str invocation_context;
 } etl_invoke_ctx;
 
 /* Has this invocation been asked to stop? Cheap: one atomic load. A plugin
@@ -257,6 +368,17 @@ typedef struct etl_init_ctx {
      * copied and shown to the operator as the reason the plugin did not
      * load. May be called on the init thread only. */
     void (*set_error)(void *host_data, etl_str message);
+
+    /* (1.1) The host's callbacks, for `log` (with a NULL invocation) from
+     * `init` and from the plugin's own threads; static, valid until the
+     * process exits. */
+    const etl_host_api *host;
+    /* (1.1) Where `init` may store one pointer of its own (its state): the
+     * host hands it back as etl_invoke_ctx.state and to `finish`, so a
+     * plugin needs no globals. Starts as NULL. Host memory, valid until
+     * `init` returns; the pointer stored is the plugin's and the host never
+     * dereferences it. */
+    void **state;
 } etl_init_ctx;
 
 /* ------------------------------------------------------------------------ */
@@ -325,6 +447,10 @@ typedef struct etl_plugin {
      * that emit is rejected and it always runs on a blocking-pool worker
      * thread. NULL answers 200 with an empty usage list. */
     int32_t (*precheck)(const etl_invoke_ctx *ctx);
+
+    /* (1.1) Optional. When set, called in place of `shutdown` (under the same
+     * rules), with the state `init` stored: free it here. */
+    void (*finish)(void *state);
 } etl_plugin;
 
 /* Marks the entry function as exported even when the library is built with

@@ -20,7 +20,7 @@ use crate::reaper;
 use crate::routes::body::{BodyLimits, MemoryBudget};
 use crate::server::{self, ConnLimits, Listener};
 use crate::shutdown::{self, Drain, ShutdownSignals};
-use crate::validate::InputModel;
+use crate::validate::{reserved, InputModel};
 
 /// Exit codes of a failed start (those of a shutdown are in
 /// [`crate::shutdown::exit`]).
@@ -92,6 +92,21 @@ pub struct App {
     pub docs_body: Bytes,
 }
 
+/// `GET /metadata`, in the reference's key order: the reserved fields are
+/// always accepted; the sealed settings capability only when the plugin
+/// says it opens sealed documents.
+fn metadata(m: &crate::plugin::Manifest) -> Bytes {
+    let mut capabilities = vec!["invocation_settings", "invocation_context"];
+    if m.capabilities & etl_abi::CAP_SEALED_SETTINGS_V2 != 0 {
+        capabilities.push("invoke_with_sealed_dag_node_settings_v2");
+    }
+    Bytes::from(format!(
+        r#"{{"api_version":"3","identifier":{},"capabilities":{}}}"#,
+        serde_json::Value::from(m.id.as_str()),
+        serde_json::Value::from(capabilities)
+    ))
+}
+
 impl App {
     /// Prepares the routes for `plugin`, configured by `cli`, on a runtime
     /// with `workers` worker threads (see `inline`).
@@ -100,7 +115,16 @@ impl App {
     /// The inputs schema cannot be compiled into a validator.
     fn new(plugin: Plugin, cli: &Cli, workers: usize, drain: Drain) -> Result<App, String> {
         let m = plugin.manifest();
-        let inputs = InputModel::new(m.inputs())?;
+        // The reference's feature flag, read once: the pod's environment.
+        let require_sealed =
+            reserved::requires_sealed(std::env::var(reserved::REQUIRE_SEALED_ENV).ok().as_deref());
+        if require_sealed {
+            info!(
+                "{} is on: every /invoke must carry sealed dag_node_settings",
+                reserved::REQUIRE_SEALED_ENV
+            );
+        }
+        let inputs = InputModel::new(m.inputs())?.requiring_sealed_settings(require_sealed);
         let json = |v: &serde_json::Value| {
             Bytes::from(serde_json::to_vec(v).expect("a Value always serialises"))
         };
@@ -116,13 +140,7 @@ impl App {
             access_log: cli.access_log(),
             schema_body: json(&m.schema),
             id_body: json(&serde_json::Value::from(m.id.as_str())),
-            // Written in the reference's key order. No capabilities: etl-serve
-            // does not implement the reserved invocation_settings and
-            // invocation_context fields, so it must not advertise them.
-            metadata_body: Bytes::from(format!(
-                r#"{{"api_version":"3","identifier":{},"capabilities":[]}}"#,
-                serde_json::Value::from(m.id.as_str())
-            )),
+            metadata_body: metadata(m),
             docs_body: Bytes::from(openapi::docs_page(m)),
             openapi_body: json(&openapi),
             plugin: Box::leak(Box::new(plugin)),

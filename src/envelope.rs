@@ -15,7 +15,7 @@
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::invocation::{Collected, Failure};
+use crate::invocation::{Class, Collected};
 
 /// The usage records an invocation reported, kept as the text of the
 /// envelope's `usage` list (without its brackets): a record costs no
@@ -53,8 +53,13 @@ const DEFAULT_FILEDATA_META: &str = r#"{"terminate_current":false,"new_records":
 pub enum Outcome<'a> {
     /// Success, with the plugin's output (`None` for a stream's end).
     Ok(Option<&'a RawValue>),
-    /// A failure: the status and the `status_code_text`.
-    Failed { status: u16, text: String },
+    /// A failure: the status, the `status_code_text`, and the
+    /// classification the plugin gave (if any).
+    Failed {
+        status: u16,
+        text: String,
+        class: Option<&'a Class>,
+    },
     /// The shutdown-abort.
     Shutdown,
 }
@@ -67,11 +72,6 @@ impl Outcome<'_> {
             Outcome::Shutdown => 503,
         }
     }
-}
-
-/// A failure's `status_code_text`: `"[ErrorType] message"`.
-pub fn failure_text(f: &Failure) -> String {
-    format!("[{}] {}", f.error_type, f.message)
 }
 
 /// How `status_code_text` starts when the plugin broke the ABI contract.
@@ -137,9 +137,19 @@ fn write_failure_fields(out: &mut Vec<u8>, outcome: &Outcome<'_>) {
         Outcome::Failed { text, .. } => write_str(out, text),
         Outcome::Shutdown => write_str(out, SHUTDOWN_TEXT),
     }
-    out.extend_from_slice(b",\"failure_category\":null,\"plugin_error\":");
-    match outcome {
-        Outcome::Shutdown => out.extend_from_slice(SHUTDOWN_PLUGIN_ERROR.as_bytes()),
+    let class = match outcome {
+        Outcome::Failed { class, .. } => *class,
+        _ => None,
+    };
+    out.extend_from_slice(b",\"failure_category\":");
+    match class.and_then(|c| c.category.as_deref()) {
+        Some(category) => write_str(out, category),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"plugin_error\":");
+    match (outcome, class.and_then(|c| c.plugin_error.as_deref())) {
+        (Outcome::Shutdown, _) => out.extend_from_slice(SHUTDOWN_PLUGIN_ERROR.as_bytes()),
+        (_, Some(json)) => out.extend_from_slice(json.as_bytes()),
         _ => out.extend_from_slice(b"null"),
     }
 }

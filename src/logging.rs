@@ -112,3 +112,26 @@ impl Access<'_> {
         }
     }
 }
+
+/// A line a plugin wrote through the `log` callback (ABI 1.1), at its
+/// `ETL_LOG_*` level (anything else reads as info), with the request id of
+/// the invocation it named, if any.
+pub fn plugin_line(level: i32, request_id: Option<&str>, message: &str) {
+    macro_rules! line {
+        ($level:expr) => {
+            match request_id {
+                Some(request_id) => {
+                    tracing::event!(target: "etl_serve::plugin", $level, request_id, "{message}")
+                }
+                None => tracing::event!(target: "etl_serve::plugin", $level, "{message}"),
+            }
+        };
+    }
+    match level {
+        etl_abi::LOG_ERROR => line!(tracing::Level::ERROR),
+        etl_abi::LOG_WARN => line!(tracing::Level::WARN),
+        etl_abi::LOG_DEBUG => line!(tracing::Level::DEBUG),
+        etl_abi::LOG_TRACE => line!(tracing::Level::TRACE),
+        _ => line!(tracing::Level::INFO),
+    }
+}

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use etl_abi as abi;
 use serde_json::Value;
 
-use crate::invocation::{self, Invocation};
+use crate::invocation::{self, Invocation, PluginState};
 
 /// What the plugin declares about itself, copied out of its table.
 #[derive(Debug, Clone)]
@@ -40,6 +40,7 @@ impl Manifest {
             (abi::CAP_MESSAGE_CHANNELS, "message_channels"),
             (abi::CAP_FILEDATA_META, "filedata_meta"),
             (abi::CAP_CANCELLATION, "cancellation"),
+            (abi::CAP_SEALED_SETTINGS_V2, "sealed_settings_v2"),
         ]
         .into_iter()
         .filter(|(bit, _)| self.capabilities & bit != 0)
@@ -62,6 +63,9 @@ pub struct Plugin {
     invoke: unsafe extern "C" fn(*const abi::EtlInvokeCtx, abi::EtlStr) -> i32,
     precheck: Option<unsafe extern "C" fn(*const abi::EtlInvokeCtx) -> i32>,
     shutdown: Option<unsafe extern "C" fn()>,
+    finish: Option<unsafe extern "C" fn(*mut c_void)>,
+    /// What `init` stored for itself (ABI 1.1).
+    state: PluginState,
     // Declared last so it is dropped last: the hooks above point into it.
     _library: libloading::Library,
 }
@@ -196,7 +200,7 @@ impl std::error::Error for LoadError {
 }
 
 /// The smallest table the host accepts: the 1.0 layout.
-const TABLE_1_0_SIZE: usize = std::mem::size_of::<abi::EtlPlugin>();
+const TABLE_1_0_SIZE: usize = abi::EtlPlugin::SIZE_1_0;
 
 impl Plugin {
     /// Loads the library at `path`, checks its table, and runs its `init`
@@ -261,9 +265,21 @@ impl Plugin {
                 "struct_size is {size} bytes, smaller than the {TABLE_1_0_SIZE} bytes of ABI 1.0"
             )));
         }
-        // SAFETY: same major and at least the 1.0 size: the 1.0 fields are
-        // there. The table is static in the library, which we keep loaded.
-        let table: abi::EtlPlugin = unsafe { *table_ptr };
+        // Copy the fields the plugin's minor has; later ones stay NULL.
+        // SAFETY: an all-zero table is valid (NULL strings and hooks), and
+        // the plugin's table is `size` bytes long; same major and at least
+        // the 1.0 size, so the 1.0 fields are there. The table is static in
+        // the library, which we keep loaded.
+        let table: abi::EtlPlugin = unsafe {
+            let mut table = std::mem::MaybeUninit::<abi::EtlPlugin>::zeroed();
+            let known = size.min(std::mem::size_of::<abi::EtlPlugin>());
+            std::ptr::copy_nonoverlapping(
+                table_ptr.cast::<u8>(),
+                table.as_mut_ptr().cast::<u8>(),
+                known,
+            );
+            table.assume_init()
+        };
         let invoke = table
             .invoke
             .ok_or_else(|| LoadError::BadTable("the invoke hook is NULL".into()))?;
@@ -305,15 +321,18 @@ impl Plugin {
             has_precheck: table.precheck.is_some(),
         };
 
-        if let Some(init) = table.init {
-            run_init(init, config)?;
-        }
+        let state = match table.init {
+            Some(init) => run_init(init, config)?,
+            None => PluginState(std::ptr::null_mut()),
+        };
 
         Ok(Plugin {
             manifest,
             invoke,
             precheck: table.precheck,
             shutdown: table.shutdown,
+            finish: table.finish,
+            state,
             _library: library,
         })
     }
@@ -327,7 +346,9 @@ impl Plugin {
     pub fn invoke(&self, invocation: &Invocation, request: &[u8]) -> i32 {
         // SAFETY: ctx and request are valid until the call returns; the hook
         // belongs to the library we keep loaded.
-        invocation.call(|ctx| unsafe { (self.invoke)(ctx, abi::EtlStr::from_bytes(request)) })
+        invocation.call(self.state, |ctx| unsafe {
+            (self.invoke)(ctx, abi::EtlStr::from_bytes(request))
+        })
     }
 
     /// Calls `precheck`, or answers OK when the plugin has none.
@@ -336,15 +357,19 @@ impl Plugin {
             return abi::RESULT_OK;
         };
         // SAFETY: as in invoke.
-        invocation.call(|ctx| unsafe { precheck(ctx) })
+        invocation.call(self.state, |ctx| unsafe { precheck(ctx) })
     }
 
-    /// Calls the plugin's `shutdown` hook. Only call it once no invocation
-    /// is inside the plugin.
+    /// Calls the plugin's `finish` hook with its state, or else its
+    /// `shutdown` hook. Only call it once no invocation is inside the
+    /// plugin.
     pub fn shutdown(&self) {
-        if let Some(shutdown) = self.shutdown {
-            // SAFETY: the hook belongs to the library we keep loaded.
-            unsafe { shutdown() }
+        // SAFETY: the hooks belong to the library we keep loaded; the state
+        // is the one init stored.
+        match (self.finish, self.shutdown) {
+            (Some(finish), _) => unsafe { finish(self.state.0) },
+            (None, Some(shutdown)) => unsafe { shutdown() },
+            (None, None) => {}
         }
     }
 }
@@ -365,10 +390,11 @@ fn parse_schema(field: &str, text: &str) -> Result<Value, LoadError> {
     Ok(value)
 }
 
+/// Runs `init` and returns the state it stored.
 fn run_init(
     init: unsafe extern "C" fn(*const abi::EtlInitCtx) -> i32,
     config: &str,
-) -> Result<(), LoadError> {
+) -> Result<PluginState, LoadError> {
     unsafe extern "C" fn set_error(host_data: *mut c_void, message: abi::EtlStr) {
         // SAFETY: host_data is the &mut Option<String> below, alive during
         // init; the message is borrowed for this call.
@@ -376,17 +402,20 @@ fn run_init(
         *slot = Some(String::from_utf8_lossy(unsafe { message.as_bytes() }).into_owned());
     }
     let mut error: Option<String> = None;
+    let mut state: *mut c_void = std::ptr::null_mut();
     let ctx = abi::EtlInitCtx {
         struct_size: std::mem::size_of::<abi::EtlInitCtx>() as u32,
         config: abi::EtlStr::from_str(config),
         process_cancel_flag: invocation::process_cancel_flag(),
         host_data: (&mut error as *mut Option<String>).cast(),
         set_error,
+        host: &invocation::HOST_API,
+        state: &mut state,
     };
     // SAFETY: ctx and everything it points to live until init returns.
     let rc = unsafe { init(&ctx) };
     if rc == 0 {
-        Ok(())
+        Ok(PluginState(state))
     } else {
         Err(LoadError::Init(error.unwrap_or_else(|| {
             format!("init returned {rc} without a message")

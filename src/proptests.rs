@@ -132,7 +132,7 @@ fn value_text() -> impl Strategy<Value = String> {
 }
 
 /// A body object's JSON text: declared keys (some spelt with escapes),
-/// unknown keys, repeats, and spacing.
+/// unknown keys, the reserved fields, repeats, and spacing.
 fn flat_body() -> impl Strategy<Value = String> {
     let key = prop::sample::select(vec![
         "text",
@@ -145,6 +145,9 @@ fn flat_body() -> impl Strategy<Value = String> {
         "extra",
         "",
         "N",
+        "invocation_settings",
+        "invocation_context",
+        "invocation_\\u0063ontext",
     ]);
     let members = prop::collection::vec((key, value_text(), any::<bool>()), 0..8);
     // Half of the bodies start with well-typed required inputs, so that
@@ -181,7 +184,10 @@ proptest! {
         let general = InputModel::new(&flat_schema()).unwrap().without_fast_path();
         let ct = Some("application/json");
         match (fast.prepare(ct, body.as_bytes()), general.prepare(ct, body.as_bytes())) {
-            (Ok(a), Ok(b)) => prop_assert_eq!(String::from_utf8(a).unwrap(), String::from_utf8(b).unwrap()),
+            (Ok(a), Ok(b)) => {
+                prop_assert_eq!(String::from_utf8(a.input).unwrap(), String::from_utf8(b.input).unwrap());
+                prop_assert_eq!(a.reserved, b.reserved);
+            }
             (Err(a), Err(b)) => prop_assert_eq!(a.body, b.body),
             (a, b) => prop_assert!(false, "fast {:?}, general {:?}", a, b),
         }
@@ -205,7 +211,7 @@ proptest! {
         let ct = if json_ct { Some("application/json") } else { None };
         match model.prepare(ct, &body) {
             Ok(input) => {
-                let v: Value = serde_json::from_slice(&input).unwrap();
+                let v: Value = serde_json::from_slice(&input.input).unwrap();
                 prop_assert!(v["text"].is_string());
                 prop_assert!(v["repeat"].is_i64() || v["repeat"].is_u64() || v["repeat"].is_f64());
             }
@@ -221,7 +227,7 @@ proptest! {
         })).unwrap();
         let body = serde_json::to_vec(&json!({"text": v.clone(), "repeat": v})).unwrap();
         match model.prepare(Some("application/json"), &body) {
-            Ok(input) => prop_assert!(serde_json::from_slice::<Value>(&input).is_ok()),
+            Ok(input) => prop_assert!(serde_json::from_slice::<Value>(&input.input).is_ok()),
             Err(rejection) => {
                 let detail = rejection.body["detail"].as_array().cloned().unwrap_or_default();
                 prop_assert!(!detail.is_empty());
@@ -248,7 +254,7 @@ proptest! {
         let raw = serde_json::value::to_raw_value(&output).unwrap();
         let outcome = match which {
             0 => Outcome::Ok(Some(&raw)),
-            1 => Outcome::Failed { status: 418, text },
+            1 => Outcome::Failed { status: 418, text, class: None },
             _ => Outcome::Shutdown,
         };
         let v: Value = serde_json::from_slice(&envelope::write(&c, &outcome)).unwrap();

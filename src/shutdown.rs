@@ -224,10 +224,10 @@ impl Drain {
         self.in_flight.zero().await;
     }
 
-    /// Starts the drain: cancel flags first, then the phase. Returns how
-    /// many invocations were inside the plugin.
-    fn begin(&self) -> usize {
-        let cancelled = invocation::cancel_all();
+    /// Starts the drain that ends at `deadline`: cancel flags first, then
+    /// the phase. Returns how many invocations were inside the plugin.
+    fn begin(&self, deadline: Instant) -> usize {
+        let cancelled = invocation::cancel_all(deadline);
         self.advance(Phase::Draining);
         cancelled
     }
@@ -331,7 +331,8 @@ pub async fn drain(
     timeout: Duration,
 ) -> Drained {
     let started = Instant::now();
-    let inside = drain.begin();
+    let deadline = started + timeout;
+    let inside = drain.begin(deadline);
     info!(
         signal,
         in_flight = drain.in_flight(),
@@ -339,7 +340,6 @@ pub async fn drain(
         graceful_timeout = %humantime::format_duration(timeout),
         "{signal} received: cancel flags set, draining"
     );
-    let deadline = started + timeout;
     tokio::select! {
         biased;
         () = drain.idle() => {
@@ -550,7 +550,7 @@ mod tests {
         let expired = drain.expired();
         tokio::pin!(expired);
         assert!(futures_util::poll!(expired.as_mut()).is_pending());
-        drain.begin();
+        drain.begin(Instant::now());
         assert!(drain.is_draining());
         assert!(futures_util::poll!(expired.as_mut()).is_pending());
         drain.expire();
@@ -586,7 +586,7 @@ mod tests {
         for _ in 0..WAITERS {
             ready_rx.recv().unwrap();
         }
-        drain.begin();
+        drain.begin(Instant::now());
         drain.expire();
         for w in waiters {
             assert!(w.join().unwrap(), "a waiter was not woken by the expiry");

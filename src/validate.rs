@@ -2,29 +2,35 @@
 //! the reference host's (FastAPI and pydantic).
 //!
 //! The steps, in the reference's order:
-//! 1. no body: run with `{}` when every input is optional, else the
-//!    "body missing" 422;
+//! 1. no body: the reserved-field check (which may require settings), then
+//!    run with no inputs when every input is optional, else the "body
+//!    missing" 422;
 //! 2. the body decoded as text the way Python's `json.loads` decodes bytes
 //!    (UTF-8 with or without a BOM, UTF-16 or UTF-32 by BOM or by where the
 //!    zero bytes fall; any `charset` is ignored): a body that does not
 //!    decode gets `400 {"detail":"There was an error parsing the body"}`;
 //! 3. malformed JSON: `{"detail":"Invalid JSON body","reason":"malformed_envelope"}`;
-//! 4. JSON under a content type that is not JSON: the "not a dictionary"
+//! 4. the reserved fields checked and set aside for the plugin (`reserved`),
+//!    whatever the content type;
+//! 5. JSON under a content type that is not JSON: the "not a dictionary"
 //!    422 with the body as a string, since FastAPI does not parse it; then
 //!    JSON that is not an object: the "not a dictionary" 422;
-//! 5. pydantic's lax conversions (`"3"` and `3.0` are integers, `"true"` a
+//! 6. pydantic's lax conversions (`"3"` and `3.0` are integers, `"true"` a
 //!    boolean...), then JSON Schema validation, every error in FastAPI's
 //!    `{"type","loc","msg","input"}` form;
-//! 6. defaults for absent inputs filled in, unknown top-level fields dropped.
+//! 7. defaults for absent inputs filled in, unknown top-level fields dropped.
 
 use jsonschema::error::{TypeKind, ValidationErrorKind};
 use jsonschema::paths::LocationSegment;
 use jsonschema::{JsonType, Validator};
 use serde_json::{json, Map, Value};
 
+use crate::invocation::Reserved;
+
 mod decode;
 mod fast;
 mod lax;
+pub mod reserved;
 
 /// The request's input model, compiled once from the inputs schema.
 pub struct InputModel {
@@ -34,6 +40,16 @@ pub struct InputModel {
     plan: Option<fast::FlatPlan>,
     /// Some input is required, so an empty body is refused.
     body_required: bool,
+    /// The pod requires sealed settings (`reserved::REQUIRE_SEALED_ENV`).
+    require_sealed: bool,
+}
+
+/// A body that passed: the plugin's input, and the reserved fields.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The input as JSON bytes.
+    pub input: Vec<u8>,
+    pub reserved: Reserved,
 }
 
 /// Why a body was refused: a 422 and its JSON body.
@@ -64,7 +80,15 @@ impl InputModel {
             validator,
             plan: fast::FlatPlan::compile(schema),
             body_required,
+            require_sealed: false,
         })
+    }
+
+    /// Makes the reserved-field check require sealed settings.
+    #[must_use]
+    pub fn requiring_sealed_settings(mut self, require: bool) -> InputModel {
+        self.require_sealed = require;
+        self
     }
 
     /// The same model without its fast path, to hold the fast path to the
@@ -81,12 +105,14 @@ impl InputModel {
         self.plan.is_some()
     }
 
-    /// The input for the plugin, as JSON bytes, or the 422 to answer.
+    /// The input for the plugin and the reserved fields, or the 4xx (or,
+    /// for unusable reserved fields, 500) to answer.
     ///
     /// # Errors
-    /// A [`Rejection`] carrying the 422 body, as the module docs list.
-    pub fn prepare(&self, content_type: Option<&str>, body: &[u8]) -> Result<Vec<u8>, Rejection> {
-        let mut value = if body.is_empty() {
+    /// A [`Rejection`] carrying the answer, as the module docs list.
+    pub fn prepare(&self, content_type: Option<&str>, body: &[u8]) -> Result<Prepared, Rejection> {
+        if body.is_empty() {
+            let reserved = reserved::check(None, None, self.require_sealed)?;
             if self.body_required {
                 return Err(detail(vec![error(
                     "missing",
@@ -95,29 +121,42 @@ impl InputModel {
                     Value::Null,
                 )]));
             }
-            Value::Object(Map::new())
-        } else {
-            let json_type = is_json_content_type(content_type);
-            if json_type {
-                if let Some(input) = self.plan.as_ref().and_then(|plan| plan.prepare(body)) {
-                    return Ok(input);
-                }
+            return self.accept(Value::Object(Map::new()), reserved);
+        }
+        let json_type = is_json_content_type(content_type);
+        if json_type {
+            if let Some(fast) = self.plan.as_ref().and_then(|plan| plan.prepare(body)) {
+                let parse = |raw: &serde_json::value::RawValue| -> Value {
+                    serde_json::from_str(raw.get()).expect("the fast path read valid JSON")
+                };
+                let settings = fast.settings.map(parse);
+                let context = fast.context.map(parse);
+                let reserved =
+                    reserved::check(settings.as_ref(), context.as_ref(), self.require_sealed)?;
+                return Ok(Prepared {
+                    input: fast.input,
+                    reserved,
+                });
             }
-            let text = decode::json_text(body).map_err(|()| Rejection {
-                status: 400,
-                body: json!({"detail": "There was an error parsing the body"}),
-            })?;
-            let value = serde_json::from_str::<Value>(&text).map_err(|_| Rejection {
-                status: 422,
-                body: json!({"detail": "Invalid JSON body", "reason": "malformed_envelope"}),
-            })?;
-            // Valid JSON under another content type reaches the model as
-            // the text it is, which is not an object.
-            if !json_type {
-                return Err(detail(vec![not_a_dict(Value::String(text.into_owned()))]));
-            }
-            value
-        };
+        }
+        let text = decode::json_text(body).map_err(|()| Rejection {
+            status: 400,
+            body: json!({"detail": "There was an error parsing the body"}),
+        })?;
+        let mut value = serde_json::from_str::<Value>(&text).map_err(|_| Rejection {
+            status: 422,
+            body: json!({"detail": "Invalid JSON body", "reason": "malformed_envelope"}),
+        })?;
+        // The reference checks the reserved fields before the inputs, on
+        // the body parsed as JSON whatever its content type.
+        let settings = self.set_aside(&mut value, "invocation_settings");
+        let context = self.set_aside(&mut value, "invocation_context");
+        let reserved = reserved::check(settings.as_ref(), context.as_ref(), self.require_sealed)?;
+        // Valid JSON under another content type reaches the model as the
+        // text it is, which is not an object.
+        if !json_type {
+            return Err(detail(vec![not_a_dict(Value::String(text.into_owned()))]));
+        }
         if !value.is_object() {
             return Err(detail(vec![not_a_dict(value)]));
         }
@@ -146,8 +185,29 @@ impl InputModel {
                 return Err(detail(errors));
             }
         }
+        self.accept(value, reserved)
+    }
+
+    /// The answer for a body whose input `value` passed.
+    fn accept(&self, value: Value, reserved: Reserved) -> Result<Prepared, Rejection> {
         let input = self.finish(value);
-        Ok(serde_json::to_vec(&input).expect("a Value always serialises"))
+        Ok(Prepared {
+            input: serde_json::to_vec(&input).expect("a Value always serialises"),
+            reserved,
+        })
+    }
+
+    /// Takes the reserved field `name` out of the body object, so that it is
+    /// never validated or passed as an input; a plugin that declares an
+    /// input of that name gets it both ways.
+    fn set_aside(&self, body: &mut Value, name: &str) -> Option<Value> {
+        let declared = self.schema["properties"].get(name).is_some();
+        let body = body.as_object_mut()?;
+        if declared {
+            body.get(name).cloned()
+        } else {
+            body.shift_remove(name)
+        }
     }
 
     /// Puts `errors` in the order of the fields they are about, as pydantic
@@ -452,7 +512,7 @@ mod tests {
     }
 
     fn accept(m: &InputModel, body: &str) -> Value {
-        serde_json::from_slice(&m.prepare(JSON, body.as_bytes()).unwrap()).unwrap()
+        serde_json::from_slice(&m.prepare(JSON, body.as_bytes()).unwrap().input).unwrap()
     }
 
     #[test]
@@ -461,7 +521,8 @@ mod tests {
         let big = "1000000000000000000000000000000";
         let input = m
             .prepare(JSON, format!(r#"{{"text":"a","repeat":{big}}}"#).as_bytes())
-            .unwrap();
+            .unwrap()
+            .input;
         assert_eq!(
             String::from_utf8(input).unwrap(),
             format!(r#"{{"text":"a","repeat":{big}}}"#)
@@ -542,7 +603,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            serde_json::from_slice::<Value>(&m.prepare(None, b"").unwrap()).unwrap(),
+            serde_json::from_slice::<Value>(&m.prepare(None, b"").unwrap().input).unwrap(),
             json!({"n": 4})
         );
     }

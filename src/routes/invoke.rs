@@ -16,7 +16,7 @@ use crate::app::App;
 use crate::conn::AnswerPending;
 use crate::envelope::{self, Outcome};
 use crate::inline::{self, InlineCall};
-use crate::invocation::{Collected, Invocation, Kind};
+use crate::invocation::{Collected, Invocation, Kind, RequestInfo};
 use crate::metrics::{self, FailureKind, METRICS};
 use crate::shutdown::InFlightGuard;
 
@@ -35,6 +35,12 @@ pub async fn invoke(
     from: Requester<'_>,
 ) -> Response<Body> {
     let (head, body) = req.into_parts();
+    let Ok(deadline) = deadline(&head.headers) else {
+        return super::reply::detail(
+            StatusCode::BAD_REQUEST,
+            &format!("Invalid {TIMEOUT_HEADER} header: expected a whole number of milliseconds"),
+        );
+    };
     let content_type = head
         .headers
         .get(header::CONTENT_TYPE)
@@ -57,8 +63,8 @@ pub async fn invoke(
     if let Some(limit) = inline::pool_full() {
         return threads_busy(limit);
     }
-    let input = match app.inputs.prepare(content_type, &body) {
-        Ok(input) => input,
+    let prepared = match app.inputs.prepare(content_type, &body) {
+        Ok(prepared) => prepared,
         Err(rejection) => {
             let body = serde_json::to_vec(&rejection.body).expect("a Value always serialises");
             let status =
@@ -66,22 +72,49 @@ pub async fn invoke(
             return json(status, body.into());
         }
     };
+    let request = RequestInfo {
+        request_id: Some(from.request_id.clone()),
+        deadline,
+        reserved: prepared.reserved,
+    };
     if app.plugin.manifest().streaming {
-        invoke_streaming(app, input, in_flight, from.pending).await
+        invoke_streaming(app, prepared.input, request, in_flight, from.pending).await
     } else {
-        invoke_plain(app, input, in_flight, from).await
+        invoke_plain(app, prepared.input, request, in_flight, from).await
     }
+}
+
+/// The request header in which a caller says how long it waits for the
+/// answer, in milliseconds from when it sent the request (ABI 1.1: the
+/// plugin sees it through `remaining_ms`).
+pub const TIMEOUT_HEADER: &str = "x-etl-timeout-ms";
+
+/// The caller's deadline from [`TIMEOUT_HEADER`], counted from now (the
+/// request head was just read), or `Err` for a value that is not a whole
+/// number of milliseconds.
+fn deadline(headers: &header::HeaderMap) -> Result<Option<Instant>, ()> {
+    let Some(value) = headers.get(TIMEOUT_HEADER) else {
+        return Ok(None);
+    };
+    let ms = value
+        .to_str()
+        .ok()
+        .filter(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|t| t.parse::<u64>().ok())
+        .ok_or(())?;
+    Ok(Instant::now().checked_add(Duration::from_millis(ms)))
 }
 
 async fn invoke_plain(
     app: &'static App,
     input: Vec<u8>,
+    request: RequestInfo,
     in_flight: InFlightGuard,
     from: Requester<'_>,
 ) -> Response<Body> {
     let call = InlineCall {
         plugin: app.plugin,
-        registered: Invocation::start(Kind::Invoke, None),
+        registered: Invocation::start(Kind::Invoke, None, request),
         input,
         in_flight,
         from,
@@ -152,6 +185,7 @@ pub fn record(outcome: &Outcome<'_>, took: Duration) {
 pub fn outcome_of(c: &Collected, kind: Kind) -> Outcome<'_> {
     if let Some(why) = &c.more().violation {
         return Outcome::Failed {
+            class: None,
             status: 500,
             text: envelope::violation_text(why),
         };
@@ -160,6 +194,7 @@ pub fn outcome_of(c: &Collected, kind: Kind) -> Outcome<'_> {
         etl_abi::RESULT_OK => match (kind, &c.output) {
             (Kind::Invoke, Some(output)) => Outcome::Ok(Some(output)),
             (Kind::Invoke, None) => Outcome::Failed {
+                class: None,
                 status: 500,
                 text: envelope::violation_text("the plugin returned ok without emitting an output"),
             },
@@ -168,15 +203,18 @@ pub fn outcome_of(c: &Collected, kind: Kind) -> Outcome<'_> {
         etl_abi::RESULT_FAILED => match &c.more().failure {
             Some(f) => Outcome::Failed {
                 status: f.status,
-                text: envelope::failure_text(f),
+                text: f.text.clone(),
+                class: Some(&f.class),
             },
             None => Outcome::Failed {
+                class: None,
                 status: 500,
                 text: "[PluginError] the plugin reported a failure without describing it".into(),
             },
         },
         etl_abi::RESULT_SHUTDOWN => Outcome::Shutdown,
         other => Outcome::Failed {
+            class: None,
             status: 500,
             text: envelope::violation_text(&format!(
                 "the plugin returned the unknown result code {other}"

@@ -7,7 +7,7 @@
 //! | `GET /schema`    | `{"inputs": ..., "outputs": ...}`                    |
 //! | `GET /id`        | the plugin id as a JSON string                       |
 //! | `GET /precheck`  | the precheck envelope                                |
-//! | `GET /metadata`  | `{"api_version": "3", "identifier": ..., "capabilities": []}` |
+//! | `GET /metadata`  | `{"api_version": "3", "identifier": ..., "capabilities": [...]}` (`app::metadata`) |
 //! | `GET /openapi.json`, `GET /docs`, `GET /redoc` | the OpenAPI document and a page about it |
 //! | `GET /`          | 307 to `/docs`                                       |
 //! | one of the above with a trailing slash | 307 to it, as the reference (`location: http://HOST/id`) |
@@ -119,7 +119,7 @@ pub async fn handle(
             (Route::schema, &Method::GET) => json(StatusCode::OK, app.schema_body.clone()),
             (Route::id, &Method::GET) => json(StatusCode::OK, app.id_body.clone()),
             (Route::metadata, &Method::GET) => json(StatusCode::OK, app.metadata_body.clone()),
-            (Route::precheck, &Method::GET) => precheck::precheck(app).await,
+            (Route::precheck, &Method::GET) => precheck::precheck(app, &request_id).await,
             (Route::openapi, &Method::GET) => json(StatusCode::OK, app.openapi_body.clone()),
             (Route::docs, &Method::GET) => with_type(
                 StatusCode::OK,

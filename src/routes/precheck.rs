@@ -1,6 +1,7 @@
 //! `GET /precheck`: the plugin's own readiness check, always on the
 //! blocking pool (a precheck typically waits on the network).
 
+use hyper::header::HeaderValue;
 use hyper::{Response, StatusCode};
 
 use super::invoke::{outcome_of, ClientWatch};
@@ -8,9 +9,9 @@ use super::reply::{add_retry_headers, internal_error, json, shutdown_abort, thre
 use crate::app::App;
 use crate::envelope::{self, Outcome};
 use crate::inline;
-use crate::invocation::{Collected, Invocation, Kind};
+use crate::invocation::{Collected, Invocation, Kind, RequestInfo};
 
-pub async fn precheck(app: &'static App) -> Response<Body> {
+pub async fn precheck(app: &'static App, request_id: &HeaderValue) -> Response<Body> {
     let _in_flight = app.drain.track();
     if app.drain.is_draining() {
         return shutdown_abort(&Collected::default());
@@ -26,7 +27,14 @@ pub async fn precheck(app: &'static App) -> Response<Body> {
         return threads_busy(limit);
     }
     let plugin = app.plugin;
-    let registered = Invocation::start(Kind::Precheck, None);
+    let registered = Invocation::start(
+        Kind::Precheck,
+        None,
+        RequestInfo {
+            request_id: Some(request_id.clone()),
+            ..RequestInfo::default()
+        },
+    );
     let watch = ClientWatch::new(registered.shared());
     let call = inline::on_blocking_pool(move || {
         let rc = plugin.precheck(registered.invocation());

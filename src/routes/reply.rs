@@ -58,6 +58,7 @@ fn refused(why: &str) -> Response<Body> {
 pub fn internal_error(why: &str) -> Response<Body> {
     let c = Collected::default();
     let outcome = Outcome::Failed {
+        class: None,
         status: 500,
         text: format!("[HostError] {why}"),
     };

@@ -17,19 +17,20 @@ use crate::app::App;
 use crate::conn::AnswerPending;
 use crate::envelope::{self, Outcome};
 use crate::inline;
-use crate::invocation::{Chunk, Collected, Invocation, Kind};
+use crate::invocation::{Chunk, Collected, Invocation, Kind, RequestInfo};
 use crate::metrics::METRICS;
 use crate::shutdown::InFlightGuard;
 
 pub async fn invoke_streaming(
     app: &'static App,
     input: Vec<u8>,
+    request: RequestInfo,
     in_flight: InFlightGuard,
     pending: AnswerPending,
 ) -> Response<Body> {
     let plugin = app.plugin;
     let (tx, mut rx) = mpsc::channel::<Chunk>(16);
-    let registered = Invocation::start(Kind::Stream, Some(tx.clone()));
+    let registered = Invocation::start(Kind::Stream, Some(tx.clone()), request);
     let started = registered.started();
     let watch = ClientWatch::new(registered.shared());
     // Not awaited: the stream's channel carries the result.

@@ -22,6 +22,18 @@ use serde_json::{Map, Number, Value};
 /// stack.
 const MAX_FIELDS: usize = 16;
 
+/// Where the reserved fields' text is kept, after the declared inputs'.
+const SETTINGS_SLOT: usize = MAX_FIELDS;
+const CONTEXT_SLOT: usize = MAX_FIELDS + 1;
+
+/// What the fast path vouches for: the plugin's input, and the reserved
+/// fields' text as sent (checked by the caller).
+pub struct FastInput<'a> {
+    pub input: Vec<u8>,
+    pub settings: Option<&'a RawValue>,
+    pub context: Option<&'a RawValue>,
+}
+
 /// A compiled check of an object of scalar inputs.
 pub struct FlatPlan {
     /// The declared inputs, in the order the general path writes them
@@ -69,7 +81,10 @@ impl FlatPlan {
             None => Vec::new(),
             Some(_) => return None,
         };
-        if props.len() > MAX_FIELDS || required.iter().any(|r| !props.contains_key(*r)) {
+        if props.len() > MAX_FIELDS
+            || required.iter().any(|r| !props.contains_key(*r))
+            || props.keys().any(|name| super::reserved::is_reserved(name))
+        {
             return None;
         }
         let fields = props
@@ -97,11 +112,11 @@ impl FlatPlan {
 
     /// The plugin's input for a JSON `body`, when the fast path can vouch
     /// for it; `None` sends the body to the general path.
-    pub fn prepare(&self, body: &[u8]) -> Option<Vec<u8>> {
+    pub fn prepare<'b>(&self, body: &'b [u8]) -> Option<FastInput<'b>> {
         // One UTF-8 check of the whole body, rather than one per string.
         let text = std::str::from_utf8(body).ok()?;
         let mut de = serde_json::Deserializer::from_str(text);
-        let mut found: Found<'_> = [None; MAX_FIELDS];
+        let mut found: Found<'_> = [None; MAX_FIELDS + 2];
         de.deserialize_map(Fields(self, &mut found)).ok()?;
         de.end().ok()?;
         let mut out = Vec::with_capacity(body.len() + 16);
@@ -123,7 +138,11 @@ impl FlatPlan {
             }
         }
         out.push(b'}');
-        Some(out)
+        Some(FastInput {
+            input: out,
+            settings: found[SETTINGS_SLOT],
+            context: found[CONTEXT_SLOT],
+        })
     }
 }
 
@@ -224,7 +243,8 @@ fn scalar(t: &str) -> Option<Scalar> {
 /// serde_json's map does.
 struct Fields<'p, 'f, 'de>(&'p FlatPlan, &'f mut Found<'de>);
 
-type Found<'de> = [Option<&'de RawValue>; MAX_FIELDS];
+/// By field index, then the reserved fields at their slots.
+type Found<'de> = [Option<&'de RawValue>; MAX_FIELDS + 2];
 
 impl<'de> Visitor<'de> for Fields<'_, '_, 'de> {
     type Value = ();
@@ -265,7 +285,11 @@ impl Visitor<'_> for Key<'_> {
     }
 
     fn visit_str<E: de::Error>(self, key: &str) -> Result<Option<usize>, E> {
-        Ok(self.0.fields.iter().position(|f| f.name == key))
+        Ok(match key {
+            "invocation_settings" => Some(SETTINGS_SLOT),
+            "invocation_context" => Some(CONTEXT_SLOT),
+            _ => self.0.fields.iter().position(|f| f.name == key),
+        })
     }
 }
 
@@ -288,7 +312,7 @@ mod tests {
 
     fn prepared(plan: &FlatPlan, body: &str) -> Option<String> {
         plan.prepare(body.as_bytes())
-            .map(|b| String::from_utf8(b).unwrap())
+            .map(|b| String::from_utf8(b.input).unwrap())
     }
 
     #[test]

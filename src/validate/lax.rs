@@ -108,6 +108,18 @@ pub fn coerce(schema: &Value, value: &mut Value, path: &mut Vec<Value>, errors: 
     }
 }
 
+/// `v` as pydantic's lax integer reads it, or `None` when it refuses it.
+pub fn as_integer(v: &Value) -> Option<Value> {
+    match integer(v) {
+        Ok(Some(converted)) => Some(converted),
+        Ok(None) => match v {
+            Value::Number(n) if is_integer_literal(n) => Some(v.clone()),
+            _ => None,
+        },
+        Err(_) => None,
+    }
+}
+
 /// 2^63: a whole float at or past it is too large for pydantic's integers.
 const INT_FLOAT_LIMIT: f64 = 9_223_372_036_854_775_808.0;
 

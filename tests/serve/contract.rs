@@ -86,7 +86,7 @@ fn schema_id_and_metadata_are_identical_for_rust_and_c() {
         let meta = s.get("/metadata");
         assert_eq!(
             meta.text(),
-            format!(r#"{{"api_version":"3","identifier":"{WORDCOUNT_ID}","capabilities":[]}}"#)
+            format!(r#"{{"api_version":"3","identifier":"{WORDCOUNT_ID}","capabilities":["invocation_settings","invocation_context"]}}"#)
         );
     }
 }

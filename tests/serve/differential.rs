@@ -19,10 +19,6 @@ use support::{fixture, plugin, Server};
 /// Requests whose answers differ on purpose, and why.
 const DELIBERATE: &[(&str, &str)] = &[
     (
-        "GET /metadata",
-        "etl-serve lists no capabilities: it does not yet implement the reserved invocation_settings and invocation_context fields",
-    ),
-    (
         "POST /invoke NaN",
         "the reference answers a plain-text 500 (its JSON encoder fails on NaN); etl-serve answers the Invalid JSON body 422",
     ),
@@ -182,7 +178,84 @@ fn cases() -> Vec<Case> {
         invoke("UTF-16LE", json, utf16le.clone()),
         invoke("UTF-16 BOM", json, [&[0xFF, 0xFE][..], &utf16le].concat()),
         invoke("not UTF-8", json, &b"{\"text\":\"caf\xe9\"}"[..]),
+        // The reserved fields: never inputs, checked before the inputs.
+        invoke(
+            "plaintext settings",
+            json,
+            r#"{"text":"a b","invocation_settings":{"key":"v"}}"#,
+        ),
+        invoke(
+            "null settings",
+            json,
+            r#"{"text":"a","invocation_settings":null}"#,
+        ),
+        invoke(
+            "array settings",
+            json,
+            r#"{"text":"a","invocation_settings":[1]}"#,
+        ),
+        invoke(
+            "bare sealed envelope",
+            json,
+            r#"{"text":"a","invocation_settings":{"format":"u10d.invocation-settings.v1"}}"#,
+        ),
+        invoke(
+            "dag member of another format",
+            json,
+            r#"{"text":"a","invocation_settings":{"dag_node_settings":{"format":"v9"}}}"#,
+        ),
+        invoke(
+            "settings document without sealed fields",
+            json,
+            r#"{"text":"a","invocation_settings":{"dag_node_settings":{"format":"u10d.invocation-settings.v2","settings":{"k":1}}}}"#,
+        ),
+        invoke(
+            "settings error before input error",
+            json,
+            r#"{"text":5,"invocation_settings":null}"#,
+        ),
+        invoke(
+            "context",
+            json,
+            r#"{"text":"a","invocation_context":{"tenant_id":"t","attempt":"3","x":1}}"#,
+        ),
+        invoke(
+            "context of the wrong type",
+            json,
+            r#"{"text":"a","invocation_context":[]}"#,
+        ),
+        invoke(
+            "context field of the wrong type",
+            json,
+            r#"{"text":"a","invocation_context":{"tenant_id":5}}"#,
+        ),
+        invoke(
+            "context version unknown",
+            json,
+            r#"{"text":"a","invocation_context":{"schema_version":"2"}}"#,
+        ),
+        invoke(
+            "context version not a string",
+            json,
+            r#"{"text":"a","invocation_context":{"schema_version":1}}"#,
+        ),
+        invoke(
+            "context batch lists unaligned",
+            json,
+            r#"{"text":"a","invocation_context":{"record_ids":["r"],"invocation_ids":[]}}"#,
+        ),
+        invoke(
+            "settings error under text/plain",
+            Some("text/plain"),
+            r#"{"text":"a","invocation_settings":null}"#,
+        ),
+        invoke(
+            "settings error before context error",
+            json,
+            r#"{"text":"a","invocation_settings":1,"invocation_context":1}"#,
+        ),
         // Routes.
+        get("/metadata"),
         get("/schema"),
         get("/id"),
         get("/id?x=1"),
@@ -208,7 +281,6 @@ fn cases() -> Vec<Case> {
     ];
     // The deliberate differences are sent too, so that a change on either
     // side shows.
-    cases.push(get("/metadata"));
     cases.push(invoke("NaN", json, r#"{"text":"a","repeat":NaN}"#));
     cases.push(invoke(
         "big integer",

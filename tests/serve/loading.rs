@@ -120,7 +120,7 @@ fn an_unknown_abi_major_version() {
     assert_eq!(
         refusal(&path),
         format!(
-            "etl-serve: error: cannot load plugin {}: the plugin was built for plugin ABI 99.0 but this etl-serve speaks ABI 1.0; rebuild the plugin against this etl-serve's include/etl_plugin.h",
+            "etl-serve: error: cannot load plugin {}: the plugin was built for plugin ABI 99.0 but this etl-serve speaks ABI 1.1; rebuild the plugin against this etl-serve's include/etl_plugin.h",
             path.display()
         )
     );

@@ -3,6 +3,7 @@
 //! sockets and real signals. One test crate, so that the shared `support`
 //! module is compiled once.
 //!
+//! - `abi`: ABI 1.1 as plugins see it, and a 1.0 plugin still working;
 //! - `contract`: every route and error case of the etl plugin contract;
 //! - `differential`: the same requests to etl-uvicorn 0.1.0 and etl-serve;
 //! - `edges`: responses, bodies and streams still moving at shutdown;
@@ -12,6 +13,7 @@
 //! - `shutdown`: the shutdown sequence, driven with real signals;
 //! - `signals`: every other signal, as PID 1 and not.
 
+mod abi;
 mod contract;
 mod differential;
 mod edges;

@@ -686,7 +686,7 @@ fn check_mode_reports_a_plugin_without_serving_it() {
         "{report}"
     );
     for want in [
-        "abi:          1.0 (this etl-serve speaks 1.0)",
+        "abi:          1.1 (this etl-serve speaks 1.1)",
         "streaming:    no",
         "capabilities: usage",
         "id:           995355281551620c1e2a7cab3da49c91",

@@ -15,7 +15,7 @@ use core::ffi::c_void;
 /// `ETL_ABI_VERSION_MAJOR`: the host refuses plugins built for another major.
 pub const ABI_VERSION_MAJOR: u16 = 1;
 /// `ETL_ABI_VERSION_MINOR`: minors only append fields.
-pub const ABI_VERSION_MINOR: u16 = 0;
+pub const ABI_VERSION_MINOR: u16 = 1;
 /// `ETL_PLUGIN_ENTRY_SYMBOL`, NUL-terminated for `dlsym`.
 pub const ENTRY_SYMBOL: &[u8] = b"etl_plugin_entry\0";
 
@@ -43,6 +43,29 @@ pub const CAP_MESSAGE_CHANNELS: u32 = 1 << 1;
 pub const CAP_FILEDATA_META: u32 = 1 << 2;
 /// `ETL_CAP_CANCELLATION`.
 pub const CAP_CANCELLATION: u32 = 1 << 3;
+/// `ETL_CAP_SEALED_SETTINGS_V2` (1.1).
+pub const CAP_SEALED_SETTINGS_V2: u32 = 1 << 4;
+
+/// `ETL_LOG_ERROR` (1.1).
+pub const LOG_ERROR: i32 = 1;
+/// `ETL_LOG_WARN` (1.1).
+pub const LOG_WARN: i32 = 2;
+/// `ETL_LOG_INFO` (1.1).
+pub const LOG_INFO: i32 = 3;
+/// `ETL_LOG_DEBUG` (1.1).
+pub const LOG_DEBUG: i32 = 4;
+/// `ETL_LOG_TRACE` (1.1).
+pub const LOG_TRACE: i32 = 5;
+
+/// `ETL_NO_DEADLINE` (1.1).
+pub const NO_DEADLINE: i64 = i64::MAX;
+
+/// `ETL_AUDIENCE_NONE` (1.1).
+pub const AUDIENCE_NONE: u32 = 0;
+/// `ETL_AUDIENCE_USER` (1.1).
+pub const AUDIENCE_USER: u32 = 1;
+/// `ETL_AUDIENCE_PLATFORM` (1.1).
+pub const AUDIENCE_PLATFORM: u32 = 2;
 
 /// `ETL_FLAG_STREAMING`.
 pub const FLAG_STREAMING: u32 = 1 << 0;
@@ -99,6 +122,28 @@ pub struct EtlInvocation {
     _private: [u8; 0],
 }
 
+/// `etl_plugin_error` (1.1): the envelope's `plugin_error`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EtlPluginError {
+    pub error_type: EtlStr,
+    pub error_reason: EtlStr,
+    pub dependency: EtlStr,
+    pub audience: u32,
+    pub retryable: u32,
+}
+
+/// `etl_failure` (1.1): a failure as the envelope reports it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EtlFailure {
+    pub struct_size: u32,
+    pub status_code: i32,
+    pub status_code_text: EtlStr,
+    pub failure_category: EtlStr,
+    pub plugin_error: *const EtlPluginError,
+}
+
 /// `etl_host_api`: the host's callbacks.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -110,6 +155,12 @@ pub struct EtlHostApi {
     pub add_warning: unsafe extern "C" fn(*mut EtlInvocation, EtlStr) -> i32,
     pub set_filedata_meta: unsafe extern "C" fn(*mut EtlInvocation, EtlStr) -> i32,
     pub set_failure: unsafe extern "C" fn(*mut EtlInvocation, i32, EtlStr, EtlStr) -> i32,
+    /// 1.1.
+    pub log: unsafe extern "C" fn(*mut EtlInvocation, i32, EtlStr) -> i32,
+    /// 1.1.
+    pub remaining_ms: unsafe extern "C" fn(*mut EtlInvocation) -> i64,
+    /// 1.1.
+    pub report_failure: unsafe extern "C" fn(*mut EtlInvocation, *const EtlFailure) -> i32,
 }
 
 /// `etl_invoke_ctx`: what `invoke` and `precheck` receive.
@@ -121,6 +172,14 @@ pub struct EtlInvokeCtx {
     pub host: *const EtlHostApi,
     pub cancel_flag: *const u32,
     pub process_cancel_flag: *const u32,
+    /// 1.1.
+    pub state: *mut c_void,
+    /// 1.1.
+    pub request_id: EtlStr,
+    /// 1.1.
+    pub invocation_settings: EtlStr,
+    /// 1.1.
+    pub invocation_context: EtlStr,
 }
 
 /// `etl_init_ctx`: what `init` receives.
@@ -132,6 +191,10 @@ pub struct EtlInitCtx {
     pub process_cancel_flag: *const u32,
     pub host_data: *mut c_void,
     pub set_error: unsafe extern "C" fn(*mut c_void, EtlStr),
+    /// 1.1.
+    pub host: *const EtlHostApi,
+    /// 1.1.
+    pub state: *mut *mut c_void,
 }
 
 /// `etl_plugin`: the plugin's table.
@@ -152,6 +215,13 @@ pub struct EtlPlugin {
     pub shutdown: Option<unsafe extern "C" fn()>,
     pub invoke: Option<unsafe extern "C" fn(*const EtlInvokeCtx, EtlStr) -> i32>,
     pub precheck: Option<unsafe extern "C" fn(*const EtlInvokeCtx) -> i32>,
+    /// 1.1.
+    pub finish: Option<unsafe extern "C" fn(*mut c_void)>,
+}
+
+impl EtlPlugin {
+    /// The size of the table in ABI 1.0, the smallest a host accepts.
+    pub const SIZE_1_0: usize = core::mem::offset_of!(EtlPlugin, finish);
 }
 
 /// `etl_plugin_entry_fn`: the type of the exported entry symbol.

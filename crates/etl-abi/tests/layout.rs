@@ -27,6 +27,9 @@ fn rust_types_match_the_c_header() {
             offset_of!(EtlHostApi, add_warning),
             offset_of!(EtlHostApi, set_filedata_meta),
             offset_of!(EtlHostApi, set_failure),
+            offset_of!(EtlHostApi, log),
+            offset_of!(EtlHostApi, remaining_ms),
+            offset_of!(EtlHostApi, report_failure),
         ],
         &s!(EtlInvokeCtx),
         &[
@@ -35,6 +38,10 @@ fn rust_types_match_the_c_header() {
             offset_of!(EtlInvokeCtx, host),
             offset_of!(EtlInvokeCtx, cancel_flag),
             offset_of!(EtlInvokeCtx, process_cancel_flag),
+            offset_of!(EtlInvokeCtx, state),
+            offset_of!(EtlInvokeCtx, request_id),
+            offset_of!(EtlInvokeCtx, invocation_settings),
+            offset_of!(EtlInvokeCtx, invocation_context),
         ],
         &s!(EtlInitCtx),
         &[
@@ -43,6 +50,8 @@ fn rust_types_match_the_c_header() {
             offset_of!(EtlInitCtx, process_cancel_flag),
             offset_of!(EtlInitCtx, host_data),
             offset_of!(EtlInitCtx, set_error),
+            offset_of!(EtlInitCtx, host),
+            offset_of!(EtlInitCtx, state),
         ],
         &s!(EtlPlugin),
         &[
@@ -60,6 +69,23 @@ fn rust_types_match_the_c_header() {
             offset_of!(EtlPlugin, shutdown),
             offset_of!(EtlPlugin, invoke),
             offset_of!(EtlPlugin, precheck),
+            offset_of!(EtlPlugin, finish),
+        ],
+        &s!(EtlPluginError),
+        &[
+            offset_of!(EtlPluginError, error_type),
+            offset_of!(EtlPluginError, error_reason),
+            offset_of!(EtlPluginError, dependency),
+            offset_of!(EtlPluginError, audience),
+            offset_of!(EtlPluginError, retryable),
+        ],
+        &s!(EtlFailure),
+        &[
+            offset_of!(EtlFailure, struct_size),
+            offset_of!(EtlFailure, status_code),
+            offset_of!(EtlFailure, status_code_text),
+            offset_of!(EtlFailure, failure_category),
+            offset_of!(EtlFailure, plugin_error),
         ],
         &[ABI_VERSION_MAJOR as usize, ABI_VERSION_MINOR as usize],
         &[
@@ -78,7 +104,19 @@ fn rust_types_match_the_c_header() {
             CAP_MESSAGE_CHANNELS as usize,
             CAP_FILEDATA_META as usize,
             CAP_CANCELLATION as usize,
+            CAP_SEALED_SETTINGS_V2 as usize,
             FLAG_STREAMING as usize,
+        ],
+        &[
+            LOG_ERROR as usize,
+            LOG_WARN as usize,
+            LOG_INFO as usize,
+            LOG_DEBUG as usize,
+            LOG_TRACE as usize,
+            NO_DEADLINE as usize,
+            AUDIENCE_NONE as usize,
+            AUDIENCE_USER as usize,
+            AUDIENCE_PLATFORM as usize,
         ],
     ]
     .concat();

@@ -56,9 +56,18 @@ pub fn plugin(name: &str) -> PathBuf {
 
 /// The `faulty.c` fixture compiled with `-D<variant>` (or none), once.
 pub fn fixture(variant: Option<&str>) -> PathBuf {
+    c_fixture("faulty", variant)
+}
+
+/// The C fixture `tests/fixtures/<source>.c` compiled with `-D<variant>`
+/// (or none), once.
+pub fn c_fixture(source: &str, variant: Option<&str>) -> PathBuf {
     static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
-    let name = variant.unwrap_or("default").to_ascii_lowercase();
-    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("libfaulty_{name}.so"));
+    let name = format!(
+        "{source}_{}",
+        variant.unwrap_or("default").to_ascii_lowercase()
+    );
+    let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("lib{name}.so"));
     let mut built = BUILT.lock().unwrap();
     if !built.contains(&name) {
         let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
@@ -73,7 +82,7 @@ pub fn fixture(variant: Option<&str>) -> PathBuf {
         ])
         .arg("-I")
         .arg(Path::new(WORKSPACE).join("include"))
-        .arg(Path::new(WORKSPACE).join("tests/fixtures/faulty.c"))
+        .arg(Path::new(WORKSPACE).join(format!("tests/fixtures/{source}.c")))
         .arg("-o")
         .arg(&out)
         .arg("-lpthread");
@@ -83,10 +92,7 @@ pub fn fixture(variant: Option<&str>) -> PathBuf {
         let status = cmd
             .status()
             .unwrap_or_else(|e| panic!("cannot run the C compiler `{cc}`: {e}"));
-        assert!(
-            status.success(),
-            "compiling the faulty fixture ({name}) failed"
-        );
+        assert!(status.success(), "compiling the fixture {name} failed");
         built.push(name);
     }
     out

@@ -6,16 +6,20 @@
 //! handle whose invocation has ended (a plugin thread that outlived
 //! `invoke`) finds nothing and gets `ETL_CB_CLOSED`: never a dangling
 //! pointer. Cancel flags come from a pool that is never freed, so a plugin
-//! that reads its flag late reads a valid word.
+//! that reads its flag late reads a valid word. The callbacks themselves are
+//! in [`callbacks`].
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::ffi::c_void;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
 
 use bytes::Bytes;
 use etl_abi as abi;
+use hyper::header::HeaderValue;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -23,8 +27,15 @@ use tokio::sync::mpsc;
 use crate::envelope::{self, UsageList};
 use crate::sync::lock;
 
+mod callbacks;
+
+pub use callbacks::HOST_API;
+
 /// The process-wide cancel flag (`process_cancel_flag`).
 static PROCESS_CANCEL: AtomicU32 = AtomicU32::new(0);
+
+/// The graceful deadline, once shutdown has started.
+static DRAIN_DEADLINE: OnceLock<Instant> = OnceLock::new();
 
 /// Invocations inside the plugin, and the cancel flags not in use: one lock
 /// for both, since an invocation takes a flag as it registers and gives it
@@ -84,17 +95,6 @@ thread_local! {
     static CURRENT: Cell<(u64, *const Invocation)> = const { Cell::new((0, std::ptr::null())) };
 }
 
-/// The callbacks, static for the life of the process.
-static HOST_API: abi::EtlHostApi = abi::EtlHostApi {
-    struct_size: std::mem::size_of::<abi::EtlHostApi>() as u32,
-    emit: cb_emit,
-    add_usage: cb_add_usage,
-    add_info: cb_add_info,
-    add_warning: cb_add_warning,
-    set_filedata_meta: cb_set_filedata_meta,
-    set_failure: cb_set_failure,
-};
-
 /// The process-wide flag's address, for `etl_init_ctx`.
 pub fn process_cancel_flag() -> *const u32 {
     PROCESS_CANCEL.as_ptr().cast_const()
@@ -105,10 +105,12 @@ pub fn shutting_down() -> bool {
     PROCESS_CANCEL.load(Ordering::Acquire) != 0
 }
 
-/// Sets the process-wide flag, then every live invocation's flag. Returns
-/// how many invocations were live. An invocation that registers after this
-/// sees the process-wide flag and sets its own (see [`Invocation::start`]).
-pub fn cancel_all() -> usize {
+/// Records the graceful `deadline`, sets the process-wide flag, then every
+/// live invocation's flag. Returns how many invocations were live. An
+/// invocation that registers after this sees the process-wide flag and sets
+/// its own (see [`Invocation::start`]).
+pub fn cancel_all(deadline: Instant) -> usize {
+    let _ = DRAIN_DEADLINE.set(deadline);
     PROCESS_CANCEL.store(1, Ordering::Release);
     let mut cancelled = 0;
     for shard in LIVE.iter() {
@@ -145,13 +147,54 @@ pub enum Chunk {
     Done(Collected),
 }
 
-/// A failure the plugin described with `set_failure`.
+/// A failure the plugin described with `set_failure` or `report_failure`.
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub status: u16,
-    pub error_type: String,
-    pub message: String,
+    /// The envelope's `status_code_text`.
+    pub text: String,
+    /// The envelope's `failure_category` and `plugin_error`.
+    pub class: Class,
 }
+
+/// How a failure is classified for a controller: the envelope's
+/// `failure_category`, and its `plugin_error` as JSON text in the
+/// reference's key order. Both null unless the plugin said (ABI 1.1).
+#[derive(Debug, Clone, Default)]
+pub struct Class {
+    pub category: Option<String>,
+    pub plugin_error: Option<String>,
+}
+
+/// What the plugin is told about the request behind an invocation (ABI 1.1).
+#[derive(Debug, Default)]
+pub struct RequestInfo {
+    /// The `x-request-id` of the request.
+    pub request_id: Option<HeaderValue>,
+    /// The caller's deadline (`x-etl-timeout-ms`).
+    pub deadline: Option<Instant>,
+    /// The reserved `/invoke` fields, as JSON text.
+    pub reserved: Reserved,
+}
+
+/// The reserved `/invoke` fields, as the plugin receives them: the settings
+/// as sent, the context validated (see `validate::reserved`).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Reserved {
+    pub settings: Option<String>,
+    pub context: Option<String>,
+}
+
+/// The plugin's own pointer from `init` (ABI 1.1), handed back to every
+/// hook. The host never dereferences it.
+#[derive(Clone, Copy, Debug)]
+pub struct PluginState(pub *mut c_void);
+
+// SAFETY: the host only passes the pointer back to the plugin's hooks, which
+// the header requires to be callable from any thread.
+unsafe impl Send for PluginState {}
+// SAFETY: as above; the host never reads through it.
+unsafe impl Sync for PluginState {}
 
 /// Everything the plugin reported, taken once `invoke` returned.
 #[derive(Debug, Default, Clone)]
@@ -215,8 +258,9 @@ pub struct Invocation {
     cancel: &'static AtomicU32,
     state: Mutex<Collected>,
     stream: Option<mpsc::Sender<Chunk>>,
-    started: std::time::Instant,
+    started: Instant,
     client_gone: AtomicBool,
+    request: RequestInfo,
 }
 
 /// Invocations cancelled because their client went away.
@@ -235,9 +279,13 @@ pub struct Registered {
 }
 
 impl Invocation {
-    /// Registers a new invocation. `stream` receives a streaming plugin's
-    /// lines.
-    pub fn start(kind: Kind, stream: Option<mpsc::Sender<Chunk>>) -> Registered {
+    /// Registers a new invocation for `request`. `stream` receives a
+    /// streaming plugin's lines.
+    pub fn start(
+        kind: Kind,
+        stream: Option<mpsc::Sender<Chunk>>,
+        request: RequestInfo,
+    ) -> Registered {
         let handle = crate::unique::next();
         let mut registry = registry(handle);
         let cancel = registry
@@ -251,8 +299,9 @@ impl Invocation {
             cancel,
             state: Mutex::new(Collected::default()),
             stream,
-            started: std::time::Instant::now(),
+            started: Instant::now(),
             client_gone: AtomicBool::new(false),
+            request,
         });
         registry.live.insert(handle, inv.clone());
         drop(registry);
@@ -265,9 +314,10 @@ impl Invocation {
     }
 
     /// Calls into the plugin through `call`, which gets the context to
-    /// hand it, on this thread. Callbacks on this thread find the
-    /// invocation without the registry until `call` returns.
-    pub fn call<T>(&self, call: impl FnOnce(&abi::EtlInvokeCtx) -> T) -> T {
+    /// hand it (with the plugin's `state`), on this thread. Callbacks on
+    /// this thread find the invocation without the registry until `call`
+    /// returns.
+    pub fn call<T>(&self, state: PluginState, call: impl FnOnce(&abi::EtlInvokeCtx) -> T) -> T {
         /// Puts back what was current before, even if `call` unwinds.
         struct Restore((u64, *const Invocation));
         impl Drop for Restore {
@@ -276,18 +326,54 @@ impl Invocation {
             }
         }
         let _restore = Restore(CURRENT.replace((self.handle, self)));
-        call(&self.ctx())
+        call(&self.ctx(state))
     }
 
     /// The context handed to the plugin. Valid while `self` is registered.
-    fn ctx(&self) -> abi::EtlInvokeCtx {
+    fn ctx(&self, state: PluginState) -> abi::EtlInvokeCtx {
+        let text = |t: &Option<String>| {
+            t.as_deref()
+                .map_or(abi::EtlStr::EMPTY, abi::EtlStr::from_str)
+        };
+        let request = &self.request;
         abi::EtlInvokeCtx {
             struct_size: std::mem::size_of::<abi::EtlInvokeCtx>() as u32,
             invocation: self.handle as *mut abi::EtlInvocation,
             host: &HOST_API,
             cancel_flag: self.cancel.as_ptr().cast_const(),
             process_cancel_flag: process_cancel_flag(),
+            state: state.0,
+            request_id: request
+                .request_id
+                .as_ref()
+                .map_or(abi::EtlStr::EMPTY, |id| {
+                    abi::EtlStr::from_bytes(id.as_bytes())
+                }),
+            invocation_settings: text(&request.reserved.settings),
+            invocation_context: text(&request.reserved.context),
         }
+    }
+
+    /// Milliseconds until this invocation's deadline (`remaining_ms`).
+    fn remaining_ms(&self) -> i64 {
+        let drain = DRAIN_DEADLINE.get().copied().filter(|_| shutting_down());
+        let deadline = match (self.request.deadline, drain) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => match a.or(b) {
+                Some(d) => d,
+                None => return abi::NO_DEADLINE,
+            },
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        i64::try_from(left.as_millis()).unwrap_or(abi::NO_DEADLINE - 1)
+    }
+
+    /// The request id, for the plugin's log lines.
+    fn request_id(&self) -> Option<&str> {
+        self.request
+            .request_id
+            .as_ref()
+            .and_then(|id| id.to_str().ok())
     }
 
     /// Asks the plugin to stop this invocation (client gone, shutdown).
@@ -366,7 +452,7 @@ impl Registered {
     }
 
     /// When the invocation started.
-    pub fn started(&self) -> std::time::Instant {
+    pub fn started(&self) -> Instant {
         self.inv.started
     }
 
@@ -405,132 +491,4 @@ fn parse_raw(json: &[u8]) -> Result<Box<RawValue>, String> {
         std::str::from_utf8(json).map_err(|_| "output that is not valid UTF-8".to_owned())?;
     serde_json::from_str::<Box<RawValue>>(text)
         .map_err(|e| format!("output that is not valid JSON ({e})"))
-}
-
-// ---------------------------------------------------------------------------
-// The callbacks. Each runs on a plugin thread; none may unwind into C.
-// ---------------------------------------------------------------------------
-
-/// Runs `f` on the live invocation named by `handle`, or answers
-/// `ETL_CB_CLOSED` when there is none. Never unwinds.
-fn with_live(handle: *mut abi::EtlInvocation, f: impl FnOnce(&Invocation) -> i32) -> i32 {
-    let handle = handle as u64;
-    let (current, inv) = CURRENT.get();
-    // Handles are never 0, so the empty (0, null) never matches.
-    if handle == current {
-        // SAFETY: CURRENT holds this address only while Invocation::call
-        // runs on this thread with a borrow of the invocation, and this
-        // callback runs inside that call.
-        let inv = unsafe { &*inv };
-        return std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(inv)))
-            .unwrap_or(abi::CB_INVALID);
-    }
-    let inv = registry(handle).live.get(&handle).cloned();
-    let Some(inv) = inv else {
-        return abi::CB_CLOSED;
-    };
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&inv))).unwrap_or(abi::CB_INVALID)
-}
-
-/// The string's text, or `None` (and a recorded violation) when it is not
-/// UTF-8.
-fn text<'a>(inv: &Invocation, what: &str, s: abi::EtlStr) -> Option<&'a str> {
-    // SAFETY: the header makes every etl_str argument readable for the call.
-    let bytes = unsafe { s.as_bytes() };
-    match std::str::from_utf8(bytes) {
-        Ok(t) => Some(t),
-        Err(_) => {
-            lock(&inv.state).violate(format!("the plugin passed {what} that is not valid UTF-8"));
-            None
-        }
-    }
-}
-
-unsafe extern "C" fn cb_emit(handle: *mut abi::EtlInvocation, json: abi::EtlStr) -> i32 {
-    // SAFETY: the header makes the argument readable for the call.
-    with_live(handle, |inv| inv.emit(unsafe { json.as_bytes() }))
-}
-
-unsafe extern "C" fn cb_add_usage(
-    handle: *mut abi::EtlInvocation,
-    name: abi::EtlStr,
-    value: i64,
-) -> i32 {
-    with_live(handle, |inv| {
-        let Some(name) = text(inv, "a usage name", name) else {
-            return abi::CB_INVALID;
-        };
-        lock(&inv.state).usage.push(name, value);
-        abi::CB_OK
-    })
-}
-
-unsafe extern "C" fn cb_add_info(handle: *mut abi::EtlInvocation, message: abi::EtlStr) -> i32 {
-    with_live(handle, |inv| {
-        let Some(m) = text(inv, "an info message", message) else {
-            return abi::CB_INVALID;
-        };
-        lock(&inv.state).more_mut().infos.push(m.to_owned());
-        abi::CB_OK
-    })
-}
-
-unsafe extern "C" fn cb_add_warning(handle: *mut abi::EtlInvocation, message: abi::EtlStr) -> i32 {
-    with_live(handle, |inv| {
-        let Some(m) = text(inv, "a warning message", message) else {
-            return abi::CB_INVALID;
-        };
-        lock(&inv.state).more_mut().warnings.push(m.to_owned());
-        abi::CB_OK
-    })
-}
-
-unsafe extern "C" fn cb_set_filedata_meta(
-    handle: *mut abi::EtlInvocation,
-    json: abi::EtlStr,
-) -> i32 {
-    with_live(handle, |inv| {
-        let Some(t) = text(inv, "filedata_meta", json) else {
-            return abi::CB_INVALID;
-        };
-        match envelope::filedata_meta_from_json(t) {
-            Ok(meta) => {
-                lock(&inv.state).more_mut().filedata_meta = Some(meta);
-                abi::CB_OK
-            }
-            Err(why) => {
-                lock(&inv.state).violate(format!("the plugin set an invalid filedata_meta: {why}"));
-                abi::CB_INVALID
-            }
-        }
-    })
-}
-
-unsafe extern "C" fn cb_set_failure(
-    handle: *mut abi::EtlInvocation,
-    status: i32,
-    error_type: abi::EtlStr,
-    message: abi::EtlStr,
-) -> i32 {
-    with_live(handle, |inv| {
-        // SAFETY: readable for the call. Failure text is shown, not parsed,
-        // so bad UTF-8 is replaced rather than rejected.
-        let (t, m) = unsafe { (error_type.as_bytes(), message.as_bytes()) };
-        let status = u16::try_from(status)
-            .ok()
-            .filter(|s| (100..=599).contains(s))
-            .unwrap_or(500);
-        let error_type = String::from_utf8_lossy(t);
-        let error_type = if error_type.is_empty() {
-            "PluginError".into()
-        } else {
-            error_type.into_owned()
-        };
-        lock(&inv.state).more_mut().failure = Some(Failure {
-            status,
-            error_type,
-            message: String::from_utf8_lossy(m).into_owned(),
-        });
-        abi::CB_OK
-    })
 }
