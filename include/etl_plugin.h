@@ -106,8 +106,9 @@ typedef struct etl_str {
  * mirror the reference host's opt-in parameters. The host always lets the
  * plugin call every callback; the bits declare intent and appear in the
  * `--check` report and the startup log line (named usage, message_channels,
- * filedata_meta, cancellation). ETL_CAP_CANCELLATION says the plugin reads
- * its cancel flag, so shutdown can expect it to stop promptly. */
+ * filedata_meta, cancellation, sealed_settings_v2). ETL_CAP_CANCELLATION
+ * says the plugin reads its cancel flag, so shutdown can expect it to stop
+ * promptly. Only ETL_CAP_SEALED_SETTINGS_V2 shows in GET /metadata. */
 #define ETL_CAP_USAGE (1u << 0)
 #define ETL_CAP_MESSAGE_CHANNELS (1u << 1)
 #define ETL_CAP_FILEDATA_META (1u << 2)

@@ -173,6 +173,20 @@ mod tests {
     }
 
     #[test]
+    fn the_dialect_example_in_the_abi_docs_has_the_id_they_give() {
+        // docs/abi.md, "The dialect, by example": the schema and id the
+        // reference host serves for its Python `count`, checked there
+        // against etl-uvicorn 0.1.0.
+        let docs = include_str!("../docs/abi.md");
+        let section = &docs[docs.find("### The dialect, by example").unwrap()..];
+        let block = section.split("```json\n").nth(1).unwrap();
+        let schema: Value = serde_json::from_str(block.split("```").next().unwrap()).unwrap();
+        let id = derive(&schema);
+        assert_eq!(id, "714b0efb2ec413ca5db1e30acc3b8aba");
+        assert!(section.contains(&format!("`{id}`")));
+    }
+
+    #[test]
     fn serialises_like_python_json_dumps() {
         let v = json!({"b": [1, -2, true, null], "a": "é😀\"\\\n\u{7f}~", "c": {"z": 1.5, "y": 1e20, "x": 0.0001}});
         assert_eq!(
