@@ -86,7 +86,9 @@ fn schema_id_and_metadata_are_identical_for_rust_and_c() {
         let meta = s.get("/metadata");
         assert_eq!(
             meta.text(),
-            format!(r#"{{"api_version":"3","identifier":"{WORDCOUNT_ID}","capabilities":["invocation_settings","invocation_context"]}}"#)
+            format!(
+                r#"{{"api_version":"3","identifier":"{WORDCOUNT_ID}","capabilities":["invocation_settings","invocation_context"]}}"#
+            )
         );
     }
 }
@@ -504,6 +506,14 @@ fn a_panicking_rust_plugin_answers_a_500_envelope_and_keeps_serving() {
     let p = s.get("/precheck").json();
     assert_eq!(p["status_code"], 500);
     assert_eq!(p["status_code_text"], "[PluginPanic] precheck panicked too");
+    // Its Precheck impl is what makes the table's precheck hook non-NULL.
+    let check = support::etl_serve()
+        .arg("--plugin")
+        .arg(plugin("panicky"))
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&check.stdout).contains("precheck:     yes"));
     assert_eq!(
         s.post_json("/invoke", r#"{"panic":false}"#).json()["output"],
         json!({"calm": true})

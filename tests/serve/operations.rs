@@ -689,6 +689,8 @@ fn check_mode_reports_a_plugin_without_serving_it() {
         "abi:          1.1 (this etl-serve speaks 1.1)",
         "streaming:    no",
         "capabilities: usage",
+        // The SDK wordcount implements no Precheck.
+        "precheck:     no",
         "id:           995355281551620c1e2a7cab3da49c91",
         "\"required\": [\n      \"text\"",
     ] {

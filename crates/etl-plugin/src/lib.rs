@@ -144,6 +144,22 @@ impl Capabilities {
     }
 }
 
+/// A plugin's own readiness check, answering `GET /precheck` (reach its
+/// dependencies, check its credentials...). Optional: implement it for the
+/// plugin type, and [`export_plugin!`] finds it. A plugin without one
+/// answers a plain success, and `etl-serve --check` says `precheck: no`.
+///
+/// It runs on a host worker thread, with the same [`Context`] as `invoke`
+/// (usage and messages are reported; there is no output).
+pub trait Precheck {
+    /// Checks that the plugin can work.
+    ///
+    /// # Errors
+    /// An [`Error`] becomes the precheck answer's `status_code` and
+    /// `status_code_text`; [`Error::shutdown`] its 503.
+    fn precheck(&self, ctx: &mut Context) -> Result<(), Error>;
+}
+
 /// A plugin that answers each request with exactly one output.
 pub trait Plugin: Send + Sync + Sized + 'static {
     /// The request body. Its JSON Schema is `/schema`'s `inputs`; the host
@@ -172,15 +188,6 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     /// An [`Error`] becomes the envelope's `status_code` and
     /// `status_code_text`; [`Error::shutdown`] becomes the 503 shutdown-abort.
     fn invoke(&self, input: Self::Input, ctx: &mut Context) -> Result<Self::Output, Error>;
-
-    /// Answers `GET /precheck`. The default reports success.
-    ///
-    /// # Errors
-    /// As for [`Plugin::invoke`].
-    fn precheck(&self, ctx: &mut Context) -> Result<(), Error> {
-        let _ = ctx;
-        Ok(())
-    }
 
     /// Runs once when the server stops, after the last invocation returned.
     fn shutdown(&self) {}
@@ -217,15 +224,6 @@ pub trait StreamingPlugin: Send + Sync + Sized + 'static {
         ctx: &mut Context,
         out: &mut Emitter<Self::Item>,
     ) -> Result<(), Error>;
-
-    /// See [`Plugin::precheck`].
-    ///
-    /// # Errors
-    /// As for [`Plugin::invoke`].
-    fn precheck(&self, ctx: &mut Context) -> Result<(), Error> {
-        let _ = ctx;
-        Ok(())
-    }
 
     /// See [`Plugin::shutdown`].
     fn shutdown(&self) {}
@@ -266,12 +264,12 @@ pub mod __private {
 #[macro_export]
 macro_rules! export_plugin {
     (streaming $ty:ty) => {
-        $crate::export_plugin!(@with $crate::__private::Streaming<$ty>);
+        $crate::export_plugin!(@with $crate::__private::Streaming<$ty>, $ty);
     };
     ($ty:ty) => {
-        $crate::export_plugin!(@with $crate::__private::Plain<$ty>);
+        $crate::export_plugin!(@with $crate::__private::Plain<$ty>, $ty);
     };
-    (@with $adapter:ty) => {
+    (@with $adapter:ty, $ty:ty) => {
         const _: () = {
             static RUNTIME: $crate::__private::Runtime<$adapter> = $crate::__private::Runtime::new();
 
@@ -296,12 +294,19 @@ macro_rules! export_plugin {
 
             #[no_mangle]
             pub extern "C" fn etl_plugin_entry() -> *const $crate::__abi::EtlPlugin {
-                RUNTIME.table($crate::__private::Hooks {
-                    init: etl_init,
-                    shutdown: etl_shutdown,
-                    invoke: etl_invoke,
-                    precheck: etl_precheck,
-                })
+                #[allow(unused_imports)]
+                use $crate::__private::{NoPrecheck as _, ViaPrecheck as _};
+                let precheck = (&&&$crate::__private::Probe::<$ty>(::core::marker::PhantomData))
+                    .precheck_fn();
+                RUNTIME.table(
+                    $crate::__private::Hooks {
+                        init: etl_init,
+                        shutdown: etl_shutdown,
+                        invoke: etl_invoke,
+                        precheck: etl_precheck,
+                    },
+                    precheck,
+                )
             }
         };
     };

@@ -13,13 +13,48 @@ use serde::de::DeserializeOwned;
 use crate::context::{host_has, HOST, PROCESS_CANCEL};
 use crate::error::{ErrorKind, Failure};
 use crate::{
-    schema_for, with_json, Audience, Capabilities, Context, Emitter, Error, Plugin, StreamingPlugin,
+    schema_for, with_json, Audience, Capabilities, Context, Emitter, Error, Plugin, Precheck,
+    StreamingPlugin,
 };
 
 /// One exported plugin: its instance (after init) and its table.
 pub struct Runtime<A: Adapter> {
     instance: OnceLock<A::Plugin>,
     table: OnceLock<Table>,
+    /// The plugin's [`Precheck`], if it implements it.
+    precheck: OnceLock<Option<PrecheckFn<A::Plugin>>>,
+}
+
+/// A plugin's `Precheck::precheck`.
+pub type PrecheckFn<P> = fn(&P, &mut Context) -> Result<(), Error>;
+
+/// Tells, at the macro's call site, whether a plugin type implements
+/// [`Precheck`]: `(&&&Probe::<T>(PhantomData)).precheck_fn()` resolves to
+/// [`ViaPrecheck`] when it does (a receiver with more references wins) and
+/// to [`NoPrecheck`] when it does not. Stable Rust cannot ask a generic
+/// function this; a concrete type in the expansion can.
+pub struct Probe<T>(pub PhantomData<T>);
+
+/// The plugin implements [`Precheck`].
+pub trait ViaPrecheck<T> {
+    fn precheck_fn(&self) -> Option<PrecheckFn<T>>;
+}
+
+impl<T: Precheck> ViaPrecheck<T> for &&Probe<T> {
+    fn precheck_fn(&self) -> Option<PrecheckFn<T>> {
+        Some(<T as Precheck>::precheck)
+    }
+}
+
+/// The plugin does not implement [`Precheck`].
+pub trait NoPrecheck<T> {
+    fn precheck_fn(&self) -> Option<PrecheckFn<T>>;
+}
+
+impl<T> NoPrecheck<T> for &Probe<T> {
+    fn precheck_fn(&self) -> Option<PrecheckFn<T>> {
+        None
+    }
 }
 
 /// The table with the strings it points into, kept together.
@@ -42,6 +77,18 @@ pub struct Hooks {
     pub precheck: unsafe extern "C" fn(*const abi::EtlInvokeCtx) -> i32,
 }
 
+impl Hooks {
+    /// The table's `precheck`: the hook when the plugin implements
+    /// [`Precheck`] (`body`), else NULL, so that the host answers a plain
+    /// success and `--check` says `precheck: no`.
+    fn precheck<P>(
+        &self,
+        body: Option<PrecheckFn<P>>,
+    ) -> Option<unsafe extern "C" fn(*const abi::EtlInvokeCtx) -> i32> {
+        body.map(|_| self.precheck)
+    }
+}
+
 /// Bridges [`Plugin`] and [`StreamingPlugin`] to one runtime.
 pub trait Adapter: 'static {
     type Plugin: Send + Sync + 'static;
@@ -54,7 +101,6 @@ pub trait Adapter: 'static {
     const STREAMING: bool;
     fn init(config: &str) -> Result<Self::Plugin, Error>;
     fn run(p: &Self::Plugin, input: Self::Input, raw: &abi::EtlInvokeCtx) -> Result<(), Error>;
-    fn precheck(p: &Self::Plugin, ctx: &mut Context) -> Result<(), Error>;
     fn shutdown(p: &Self::Plugin);
 }
 
@@ -90,9 +136,6 @@ impl<P: Plugin> Adapter for Plain<P> {
             )))
         }
     }
-    fn precheck(p: &P, ctx: &mut Context) -> Result<(), Error> {
-        p.precheck(ctx)
-    }
     fn shutdown(p: &P) {
         p.shutdown()
     }
@@ -119,9 +162,6 @@ impl<P: StreamingPlugin> Adapter for Streaming<P> {
                 _item: PhantomData,
             },
         )
-    }
-    fn precheck(p: &P, ctx: &mut Context) -> Result<(), Error> {
-        p.precheck(ctx)
     }
     fn shutdown(p: &P) {
         p.shutdown()
@@ -198,19 +238,30 @@ impl<A: Adapter> Runtime<A> {
         Runtime {
             instance: OnceLock::new(),
             table: OnceLock::new(),
+            precheck: OnceLock::new(),
         }
     }
 
     /// The table, built on first use; NULL if building it panicked
     /// (the host then refuses the plugin with "returned NULL").
-    pub fn table(&'static self, hooks: Hooks) -> *const abi::EtlPlugin {
-        match catch_unwind(AssertUnwindSafe(|| self.build_table(hooks))) {
+    /// `precheck` is the plugin's [`Precheck`], found by [`Probe`].
+    pub fn table(
+        &'static self,
+        hooks: Hooks,
+        precheck: Option<PrecheckFn<A::Plugin>>,
+    ) -> *const abi::EtlPlugin {
+        let precheck = *self.precheck.get_or_init(|| precheck);
+        match catch_unwind(AssertUnwindSafe(|| self.build_table(hooks, precheck))) {
             Ok(table) => table,
             Err(_) => std::ptr::null(),
         }
     }
 
-    fn build_table(&'static self, hooks: Hooks) -> *const abi::EtlPlugin {
+    fn build_table(
+        &'static self,
+        hooks: Hooks,
+        precheck: Option<PrecheckFn<A::Plugin>>,
+    ) -> *const abi::EtlPlugin {
         let t = self.table.get_or_init(|| {
             let strings: [Box<str>; 5] = [
                 A::NAME.into(),
@@ -234,7 +285,7 @@ impl<A: Adapter> Runtime<A> {
                 init: Some(hooks.init),
                 shutdown: Some(hooks.shutdown),
                 invoke: Some(hooks.invoke),
-                precheck: Some(hooks.precheck),
+                precheck: hooks.precheck(precheck),
                 // The instance lives in the runtime, not behind a state
                 // pointer: `shutdown` finds it there.
                 finish: None,
@@ -336,7 +387,13 @@ impl<A: Adapter> Runtime<A> {
         let Some(p) = self.instance.get() else {
             return report(raw, Error::new("precheck was called before init"));
         };
-        match catch_unwind(AssertUnwindSafe(|| A::precheck(p, &mut Context { raw }))) {
+        let Some(precheck) = self.precheck.get().copied().flatten() else {
+            return report(
+                raw,
+                Error::new("precheck was called, but the plugin has none"),
+            );
+        };
+        match catch_unwind(AssertUnwindSafe(|| precheck(p, &mut Context { raw }))) {
             Ok(Ok(())) => abi::RESULT_OK,
             Ok(Err(e)) => report(raw, e),
             Err(panic) => report(
