@@ -1,7 +1,8 @@
 //! The same requests to etl-uvicorn 0.1.0 and to etl-serve, compared byte
 //! for byte: status, content type and body. The reference serves the
 //! Python `wordcount` of bench/reference/; etl-serve serves the C
-//! wordcount, which declares the reference's schema text. The reference
+//! wordcount, which declares the reference's schema text, and then the
+//! Rust one, whose schema the SDK derives. The reference
 //! is installed by `scripts/reference-venv` (python3 with venv, and PyPI).
 //!
 //! What differs on purpose is listed in [`DELIBERATE`], with its reason,
@@ -315,7 +316,15 @@ fn answer(addr: SocketAddr, case: &Case) -> (u16, Option<String>, Vec<u8>) {
 #[test]
 fn the_reference_and_etl_serve_answer_the_same_bytes() {
     let reference = Reference::start();
-    let ours = Server::start(&plugin("wordcount_c"), &[]);
+    // The C and the Rust wordcount both declare the reference's schema.
+    for name in ["wordcount_c", "wordcount"] {
+        compare(&reference, name);
+    }
+}
+
+/// Sends every case to the reference and to etl-serve serving `name`.
+fn compare(reference: &Reference, name: &str) {
+    let ours = Server::start(&plugin(name), &[]);
     let mut differences = Vec::new();
     let mut deliberate_seen = Vec::new();
     for case in cases() {
@@ -325,12 +334,12 @@ fn the_reference_and_etl_serve_answer_the_same_bytes() {
         match (theirs == mine, deliberate) {
             (true, None) => {}
             (false, Some((name, _))) => deliberate_seen.push(*name),
-            (true, Some((name, _))) => differences.push(format!(
-                "{name}: listed as a deliberate difference, but both answer {}",
+            (true, Some((case, _))) => differences.push(format!(
+                "{name}, {case}: listed as a deliberate difference, but both answer {}",
                 String::from_utf8_lossy(&mine.2)
             )),
             (false, None) => differences.push(format!(
-                "{}:\n  etl-uvicorn: {} {:?} {}\n  etl-serve:   {} {:?} {}",
+                "{name}, {}:\n  etl-uvicorn: {} {:?} {}\n  etl-serve:   {} {:?} {}",
                 case.name,
                 theirs.0,
                 theirs.1,

@@ -103,7 +103,7 @@ pub use context::{
     log, process_cancellation, CancellationToken, Context, Emitter, FileDataMeta, Level,
 };
 pub use error::{Audience, Error, PluginError};
-pub use schema::schema_for;
+pub use schema::{inputs_schema_for, schema_for};
 
 /// Which injected capabilities a plugin declares (`ETL_CAP_*`).
 ///

@@ -266,7 +266,9 @@ impl<A: Adapter> Runtime<A> {
             let strings: [Box<str>; 5] = [
                 A::NAME.into(),
                 A::VERSION.into(),
-                schema_for::<A::Input>().to_string().into(),
+                crate::schema::inputs_schema_for::<A::Input>()
+                    .to_string()
+                    .into(),
                 schema_for::<A::Output>().to_string().into(),
                 A::ID.unwrap_or("").into(),
             ];

@@ -56,6 +56,24 @@ pub fn schema_for<T: JsonSchema>() -> Value {
     schema
 }
 
+/// The JSON Schema of an input type `T`, as the reference host writes a
+/// function's parameters: like [`schema_for`], with `required` (when
+/// there is one) before `properties` at the top, so that `/schema` is the
+/// reference's text byte for byte.
+pub fn inputs_schema_for<T: JsonSchema>() -> Value {
+    let Value::Object(mut top) = schema_for::<T>() else {
+        unreachable!("schemars writes an object schema for every type")
+    };
+    let mut ordered = Map::with_capacity(top.len());
+    for key in ["type", "required", "properties"] {
+        if let Some(value) = top.shift_remove(key) {
+            ordered.insert(key.into(), value);
+        }
+    }
+    ordered.extend(top);
+    Value::Object(ordered)
+}
+
 const NUMERIC_FORMATS: &[&str] = &[
     "int8", "int16", "int32", "int64", "int", "uint8", "uint16", "uint32", "uint64", "uint",
     "float", "double",
@@ -283,6 +301,22 @@ mod tests {
     #[derive(Deserialize, JsonSchema)]
     struct Unsigned {
         n: u32,
+    }
+
+    #[test]
+    fn inputs_are_written_in_the_references_key_order() {
+        #[allow(dead_code)]
+        #[derive(Deserialize, JsonSchema)]
+        struct Wordcount {
+            text: String,
+            #[serde(default = "one")]
+            repeat: i64,
+        }
+        // What etl-uvicorn 0.1.0 serves for `wordcount(text: str, repeat: int = 1)`.
+        assert_eq!(
+            inputs_schema_for::<Wordcount>().to_string(),
+            r#"{"type":"object","required":["text"],"properties":{"text":{"type":"string"},"repeat":{"type":"integer","default":1}}}"#
+        );
     }
 
     #[test]
