@@ -290,6 +290,11 @@ typedef struct etl_host_api {
      * call wins. ETL_CB_INVALID (and a contract violation) when a string is
      * not UTF-8 or `plugin_error` lacks error_type or error_reason. */
     int32_t (*report_failure)(etl_invocation *invocation, const etl_failure *failure);
+
+    /* (1.1) add_usage for a value given as the text of a JSON integer, of
+     * any size (a Python int may not fit 64 bits). ETL_CB_INVALID (and a
+     * contract violation) when it is not an integer. */
+    int32_t (*add_usage_text)(etl_invocation *invocation, etl_str name, etl_str value);
 } etl_host_api;
 
 /*
@@ -353,6 +358,25 @@ static inline etl_str etl_str_from(const char *ptr, size_t len) {
  * .name = ETL_STR_INIT("my_plugin"). */
 #define ETL_STR_INIT(literal) {(literal), sizeof(literal) - 1}
 
+/*
+ * (1.1) What a plugin can only say once `init` has run: a plugin that learns
+ * its schemas by loading something (the Python bridge imports a module)
+ * passes this to etl_init_ctx.describe. Each etl_str with a non-NULL `ptr`
+ * replaces the table's field of the same name; `capabilities` and `flags`
+ * are added to the table's. Borrowed for the call: the host copies it.
+ */
+typedef struct etl_description {
+    /* sizeof(etl_description) as the plugin was built. */
+    uint32_t struct_size;
+    etl_str name;
+    etl_str version;
+    etl_str inputs_schema;
+    etl_str outputs_schema;
+    etl_str id;
+    uint32_t capabilities;
+    uint32_t flags;
+} etl_description;
+
 /* What `init` receives. Valid only until `init` returns, except where said. */
 typedef struct etl_init_ctx {
     /* sizeof(etl_init_ctx) as the host knows it. */
@@ -380,6 +404,11 @@ typedef struct etl_init_ctx {
      * `init` returns; the pointer stored is the plugin's and the host never
      * dereferences it. */
     void **state;
+    /* (1.1) Describe the plugin from `init` (see etl_description): the
+     * host reads the schemas, computes the id and checks everything only
+     * after `init` returned, from the table and what this said. May be
+     * called on the init thread only; the last call wins. */
+    void (*describe)(void *host_data, const etl_description *description);
 } etl_init_ctx;
 
 /* ------------------------------------------------------------------------ */

@@ -26,6 +26,15 @@ pub struct UsageList(Vec<u8>);
 impl UsageList {
     /// Adds `{"value":value,"name":name}`.
     pub fn push(&mut self, name: &str, value: i64) {
+        self.push_with(name, |out| write_int(out, value));
+    }
+
+    /// The same for an integer given as its text (see [`is_integer_text`]).
+    pub fn push_text(&mut self, name: &str, value: &str) {
+        self.push_with(name, |out| out.extend_from_slice(value.as_bytes()));
+    }
+
+    fn push_with(&mut self, name: &str, value: impl FnOnce(&mut Vec<u8>)) {
         let out = &mut self.0;
         if out.is_empty() {
             out.reserve(64);
@@ -33,11 +42,20 @@ impl UsageList {
             out.push(b',');
         }
         out.extend_from_slice(b"{\"value\":");
-        write_int(out, value);
+        value(out);
         out.extend_from_slice(b",\"name\":");
         write_str(out, name);
         out.push(b'}');
     }
+}
+
+/// Whether `text` is a JSON integer: an optional minus, then `0` or digits
+/// not starting with `0`.
+pub fn is_integer_text(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'))
 }
 
 /// The `status_code_text` of a shutdown-abort.
@@ -198,6 +216,16 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integer_texts_are_json_integers_of_any_size() {
+        for ok in ["0", "-7", "1000000000000000000000000000000"] {
+            assert!(is_integer_text(ok), "{ok}");
+        }
+        for bad in ["", "-", "01", "1.0", "1e3", " 1", "+1", "NaN"] {
+            assert!(!is_integer_text(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn success_envelope_has_every_key_in_order() {

@@ -284,6 +284,11 @@ impl Plugin {
             .invoke
             .ok_or_else(|| LoadError::BadTable("the invoke hook is NULL".into()))?;
 
+        // Run init first: what it describes (ABI 1.1) completes the table.
+        let (state, described) = match table.init {
+            Some(init) => run_init(init, config)?,
+            None => (PluginState(std::ptr::null_mut()), Described::default()),
+        };
         let text = |field: &str, s: abi::EtlStr| -> Result<String, LoadError> {
             // SAFETY: the table's strings live as long as the library.
             let bytes = unsafe { s.as_bytes() };
@@ -291,23 +296,36 @@ impl Plugin {
                 LoadError::BadTable(format!("the `{field}` string is not valid UTF-8"))
             })
         };
-        let name = text("name", table.name)?;
-        let version = text("version", table.version)?;
+        let field = |name: &str, described: &Option<String>, s: abi::EtlStr| match described {
+            Some(value) => Ok(value.clone()),
+            None => text(name, s),
+        };
+        let name = field("name", &described.name, table.name)?;
+        let version = field("version", &described.version, table.version)?;
         let inputs = parse_schema(
             "inputs_schema",
-            &text("inputs_schema", table.inputs_schema)?,
+            &field(
+                "inputs_schema",
+                &described.inputs_schema,
+                table.inputs_schema,
+            )?,
         )?;
         let outputs = parse_schema(
             "outputs_schema",
-            &text("outputs_schema", table.outputs_schema)?,
+            &field(
+                "outputs_schema",
+                &described.outputs_schema,
+                table.outputs_schema,
+            )?,
         )?;
-        let explicit_id = text("id", table.id)?;
+        let explicit_id = field("id", &described.id, table.id)?;
         let schema = serde_json::json!({ "inputs": inputs, "outputs": outputs });
         let id = if explicit_id.is_empty() {
             crate::plugin_id::derive(&schema)
         } else {
             explicit_id
         };
+        let flags = table.flags | described.flags;
 
         let manifest = Manifest {
             name,
@@ -316,14 +334,9 @@ impl Plugin {
             abi_minor: minor,
             schema,
             id,
-            capabilities: table.capabilities,
-            streaming: table.flags & abi::FLAG_STREAMING != 0,
+            capabilities: table.capabilities | described.capabilities,
+            streaming: flags & abi::FLAG_STREAMING != 0,
             has_precheck: table.precheck.is_some(),
-        };
-
-        let state = match table.init {
-            Some(init) => run_init(init, config)?,
-            None => PluginState(std::ptr::null_mut()),
         };
 
         Ok(Plugin {
@@ -390,34 +403,82 @@ fn parse_schema(field: &str, text: &str) -> Result<Value, LoadError> {
     Ok(value)
 }
 
-/// Runs `init` and returns the state it stored.
+/// What `init` said through `describe` (ABI 1.1), copied.
+#[derive(Default)]
+struct Described {
+    name: Option<String>,
+    version: Option<String>,
+    inputs_schema: Option<String>,
+    outputs_schema: Option<String>,
+    id: Option<String>,
+    capabilities: u32,
+    flags: u32,
+}
+
+/// What `init`'s callbacks write to, through `host_data`.
+#[derive(Default)]
+struct InitReport {
+    error: Option<String>,
+    described: Described,
+}
+
+/// Runs `init` and returns the state it stored and what it described.
 fn run_init(
     init: unsafe extern "C" fn(*const abi::EtlInitCtx) -> i32,
     config: &str,
-) -> Result<PluginState, LoadError> {
+) -> Result<(PluginState, Described), LoadError> {
     unsafe extern "C" fn set_error(host_data: *mut c_void, message: abi::EtlStr) {
-        // SAFETY: host_data is the &mut Option<String> below, alive during
+        // SAFETY: host_data is the &mut InitReport below, alive during
         // init; the message is borrowed for this call.
-        let slot = unsafe { &mut *host_data.cast::<Option<String>>() };
-        *slot = Some(String::from_utf8_lossy(unsafe { message.as_bytes() }).into_owned());
+        let report = unsafe { &mut *host_data.cast::<InitReport>() };
+        report.error = Some(String::from_utf8_lossy(unsafe { message.as_bytes() }).into_owned());
     }
-    let mut error: Option<String> = None;
+    unsafe extern "C" fn describe(host_data: *mut c_void, d: *const abi::EtlDescription) {
+        // SAFETY: as in set_error; `d` is NULL or readable for this call.
+        let report = unsafe { &mut *host_data.cast::<InitReport>() };
+        let Some(d) = (unsafe { d.as_ref() }) else {
+            return;
+        };
+        if (d.struct_size as usize) < std::mem::size_of::<abi::EtlDescription>() {
+            report.error = Some(format!(
+                "describe got a struct_size of {} bytes",
+                d.struct_size
+            ));
+            return;
+        }
+        // Non-UTF-8 text is kept as is and refused by the checks after init.
+        let text = |s: abi::EtlStr| {
+            (!s.ptr.is_null())
+                .then(|| String::from_utf8_lossy(unsafe { s.as_bytes() }).into_owned())
+        };
+        report.described = Described {
+            name: text(d.name),
+            version: text(d.version),
+            inputs_schema: text(d.inputs_schema),
+            outputs_schema: text(d.outputs_schema),
+            id: text(d.id),
+            capabilities: d.capabilities,
+            flags: d.flags,
+        };
+    }
+    let mut report = InitReport::default();
     let mut state: *mut c_void = std::ptr::null_mut();
     let ctx = abi::EtlInitCtx {
         struct_size: std::mem::size_of::<abi::EtlInitCtx>() as u32,
         config: abi::EtlStr::from_str(config),
         process_cancel_flag: invocation::process_cancel_flag(),
-        host_data: (&mut error as *mut Option<String>).cast(),
+        host_data: (&mut report as *mut InitReport).cast(),
         set_error,
         host: &invocation::HOST_API,
         state: &mut state,
+        describe,
     };
     // SAFETY: ctx and everything it points to live until init returns.
     let rc = unsafe { init(&ctx) };
     if rc == 0 {
-        Ok(PluginState(state))
+        Ok((PluginState(state), report.described))
     } else {
-        Err(LoadError::Init(error.unwrap_or_else(|| {
+        Err(LoadError::Init(report.error.unwrap_or_else(|| {
             format!("init returned {rc} without a message")
         })))
     }

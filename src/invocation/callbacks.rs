@@ -20,6 +20,7 @@ pub static HOST_API: abi::EtlHostApi = abi::EtlHostApi {
     log: cb_log,
     remaining_ms: cb_remaining_ms,
     report_failure: cb_report_failure,
+    add_usage_text: cb_add_usage_text,
 };
 
 /// Runs `f` on the live invocation named by `handle`, or answers
@@ -73,6 +74,29 @@ unsafe extern "C" fn cb_add_usage(
             return abi::CB_INVALID;
         };
         lock(&inv.state).usage.push(name, value);
+        abi::CB_OK
+    })
+}
+
+unsafe extern "C" fn cb_add_usage_text(
+    handle: *mut abi::EtlInvocation,
+    name: abi::EtlStr,
+    value: abi::EtlStr,
+) -> i32 {
+    with_live(handle, |inv| {
+        let (Some(name), Some(value)) = (
+            text(inv, "a usage name", name),
+            text(inv, "a usage value", value),
+        ) else {
+            return abi::CB_INVALID;
+        };
+        if !envelope::is_integer_text(value) {
+            lock(&inv.state).violate(format!(
+                "the plugin gave the usage value `{value}`, not an integer"
+            ));
+            return abi::CB_INVALID;
+        }
+        lock(&inv.state).usage.push_text(name, value);
         abi::CB_OK
     })
 }

@@ -161,6 +161,8 @@ pub struct EtlHostApi {
     pub remaining_ms: unsafe extern "C" fn(*mut EtlInvocation) -> i64,
     /// 1.1.
     pub report_failure: unsafe extern "C" fn(*mut EtlInvocation, *const EtlFailure) -> i32,
+    /// 1.1.
+    pub add_usage_text: unsafe extern "C" fn(*mut EtlInvocation, EtlStr, EtlStr) -> i32,
 }
 
 /// `etl_invoke_ctx`: what `invoke` and `precheck` receive.
@@ -195,6 +197,22 @@ pub struct EtlInitCtx {
     pub host: *const EtlHostApi,
     /// 1.1.
     pub state: *mut *mut c_void,
+    /// 1.1.
+    pub describe: unsafe extern "C" fn(*mut c_void, *const EtlDescription),
+}
+
+/// `etl_description` (1.1): what `init` can say that the table could not.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EtlDescription {
+    pub struct_size: u32,
+    pub name: EtlStr,
+    pub version: EtlStr,
+    pub inputs_schema: EtlStr,
+    pub outputs_schema: EtlStr,
+    pub id: EtlStr,
+    pub capabilities: u32,
+    pub flags: u32,
 }
 
 /// `etl_plugin`: the plugin's table.

@@ -30,6 +30,7 @@ fn rust_types_match_the_c_header() {
             offset_of!(EtlHostApi, log),
             offset_of!(EtlHostApi, remaining_ms),
             offset_of!(EtlHostApi, report_failure),
+            offset_of!(EtlHostApi, add_usage_text),
         ],
         &s!(EtlInvokeCtx),
         &[
@@ -52,6 +53,18 @@ fn rust_types_match_the_c_header() {
             offset_of!(EtlInitCtx, set_error),
             offset_of!(EtlInitCtx, host),
             offset_of!(EtlInitCtx, state),
+            offset_of!(EtlInitCtx, describe),
+        ],
+        &s!(EtlDescription),
+        &[
+            offset_of!(EtlDescription, struct_size),
+            offset_of!(EtlDescription, name),
+            offset_of!(EtlDescription, version),
+            offset_of!(EtlDescription, inputs_schema),
+            offset_of!(EtlDescription, outputs_schema),
+            offset_of!(EtlDescription, id),
+            offset_of!(EtlDescription, capabilities),
+            offset_of!(EtlDescription, flags),
         ],
         &s!(EtlPlugin),
         &[
