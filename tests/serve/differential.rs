@@ -17,15 +17,18 @@ use std::time::{Duration, Instant};
 
 use support::{fixture, plugin, Server};
 
-/// Requests whose answers differ on purpose, and why.
-const DELIBERATE: &[(&str, &str)] = &[
+/// Requests whose answers differ on purpose, for which of etl-serve's
+/// plugins, and why.
+const DELIBERATE: &[(&str, &[&str], &str)] = &[
     (
         "POST /invoke NaN",
+        &["wordcount_c", "wordcount", "etl_python"],
         "the reference answers a plain-text 500 (its JSON encoder fails on NaN); etl-serve answers the Invalid JSON body 422",
     ),
     (
         "POST /invoke big integer",
-        "both hosts hand the plugin the exact integer; the reference's Python function computes with it, the C wordcount cannot hold it in 64 bits",
+        &["wordcount_c", "wordcount"],
+        "both hosts hand the plugin the exact integer; the reference's Python function computes with it, the C and Rust wordcounts cannot hold it in 64 bits (through the Python bridge, the same Python function does)",
     ),
 ];
 
@@ -48,6 +51,11 @@ fn reference_venv() -> PathBuf {
 
 impl Reference {
     fn start() -> Reference {
+        Reference::serving("etl_bench_plugins:wordcount", "bench/reference")
+    }
+
+    /// etl-uvicorn serving `app`, importable from `dir` (of the workspace).
+    fn serving(app: &str, dir: &str) -> Reference {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
         let venv = reference_venv();
         let port = TcpListener::bind("127.0.0.1:0")
@@ -56,10 +64,10 @@ impl Reference {
             .unwrap()
             .port();
         let child = Command::new(venv.join("bin/etl-uvicorn"))
-            .arg("etl_bench_plugins:wordcount")
+            .arg(app)
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--log-level", "warning", "--no-access-log"])
-            .env("PYTHONPATH", workspace.join("bench/reference"))
+            .env("PYTHONPATH", workspace.join(dir))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -316,25 +324,57 @@ fn answer(addr: SocketAddr, case: &Case) -> (u16, Option<String>, Vec<u8>) {
 #[test]
 fn the_reference_and_etl_serve_answer_the_same_bytes() {
     let reference = Reference::start();
-    // The C and the Rust wordcount both declare the reference's schema.
-    for name in ["wordcount_c", "wordcount"] {
+    // The C and the Rust wordcount both declare the reference's schema;
+    // the Python bridge serves the reference's own Python function.
+    for name in ["wordcount_c", "wordcount", "etl_python"] {
         compare(&reference, name);
     }
 }
 
+/// etl-serve serving `name` (for `etl_python`: the reference's Python
+/// wordcount, from the reference's virtualenv).
+fn serve(name: &str) -> Server {
+    if name != "etl_python" {
+        return Server::start(&plugin(name), &[]);
+    }
+    serve_python("etl_bench_plugins:wordcount", "bench/reference")
+}
+
+/// etl-serve serving the Python `app` through the bridge, importable from
+/// `dir`, with the reference's virtualenv.
+fn serve_python(app: &str, dir: &str) -> Server {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = reference_venv();
+    let pythonpath = workspace.join(dir);
+    Server::start_with(
+        &plugin("etl_python"),
+        &["--plugin-config", app],
+        &[
+            ("VIRTUAL_ENV", venv.to_str().unwrap()),
+            ("PYTHONPATH", pythonpath.to_str().unwrap()),
+        ],
+    )
+    .unwrap_or_else(|f| panic!("etl-serve with the Python bridge did not start: {f:?}"))
+}
+
 /// Sends every case to the reference and to etl-serve serving `name`.
 fn compare(reference: &Reference, name: &str) {
-    let ours = Server::start(&plugin(name), &[]);
+    let ours = serve(name);
+    let deliberate_here: Vec<&str> = DELIBERATE
+        .iter()
+        .filter(|(_, plugins, _)| plugins.contains(&name))
+        .map(|(case, _, _)| *case)
+        .collect();
     let mut differences = Vec::new();
     let mut deliberate_seen = Vec::new();
     for case in cases() {
         let theirs = answer(reference.addr, &case);
         let mine = answer(ours.addr, &case);
-        let deliberate = DELIBERATE.iter().find(|(name, _)| *name == case.name);
+        let deliberate = deliberate_here.iter().find(|c| **c == case.name);
         match (theirs == mine, deliberate) {
             (true, None) => {}
-            (false, Some((name, _))) => deliberate_seen.push(*name),
-            (true, Some((case, _))) => differences.push(format!(
+            (false, Some(case)) => deliberate_seen.push(*case),
+            (true, Some(case)) => differences.push(format!(
                 "{name}, {case}: listed as a deliberate difference, but both answer {}",
                 String::from_utf8_lossy(&mine.2)
             )),
@@ -351,11 +391,7 @@ fn compare(reference: &Reference, name: &str) {
         }
     }
     assert!(differences.is_empty(), "{}", differences.join("\n"));
-    assert_eq!(
-        deliberate_seen.len(),
-        DELIBERATE.len(),
-        "{deliberate_seen:?}"
-    );
+    assert_eq!(deliberate_seen, deliberate_here, "{name}");
 }
 
 #[test]
@@ -387,4 +423,61 @@ fn the_openapi_document_passes_an_openapi_validator() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn python_failures_are_classified_as_the_reference_classifies_them() {
+    let app = "etl_failures:fail";
+    let reference = Reference::serving(app, "tests/fixtures/python");
+    let ours = serve_python(app, "tests/fixtures/python");
+    let json = Some("application/json");
+    let cases = [
+        get("/schema"),
+        get("/id"),
+        invoke("success", json, r#"{"kind":"none","n":3}"#),
+        invoke("exception", json, r#"{"kind":"value"}"#),
+        invoke("status and category", json, r#"{"kind":"detailed"}"#),
+        invoke("HTTPException", json, r#"{"kind":"http"}"#),
+        invoke("user error", json, r#"{"kind":"user"}"#),
+        invoke("invalid input", json, r#"{"kind":5}"#),
+    ];
+    for case in cases {
+        let (theirs, mine) = (answer(reference.addr, &case), answer(ours.addr, &case));
+        assert_eq!(
+            String::from_utf8_lossy(&mine.2),
+            String::from_utf8_lossy(&theirs.2),
+            "{}",
+            case.name
+        );
+        assert_eq!((mine.0, mine.1), (theirs.0, theirs.1), "{}", case.name);
+    }
+}
+
+#[test]
+fn a_python_plugin_that_cannot_be_loaded_is_refused_with_its_traceback() {
+    let venv = reference_venv();
+    let refuse = |config: &str| {
+        let out = support::etl_serve()
+            .arg("--plugin")
+            .arg(plugin("etl_python"))
+            .args(["--port", "0", "--plugin-config", config])
+            .env("VIRTUAL_ENV", &venv)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(65), "{config}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let log = refuse("no_such_module:count");
+    assert!(
+        // etl-uvicorn's importer words it so too.
+        log.contains("the plugin's init failed: cannot load no_such_module:count: ImportFromStringError: Could not import module \"no_such_module\"."),
+        "{log}"
+    );
+    assert!(log.contains("Traceback (most recent call last)"), "{log}");
+    assert!(!log.contains("listening"));
+    let log = refuse("m:f --reload");
+    assert!(
+        log.contains("--plugin-config: unknown or not yet supported option `--reload`"),
+        "{log}"
+    );
 }

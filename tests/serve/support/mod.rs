@@ -41,7 +41,7 @@ pub fn plugin(name: &str) -> PathBuf {
             "-p",
             "ticker",
         ])
-        .args(["-p", "panicky"])
+        .args(["-p", "panicky", "-p", "etl-python"])
         .current_dir(WORKSPACE);
         if profile_dir().file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");

@@ -1,0 +1,150 @@
+"""The Python half of etl-serve's Python bridge.
+
+The Rust half (lib.rs) embeds CPython, runs `load` once from the plugin's
+`init`, then `invoke` for each request. Everything a plugin sees is made by
+the reference host's own package (`unstructured_platform_plugins`, 0.1.0),
+imported from the plugin's virtualenv: the function it wraps, the schema it
+generates, the input model it validates with, and how it classifies
+failures. This module only calls it as etl-uvicorn's request handler does,
+without FastAPI, and returns plain values for the Rust half to report.
+"""
+
+import asyncio
+import hashlib
+import inspect
+import json
+
+from unstructured_platform_plugins.etl_uvicorn import api_generator as _reference
+from unstructured_platform_plugins.etl_uvicorn.utils import (
+    get_func,
+    get_input_schema,
+    get_output_sig,
+    get_plugin_id,
+    get_schema_dict,
+    map_inputs,
+)
+from unstructured_platform_plugins.schema import FileDataMeta, UsageData
+from unstructured_platform_plugins.schema.json_schema import schema_to_base_model
+from pydantic import TypeAdapter
+from typing import Optional
+from uvicorn.importer import import_from_string
+
+_INJECTED = ["usage", "filedata_meta", "message_channels"]
+_USAGE = TypeAdapter(list[UsageData])
+
+
+class _Plugin:
+    """The wrapped function and what the reference derives from it."""
+
+    def __init__(self, app, method_name, plugin_id, plugin_id_method):
+        self.func = get_func(import_from_string(app), method_name)
+        if inspect.isasyncgenfunction(self.func) or inspect.isgeneratorfunction(self.func):
+            raise ValueError("streaming (generator) plugins are not served by the bridge yet")
+        self.schema = get_schema_dict(self.func)
+        if plugin_id:
+            self.id = get_plugin_id(import_from_string(plugin_id), plugin_id_method)
+        else:
+            self.id = hashlib.sha256(
+                json.dumps(self.schema, sort_keys=True).encode()
+            ).hexdigest()[:32]
+        self.input_model = schema_to_base_model(
+            get_input_schema(self.func, omit=_INJECTED)
+        )
+        self.output = TypeAdapter(Optional[get_output_sig(self.func)])
+        self.filedata_meta_model = _reference.update_filedata_model(get_output_sig(self.func))
+        self.params = inspect.signature(self.func).parameters
+
+
+_plugin = None
+
+
+def load(app, method_name, plugin_id, plugin_id_method):
+    """Imports the plugin; returns (inputs schema, outputs schema, id) as JSON
+    text and a string."""
+    global _plugin
+    _plugin = _Plugin(app, method_name, plugin_id, plugin_id_method)
+    return (
+        json.dumps(_plugin.schema["inputs"]),
+        json.dumps(_plugin.schema["outputs"]),
+        _plugin.id,
+    )
+
+
+def _call(func, kwargs):
+    if inspect.iscoroutinefunction(func):
+        return asyncio.run(func(**kwargs))
+    return func(**kwargs)
+
+
+def invoke(request_json):
+    """Runs the plugin on one request (already validated by etl-serve).
+
+    Returns (status, text, category, plugin_error, output, usage, infos,
+    warnings, filedata_meta): status 200 with `output` as JSON text, or a
+    failure as the reference reports it (`plugin_error` a tuple or None)."""
+    p = _plugin
+    usage = []
+    message_channels = _reference.MessageChannels()
+    filedata_meta = FileDataMeta()
+    kwargs = {}
+    if request_json:
+        request = p.input_model.model_validate_json(request_json)
+        kwargs = {f: getattr(request, f) for f in request.model_fields}
+        file_data = kwargs.get("file_data")
+        if file_data is not None:
+            kwargs["file_data"] = _reference.file_data_from_dict(file_data.model_dump())
+        map_inputs(func=p.func, raw_inputs=kwargs)
+    if "usage" in p.params:
+        kwargs["usage"] = usage
+    if "message_channels" in p.params:
+        kwargs["message_channels"] = message_channels
+    if "filedata_meta" in p.params:
+        kwargs["filedata_meta"] = filedata_meta
+
+    def reported():
+        meta = p.filedata_meta_model.model_validate(filedata_meta.model_dump())
+        return (
+            # As the reference's response model reads the list.
+            [(u.name, str(u.value)) for u in _USAGE.validate_python(usage)],
+            list(message_channels.infos),
+            list(message_channels.warnings),
+            meta.model_dump_json(),
+        )
+
+    try:
+        output = _call(p.func, kwargs)
+    except _reference.HTTPException as exc:
+        text = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=_safe_str)
+        return (exc.status_code, text, _reference.failure_category_of(exc), None, None) + reported()
+    except _reference.UnstructuredIngestError as exc:
+        return (
+            _reference.status_code_of(exc),
+            _safe_str(exc),
+            _reference.failure_category_of(exc),
+            _plugin_error(exc),
+            None,
+        ) + reported()
+    except Exception as exc:
+        return (
+            _reference.status_code_of(exc),
+            f"[{type(exc).__name__}] {_safe_str(exc)}",
+            _reference.failure_category_of(exc),
+            None,
+            None,
+        ) + reported()
+    return (200, None, None, None, p.output.dump_json(output).decode()) + reported()
+
+
+def _safe_str(value):
+    try:
+        return str(value)
+    except Exception:
+        return "<unrenderable error>"
+
+
+def _plugin_error(exc):
+    e = _reference.plugin_error_of(exc)
+    if e is None:
+        return None
+    audience = e.audience.value if e.audience is not None else None
+    return (e.error_type, e.error_reason, e.dependency, audience, e.retryable)
