@@ -54,7 +54,8 @@ impl Reference {
         Reference::serving("etl_bench_plugins:wordcount", "bench/reference")
     }
 
-    /// etl-uvicorn serving `app`, importable from `dir` (of the workspace).
+    /// etl-uvicorn serving `app` (with its options), importable from `dir`
+    /// (of the workspace).
     fn serving(app: &str, dir: &str) -> Reference {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
         let venv = reference_venv();
@@ -64,7 +65,7 @@ impl Reference {
             .unwrap()
             .port();
         let child = Command::new(venv.join("bin/etl-uvicorn"))
-            .arg(app)
+            .args(app.split(' '))
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--log-level", "warning", "--no-access-log"])
             .env("PYTHONPATH", workspace.join(dir))
@@ -480,4 +481,40 @@ fn a_python_plugin_that_cannot_be_loaded_is_refused_with_its_traceback() {
         log.contains("--plugin-config: unknown or not yet supported option `--reload`"),
         "{log}"
     );
+}
+
+#[test]
+fn python_reserved_fields_and_precheck_apps_work_as_in_the_reference() {
+    let dir = "tests/fixtures/python";
+    let json = Some("application/json");
+    let with_context = r#"{"invocation_settings":{"token":"t-1"},"invocation_context":{"tenant_id":"acme","attempt":"2"}}"#;
+    let cases = [
+        get("/metadata"),
+        get("/precheck"),
+        invoke("reserved fields bound", json, with_context),
+        invoke("none sent", json, "{}"),
+        invoke("no body", json, ""),
+    ];
+    for app in [
+        "etl_settings:show --precheck-app etl_settings:ready --sealed-dag-node-settings-v2",
+        "etl_settings:show --precheck-app etl_settings:not_ready",
+    ] {
+        let reference = Reference::serving(app, dir);
+        let ours = serve_python(app, dir);
+        for case in &cases {
+            let (theirs, mine) = (answer(reference.addr, case), answer(ours.addr, case));
+            assert_eq!(
+                String::from_utf8_lossy(&mine.2),
+                String::from_utf8_lossy(&theirs.2),
+                "{app}: {}",
+                case.name
+            );
+            assert_eq!(
+                (mine.0, mine.1),
+                (theirs.0, theirs.1),
+                "{app}: {}",
+                case.name
+            );
+        }
+    }
 }

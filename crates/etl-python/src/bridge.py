@@ -23,7 +23,10 @@ from unstructured_platform_plugins.etl_uvicorn.utils import (
     get_schema_dict,
     map_inputs,
 )
+from unstructured_platform_plugins.invocation_context import extract_context
+from unstructured_platform_plugins.invocation_settings import http_status_for, invocation_envelope
 from unstructured_platform_plugins.schema import FileDataMeta, UsageData
+from utic_invocation_settings import resolve_invocation_settings
 from unstructured_platform_plugins.schema.json_schema import schema_to_base_model
 from pydantic import TypeAdapter
 from typing import Optional
@@ -36,8 +39,9 @@ _USAGE = TypeAdapter(list[UsageData])
 class _Plugin:
     """The wrapped function and what the reference derives from it."""
 
-    def __init__(self, app, method_name, plugin_id, plugin_id_method):
-        self.func = get_func(import_from_string(app), method_name)
+    def __init__(self, app, method_name, plugin_id, plugin_id_method, precheck_app, precheck_method):
+        instance = import_from_string(app)
+        self.func = get_func(instance, method_name)
         if inspect.isasyncgenfunction(self.func) or inspect.isgeneratorfunction(self.func):
             raise ValueError("streaming (generator) plugins are not served by the bridge yet")
         self.schema = get_schema_dict(self.func)
@@ -53,16 +57,21 @@ class _Plugin:
         self.output = TypeAdapter(Optional[get_output_sig(self.func)])
         self.filedata_meta_model = _reference.update_filedata_model(get_output_sig(self.func))
         self.params = inspect.signature(self.func).parameters
+        self.precheck = None
+        if precheck_app:
+            self.precheck = get_func(import_from_string(precheck_app), precheck_method)
+        elif precheck_method:
+            self.precheck = get_func(instance, precheck_method)
 
 
 _plugin = None
 
 
-def load(app, method_name, plugin_id, plugin_id_method):
+def load(app, method_name, plugin_id, plugin_id_method, precheck_app, precheck_method):
     """Imports the plugin; returns (inputs schema, outputs schema, id) as JSON
     text and a string."""
     global _plugin
-    _plugin = _Plugin(app, method_name, plugin_id, plugin_id_method)
+    _plugin = _Plugin(app, method_name, plugin_id, plugin_id_method, precheck_app, precheck_method)
     return (
         json.dumps(_plugin.schema["inputs"]),
         json.dumps(_plugin.schema["outputs"]),
@@ -76,13 +85,44 @@ def _call(func, kwargs):
     return func(**kwargs)
 
 
-def invoke(request_json):
-    """Runs the plugin on one request (already validated by etl-serve).
+def invoke(request_json, settings_json, context_json):
+    """Runs the plugin on one request (already validated by etl-serve, the
+    reserved fields too), with the reserved fields bound as the reference
+    binds them (`current_invocation_settings()`...).
 
     Returns (status, text, category, plugin_error, output, usage, infos,
     warnings, filedata_meta): status 200 with `output` as JSON text, or a
     failure as the reference reports it (`plugin_error` a tuple or None)."""
     p = _plugin
+    # etl-serve has applied the transport rules; what is left is resolving
+    # (a sealed document is opened here, with the pod's key).
+    try:
+        settings = (
+            resolve_invocation_settings(json.loads(settings_json)) if settings_json else None
+        )
+    except Exception as exc:
+        # The reference answers this with a bare {"detail","reason"} body;
+        # through the ABI it is a failure envelope with the same words.
+        why = f"Unusable invocation settings: {type(exc).__name__}"
+        return (http_status_for(exc), why, getattr(exc, "reason", None), None, None, [], [], [], "")
+    context = (
+        extract_context({"invocation_context": json.loads(context_json)}) if context_json else None
+    )
+    with invocation_envelope(settings, context):
+        return _run(p.func, p, request_json)
+
+
+def precheck():
+    """Runs the precheck app, as `invoke` runs the function; the plain
+    success when there is none."""
+    p = _plugin
+    if p.precheck is None:
+        return (200, None, None, None, None, [], [], [], "")
+    return _run(p.precheck, p, "")
+
+
+def _run(func, p, request_json):
+    params = inspect.signature(func).parameters
     usage = []
     message_channels = _reference.MessageChannels()
     filedata_meta = FileDataMeta()
@@ -94,11 +134,11 @@ def invoke(request_json):
         if file_data is not None:
             kwargs["file_data"] = _reference.file_data_from_dict(file_data.model_dump())
         map_inputs(func=p.func, raw_inputs=kwargs)
-    if "usage" in p.params:
+    if "usage" in params:
         kwargs["usage"] = usage
-    if "message_channels" in p.params:
+    if "message_channels" in params:
         kwargs["message_channels"] = message_channels
-    if "filedata_meta" in p.params:
+    if "filedata_meta" in params:
         kwargs["filedata_meta"] = filedata_meta
 
     def reported():
@@ -112,7 +152,7 @@ def invoke(request_json):
         )
 
     try:
-        output = _call(p.func, kwargs)
+        output = _call(func, kwargs)
     except _reference.HTTPException as exc:
         text = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=_safe_str)
         return (exc.status_code, text, _reference.failure_category_of(exc), None, None) + reported()

@@ -7,16 +7,20 @@
 //!
 //! `--plugin-config` takes etl-uvicorn's own words: the APP (`module:attr`)
 //! and its options `--app-dir`, `--method-name`, `--plugin-id`,
-//! `--plugin-id-method`. The bridge embeds CPython (through pyo3), puts the
+//! `--plugin-id-method`, `--precheck-app`, `--precheck-app-method`,
+//! `--sealed-dag-node-settings-v2`. The bridge embeds CPython (through pyo3), puts the
 //! working directory, `--app-dir` and the `VIRTUAL_ENV`'s site-packages on
 //! the import path (`PYTHONPATH` is honoured by Python itself), and lets
 //! the reference host's own package, imported from there, wrap the function
 //! (`bridge.py`). The plugin's schema and id are known only once it is
 //! imported, so `init` describes them to the host (ABI 1.1).
 //!
-//! Not yet served: generators (streaming), `--precheck-app`, the
-//! cancellation token, the envelope's `file_data`, and
-//! `--sealed-dag-node-settings-v2`.
+//! The reserved `/invoke` fields reach the function as the reference binds
+//! them (`current_invocation_settings()`, `current_invocation_context()`),
+//! resolved by `utic_invocation_settings` from the plugin's virtualenv.
+//!
+//! Not yet served: generators (streaming), the cancellation token, and the
+//! envelope's `file_data`.
 
 use std::ffi::{c_void, CString};
 use std::sync::OnceLock;
@@ -45,7 +49,7 @@ static TABLE: Table = Table(abi::EtlPlugin {
     init: Some(init),
     shutdown: None,
     invoke: Some(invoke),
-    precheck: None,
+    precheck: Some(precheck),
     finish: None,
 });
 
@@ -66,6 +70,9 @@ struct Config {
     method_name: Option<String>,
     plugin_id: Option<String>,
     plugin_id_method: Option<String>,
+    precheck_app: Option<String>,
+    precheck_app_method: Option<String>,
+    sealed_settings_v2: bool,
 }
 
 impl Config {
@@ -78,11 +85,17 @@ impl Config {
                 Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
                 _ => (word.clone(), None),
             };
+            if name == "--sealed-dag-node-settings-v2" && inline.is_none() {
+                config.sealed_settings_v2 = true;
+                continue;
+            }
             let slot = match name.as_str() {
                 "--app-dir" => &mut config.app_dir,
                 "--method-name" => &mut config.method_name,
                 "--plugin-id" => &mut config.plugin_id,
                 "--plugin-id-method" => &mut config.plugin_id_method,
+                "--precheck-app" => &mut config.precheck_app,
+                "--precheck-app-method" => &mut config.precheck_app_method,
                 other if other.starts_with('-') => {
                     return Err(format!(
                         "--plugin-config: unknown or not yet supported option `{other}`"
@@ -142,7 +155,11 @@ unsafe extern "C" fn init(ctx: *const abi::EtlInitCtx) -> i32 {
                 inputs_schema: abi::EtlStr::from_str(&inputs),
                 outputs_schema: abi::EtlStr::from_str(&outputs),
                 id: abi::EtlStr::from_str(&id),
-                capabilities: 0,
+                capabilities: if config.sealed_settings_v2 {
+                    abi::CAP_SEALED_SETTINGS_V2
+                } else {
+                    0
+                },
                 flags: 0,
             };
             // SAFETY: the callback and host_data come from the host; the
@@ -194,6 +211,8 @@ fn load(config: &Config) -> Result<(String, String, String), (String, String)> {
                     &config.method_name,
                     &config.plugin_id,
                     &config.plugin_id_method,
+                    &config.precheck_app,
+                    &config.precheck_app_method,
                 ),
             )?;
             let _ = BRIDGE.set(bridge.unbind());
@@ -255,19 +274,34 @@ type Answer = (
 const DEFAULT_FILEDATA_META: &str = r#"{"terminate_current":false,"new_records":[]}"#;
 
 unsafe extern "C" fn invoke(ctx: *const abi::EtlInvokeCtx, request: abi::EtlStr) -> i32 {
-    // SAFETY: the host passes a valid context and request for the call.
+    // SAFETY: the host passes a valid context and request for the call,
+    // and (this bridge requires 1.1) a context with the reserved fields.
     let (ctx, request) = unsafe { (&*ctx, request.as_bytes()) };
+    let text = |s: abi::EtlStr| String::from_utf8_lossy(unsafe { s.as_bytes() }).into_owned();
+    let args = [
+        String::from_utf8_lossy(request).into_owned(),
+        text(ctx.invocation_settings),
+        text(ctx.invocation_context),
+    ];
+    run(ctx, "invoke", &args)
+}
+
+unsafe extern "C" fn precheck(ctx: *const abi::EtlInvokeCtx) -> i32 {
+    // SAFETY: the host passes a valid context for the call.
+    run(unsafe { &*ctx }, "precheck", &[])
+}
+
+/// Calls `method` of the bridge with `args` and reports what it returned.
+fn run(ctx: &abi::EtlInvokeCtx, method: &str, args: &[String]) -> i32 {
+    // SAFETY: the host's table is static.
     let host = unsafe { &*ctx.host };
     let inv = ctx.invocation;
-    let request = String::from_utf8_lossy(request);
     let answer: Result<Answer, String> = std::panic::catch_unwind(|| {
         Python::attach(|py| {
-            let bridge = BRIDGE.get().ok_or("invoke before init")?.bind(py);
+            let bridge = BRIDGE.get().ok_or("called before init")?.bind(py);
+            let args = PyTuple::new(py, args).map_err(|e| e.to_string())?;
             bridge
-                .call_method1(
-                    "invoke",
-                    PyTuple::new(py, [request.as_ref()]).map_err(|e| e.to_string())?,
-                )
+                .call_method1(method, args)
                 .and_then(|r| r.extract::<Answer>())
                 .map_err(|e| e.to_string())
         })
@@ -302,12 +336,14 @@ unsafe extern "C" fn invoke(ctx: *const abi::EtlInvokeCtx, request: abi::EtlStr)
     for m in &warnings {
         unsafe { (host.add_warning)(inv, abi::EtlStr::from_str(m)) };
     }
-    if meta != DEFAULT_FILEDATA_META {
+    if !meta.is_empty() && meta != DEFAULT_FILEDATA_META {
         unsafe { (host.set_filedata_meta)(inv, abi::EtlStr::from_str(&meta)) };
     }
     if status == 200 {
-        let output = output.unwrap_or_else(|| "null".into());
-        unsafe { (host.emit)(inv, abi::EtlStr::from_str(&output)) };
+        if method == "invoke" {
+            let output = output.unwrap_or_else(|| "null".into());
+            unsafe { (host.emit)(inv, abi::EtlStr::from_str(&output)) };
+        }
         return abi::RESULT_OK;
     }
     let nullable = |s: &Option<String>| {
@@ -359,6 +395,9 @@ mod tests {
                 .as_deref(),
             Some("src")
         );
+        let c = Config::parse("m:f --precheck-app m:ready --sealed-dag-node-settings-v2").unwrap();
+        assert_eq!(c.precheck_app.as_deref(), Some("m:ready"));
+        assert!(c.sealed_settings_v2);
         assert!(Config::parse("").is_err());
         assert!(Config::parse("m:f --reload")
             .unwrap_err()
