@@ -343,7 +343,7 @@ fn serve(name: &str) -> Server {
 
 /// etl-serve serving the Python `app` through the bridge, importable from
 /// `dir`, with the reference's virtualenv.
-fn serve_python(app: &str, dir: &str) -> Server {
+pub fn serve_python(app: &str, dir: &str) -> Server {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
     let venv = reference_venv();
     let pythonpath = workspace.join(dir);

@@ -9,6 +9,7 @@
 //! - `edges`: responses, bodies and streams still moving at shutdown;
 //! - `loading`: plugins that load, and the ones that must not;
 //! - `operations`: settings, limits, logs, metrics and probes;
+//! - `python`: the Python bridge's own behaviour (its wire is in `differential`);
 //! - `reliability`: plugin faults, bad input, and SIGTERM under load;
 //! - `shutdown`: the shutdown sequence, driven with real signals;
 //! - `signals`: every other signal, as PID 1 and not.
@@ -19,6 +20,7 @@ mod differential;
 mod edges;
 mod loading;
 mod operations;
+mod python;
 mod reliability;
 mod shutdown;
 mod signals;

@@ -32,7 +32,34 @@ from pydantic import TypeAdapter
 from typing import Optional
 from uvicorn.importer import import_from_string
 
-_INJECTED = ["usage", "filedata_meta", "message_channels"]
+_INJECTED = ["usage", "filedata_meta", "message_channels", "cancellation_token"]
+
+
+# The status `_run` returns for a plugin that stopped on its token.
+SHUTDOWN = 0
+
+
+class PluginShutdown(Exception):
+    """Raised by `cancellation_token.raise_if_cancelled()`: the plugin stopped
+    because the server is shutting down (or its client went away). The
+    caller gets the retryable 503 shutdown-abort. An exception of this name
+    from elsewhere (the reference's own, where it has one) counts the same."""
+
+
+class CancellationToken:
+    """Injected as the `cancellation_token` parameter, as in etl-uvicorn's
+    cooperative shutdown: read-only, backed by the host's cancel flag for
+    this invocation."""
+
+    def __init__(self, flag):
+        self._flag = flag
+
+    def is_cancelled(self):
+        return self._flag.is_set()
+
+    def raise_if_cancelled(self):
+        if self._flag.is_set():
+            raise PluginShutdown("the server is shutting down")
 _USAGE = TypeAdapter(list[UsageData])
 
 
@@ -44,7 +71,9 @@ class _Plugin:
         self.func = get_func(instance, method_name)
         if inspect.isasyncgenfunction(self.func) or inspect.isgeneratorfunction(self.func):
             raise ValueError("streaming (generator) plugins are not served by the bridge yet")
-        self.schema = get_schema_dict(self.func)
+        # The injected parameters are not inputs (cancellation_token too,
+        # as etl-uvicorn's cooperative shutdown leaves it out of /schema).
+        self.schema = get_schema_dict(self.func, omit=["usage", "cancellation_token"])
         if plugin_id:
             self.id = get_plugin_id(import_from_string(plugin_id), plugin_id_method)
         else:
@@ -85,14 +114,15 @@ def _call(func, kwargs):
     return func(**kwargs)
 
 
-def invoke(request_json, settings_json, context_json):
+def invoke(request_json, settings_json, context_json, flag):
     """Runs the plugin on one request (already validated by etl-serve, the
     reserved fields too), with the reserved fields bound as the reference
     binds them (`current_invocation_settings()`...).
 
     Returns (status, text, category, plugin_error, output, usage, infos,
-    warnings, filedata_meta): status 200 with `output` as JSON text, or a
-    failure as the reference reports it (`plugin_error` a tuple or None)."""
+    warnings, filedata_meta): status 200 with `output` as JSON text,
+    SHUTDOWN, or a failure as the reference reports it (`plugin_error` a
+    tuple or None). `flag` is the host's cancel flag for the call."""
     p = _plugin
     # etl-serve has applied the transport rules; what is left is resolving
     # (a sealed document is opened here, with the pod's key).
@@ -109,19 +139,19 @@ def invoke(request_json, settings_json, context_json):
         extract_context({"invocation_context": json.loads(context_json)}) if context_json else None
     )
     with invocation_envelope(settings, context):
-        return _run(p.func, p, request_json)
+        return _run(p.func, p, request_json, flag)
 
 
-def precheck():
+def precheck(flag):
     """Runs the precheck app, as `invoke` runs the function; the plain
     success when there is none."""
     p = _plugin
     if p.precheck is None:
         return (200, None, None, None, None, [], [], [], "")
-    return _run(p.precheck, p, "")
+    return _run(p.precheck, p, "", flag)
 
 
-def _run(func, p, request_json):
+def _run(func, p, request_json, flag):
     params = inspect.signature(func).parameters
     usage = []
     message_channels = _reference.MessageChannels()
@@ -140,6 +170,8 @@ def _run(func, p, request_json):
         kwargs["message_channels"] = message_channels
     if "filedata_meta" in params:
         kwargs["filedata_meta"] = filedata_meta
+    if "cancellation_token" in params:
+        kwargs["cancellation_token"] = CancellationToken(flag)
 
     def reported():
         meta = p.filedata_meta_model.model_validate(filedata_meta.model_dump())
@@ -153,26 +185,34 @@ def _run(func, p, request_json):
 
     try:
         output = _call(func, kwargs)
-    except _reference.HTTPException as exc:
+    except Exception as exc:
+        if type(exc).__name__ != "PluginShutdown":
+            return _failure(exc) + reported()
+        return (SHUTDOWN, None, None, None, None) + reported()
+    return (200, None, None, None, p.output.dump_json(output).decode()) + reported()
+
+
+def _failure(exc):
+    """How the reference reports `exc`: (status, text, category, plugin_error,
+    output), by the branches of its request handler."""
+    if isinstance(exc, _reference.HTTPException):
         text = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=_safe_str)
-        return (exc.status_code, text, _reference.failure_category_of(exc), None, None) + reported()
-    except _reference.UnstructuredIngestError as exc:
+        return (exc.status_code, text, _reference.failure_category_of(exc), None, None)
+    if isinstance(exc, _reference.UnstructuredIngestError):
         return (
             _reference.status_code_of(exc),
             _safe_str(exc),
             _reference.failure_category_of(exc),
             _plugin_error(exc),
             None,
-        ) + reported()
-    except Exception as exc:
-        return (
-            _reference.status_code_of(exc),
-            f"[{type(exc).__name__}] {_safe_str(exc)}",
-            _reference.failure_category_of(exc),
-            None,
-            None,
-        ) + reported()
-    return (200, None, None, None, p.output.dump_json(output).decode()) + reported()
+        )
+    return (
+        _reference.status_code_of(exc),
+        f"[{type(exc).__name__}] {_safe_str(exc)}",
+        _reference.failure_category_of(exc),
+        None,
+        None,
+    )
 
 
 def _safe_str(value):

@@ -19,15 +19,19 @@
 //! them (`current_invocation_settings()`, `current_invocation_context()`),
 //! resolved by `utic_invocation_settings` from the plugin's virtualenv.
 //!
-//! Not yet served: generators (streaming), the cancellation token, and the
-//! envelope's `file_data`.
+//! A `cancellation_token` parameter is injected (`is_cancelled()`,
+//! `raise_if_cancelled()`), reading the host's cancel flag of the call; a
+//! `PluginShutdown` the function raises is the 503 shutdown-abort.
+//!
+//! Not yet served: generators (streaming) and the envelope's `file_data`.
 
 use std::ffi::{c_void, CString};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use etl_abi as abi;
 use pyo3::prelude::*;
-use pyo3::types::{PyModule, PyTuple};
+use pyo3::types::{PyModule, PyString, PyTuple};
 
 /// The table: static, with placeholder schemas that `init` replaces.
 struct Table(abi::EtlPlugin);
@@ -57,6 +61,20 @@ static TABLE: Table = Table(abi::EtlPlugin {
 #[no_mangle]
 pub extern "C" fn etl_plugin_entry() -> *const abi::EtlPlugin {
     &TABLE.0
+}
+
+/// The host's cancel flag of one invocation, as `bridge.py`'s
+/// `CancellationToken` reads it.
+#[pyclass(frozen)]
+struct Flag {
+    word: Option<&'static AtomicU32>,
+}
+
+#[pymethods]
+impl Flag {
+    fn is_set(&self) -> bool {
+        self.word.is_some_and(|w| w.load(Ordering::Acquire) != 0)
+    }
 }
 
 /// The helper module (`bridge.py`), once loaded.
@@ -271,6 +289,9 @@ type Answer = (
     String,
 );
 
+/// The status `bridge.py` returns for a plugin that stopped on its token.
+const SHUTDOWN: u16 = 0;
+
 const DEFAULT_FILEDATA_META: &str = r#"{"terminate_current":false,"new_records":[]}"#;
 
 unsafe extern "C" fn invoke(ctx: *const abi::EtlInvokeCtx, request: abi::EtlStr) -> i32 {
@@ -296,10 +317,22 @@ fn run(ctx: &abi::EtlInvokeCtx, method: &str, args: &[String]) -> i32 {
     // SAFETY: the host's table is static.
     let host = unsafe { &*ctx.host };
     let inv = ctx.invocation;
+    // SAFETY: the host's flag stays mapped until the process exits and is
+    // only written atomically (etl_plugin.h); AtomicU32 has its layout.
+    let word = unsafe { ctx.cancel_flag.cast::<AtomicU32>().as_ref() };
     let answer: Result<Answer, String> = std::panic::catch_unwind(|| {
         Python::attach(|py| {
             let bridge = BRIDGE.get().ok_or("called before init")?.bind(py);
-            let args = PyTuple::new(py, args).map_err(|e| e.to_string())?;
+            let mut items: Vec<Bound<'_, PyAny>> = args
+                .iter()
+                .map(|a| PyString::new(py, a).into_any())
+                .collect();
+            items.push(
+                Bound::new(py, Flag { word })
+                    .map_err(|e| e.to_string())?
+                    .into_any(),
+            );
+            let args = PyTuple::new(py, items).map_err(|e| e.to_string())?;
             bridge
                 .call_method1(method, args)
                 .and_then(|r| r.extract::<Answer>())
@@ -338,6 +371,9 @@ fn run(ctx: &abi::EtlInvokeCtx, method: &str, args: &[String]) -> i32 {
     }
     if !meta.is_empty() && meta != DEFAULT_FILEDATA_META {
         unsafe { (host.set_filedata_meta)(inv, abi::EtlStr::from_str(&meta)) };
+    }
+    if status == SHUTDOWN {
+        return abi::RESULT_SHUTDOWN;
     }
     if status == 200 {
         if method == "invoke" {
