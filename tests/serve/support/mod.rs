@@ -105,6 +105,8 @@ pub struct Spawned {
     listening: std::sync::mpsc::Receiver<String>,
     /// While true, nobody reads the process's stderr.
     paused: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    /// Disconnects when the reader has seen the end of stderr.
+    stderr_done: std::sync::mpsc::Receiver<()>,
 }
 
 impl Spawned {
@@ -120,7 +122,9 @@ impl Spawned {
         let sink = logs.clone();
         let paused = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
         let pause = paused.clone();
+        let (done, stderr_done) = std::sync::mpsc::channel::<()>();
         std::thread::spawn(move || {
+            let _done = done;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 let (lock, resumed) = &*pause;
                 drop(resumed.wait_while(lock.lock().unwrap(), |p| *p).unwrap());
@@ -147,6 +151,7 @@ impl Spawned {
             logs,
             listening,
             paused,
+            stderr_done,
         }
     }
 
@@ -194,11 +199,17 @@ impl Spawned {
         signal_pid(self.pid(), signal);
     }
 
-    /// Waits up to `timeout` for the process to exit.
+    /// Waits up to `timeout` for the process to exit, then (for at most 5 s
+    /// more, and unless the logs are paused) until its last lines are in the
+    /// logs: the reader has seen the end of stderr.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
+                // (Not while the test keeps stderr unread on purpose.)
+                if !*self.paused.0.lock().unwrap() {
+                    let _ = self.stderr_done.recv_timeout(Duration::from_secs(5));
+                }
                 return Some(status);
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -275,8 +286,8 @@ impl Server {
                 return Ok(Server { proc, addr });
             }
             if let Some(status) = proc.child.try_wait().unwrap() {
-                // Let the reader thread drain what is left.
-                std::thread::sleep(Duration::from_millis(100));
+                // Let the reader thread take in what is left.
+                let _ = proc.stderr_done.recv_timeout(Duration::from_secs(5));
                 return Err(Failed {
                     status,
                     stderr: proc.logs(),
