@@ -35,12 +35,9 @@ pub async fn invoke(
     from: Requester<'_>,
 ) -> Response<Body> {
     let (head, body) = req.into_parts();
-    let Ok(deadline) = deadline(&head.headers) else {
-        return super::reply::detail(
-            StatusCode::BAD_REQUEST,
-            &format!("Invalid {TIMEOUT_HEADER} header: expected a whole number of milliseconds"),
-        );
-    };
+    // Counted from the head, but refused only once the body is read, so
+    // that the connection stays usable and the client reads the 400 whole.
+    let deadline = deadline(&head.headers);
     let content_type = head
         .headers
         .get(header::CONTENT_TYPE)
@@ -48,6 +45,12 @@ pub async fn invoke(
     let (body, _held) = match read_body(body, &app.body).await {
         Ok(read) => read,
         Err(response) => return response,
+    };
+    let Ok(deadline) = deadline else {
+        return super::reply::detail(
+            StatusCode::BAD_REQUEST,
+            &format!("Invalid {TIMEOUT_HEADER} header: expected a whole number of milliseconds"),
+        );
     };
     // Counted before the drain check: a drain that starts after the check
     // then waits for this request.

@@ -177,14 +177,25 @@ fn the_callers_deadline_reaches_the_plugin_and_a_bad_one_is_refused() {
     assert!((50_000..=60_000).contains(&left), "{left} ms left");
     let r = invoke_with(&s, "x-etl-timeout-ms: 0\r\n", "{}");
     assert_eq!(r.json()["output"]["remaining_ms"], 0);
+    // On one keep-alive connection: each refusal is whole, and the body
+    // behind it is read, so the connection serves the next request.
+    let mut conn = s.connect();
+    // (A body large enough that the server would not drain it unread.)
+    let body = format!(r#"{{"fail":false,"pad":"{}"}}"#, "x".repeat(1 << 20));
     for bad in ["soon", "-5", "1.5", ""] {
-        let r = invoke_with(&s, &format!("x-etl-timeout-ms: {bad}\r\n"), "{}");
+        let raw = format!(
+            "POST /invoke HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nx-etl-timeout-ms: {bad}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let r = conn.send_raw(raw.as_bytes()).unwrap();
         assert_eq!(r.status, 400, "{bad:?}");
         assert_eq!(
             r.json(),
             json!({"detail": "Invalid x-etl-timeout-ms header: expected a whole number of milliseconds"})
         );
     }
+    let r = conn.send("POST", "/invoke", Some("{}")).unwrap();
+    assert_eq!(r.json()["output"]["abi"], "1.1");
 }
 
 #[test]

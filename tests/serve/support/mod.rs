@@ -425,6 +425,12 @@ impl Conn {
         read_response(&mut self.reader)
     }
 
+    /// Sends raw request bytes and reads one response.
+    pub fn send_raw(&mut self, raw: &[u8]) -> std::io::Result<Response> {
+        self.stream.write_all(raw)?;
+        read_response(&mut self.reader)
+    }
+
     pub fn stream_mut(&mut self) -> &mut TcpStream {
         &mut self.stream
     }
