@@ -448,8 +448,10 @@ typedef struct etl_plugin {
     uint32_t capabilities;
     uint32_t flags;
 
-    /* Optional (NULL when absent). Called once, on the main thread, before
-     * any other hook and before the server listens. Return 0 on success; any
+    /* Optional (NULL when absent). Called once, on a host thread (not
+     * necessarily the process's main thread), before any other hook and
+     * before the server listens; the host reads the schemas and id only
+     * after it returned (see etl_init_ctx.describe). Return 0 on success; any
      * other value stops the host, which reports the message given to
      * ctx->set_error. */
     int32_t (*init)(const etl_init_ctx *ctx);

@@ -420,6 +420,8 @@ struct Described {
 struct InitReport {
     error: Option<String>,
     described: Described,
+    /// Why what `describe` was given cannot be used.
+    bad_description: Option<String>,
 }
 
 /// Runs `init` and returns the state it stored and what it described.
@@ -439,27 +441,10 @@ fn run_init(
         let Some(d) = (unsafe { d.as_ref() }) else {
             return;
         };
-        if (d.struct_size as usize) < std::mem::size_of::<abi::EtlDescription>() {
-            report.error = Some(format!(
-                "describe got a struct_size of {} bytes",
-                d.struct_size
-            ));
-            return;
+        match described(d) {
+            Ok(described) => report.described = described,
+            Err(why) => report.bad_description = Some(why),
         }
-        // Non-UTF-8 text is kept as is and refused by the checks after init.
-        let text = |s: abi::EtlStr| {
-            (!s.ptr.is_null())
-                .then(|| String::from_utf8_lossy(unsafe { s.as_bytes() }).into_owned())
-        };
-        report.described = Described {
-            name: text(d.name),
-            version: text(d.version),
-            inputs_schema: text(d.inputs_schema),
-            outputs_schema: text(d.outputs_schema),
-            id: text(d.id),
-            capabilities: d.capabilities,
-            flags: d.flags,
-        };
     }
     let mut report = InitReport::default();
     let mut state: *mut c_void = std::ptr::null_mut();
@@ -475,11 +460,45 @@ fn run_init(
     };
     // SAFETY: ctx and everything it points to live until init returns.
     let rc = unsafe { init(&ctx) };
-    if rc == 0 {
-        Ok((PluginState(state), report.described))
-    } else {
-        Err(LoadError::Init(report.error.unwrap_or_else(|| {
+    if rc != 0 {
+        return Err(LoadError::Init(report.error.unwrap_or_else(|| {
             format!("init returned {rc} without a message")
-        })))
+        })));
     }
+    match report.bad_description {
+        None => Ok((PluginState(state), report.described)),
+        Some(why) => Err(LoadError::BadTable(format!(
+            "init described it wrongly: {why}"
+        ))),
+    }
+}
+
+/// Copies what a plugin passed to `describe`, or says what is wrong with it.
+fn described(d: &abi::EtlDescription) -> Result<Described, String> {
+    if (d.struct_size as usize) < std::mem::size_of::<abi::EtlDescription>() {
+        return Err(format!(
+            "struct_size is {} bytes, smaller than etl_description's {}",
+            d.struct_size,
+            std::mem::size_of::<abi::EtlDescription>()
+        ));
+    }
+    let text = |field: &str, s: abi::EtlStr| -> Result<Option<String>, String> {
+        if s.ptr.is_null() {
+            return Ok(None);
+        }
+        // SAFETY: borrowed for the call to describe, which this runs in.
+        let bytes = unsafe { s.as_bytes() };
+        String::from_utf8(bytes.to_vec())
+            .map(Some)
+            .map_err(|_| format!("the `{field}` string is not valid UTF-8"))
+    };
+    Ok(Described {
+        name: text("name", d.name)?,
+        version: text("version", d.version)?,
+        inputs_schema: text("inputs_schema", d.inputs_schema)?,
+        outputs_schema: text("outputs_schema", d.outputs_schema)?,
+        id: text("id", d.id)?,
+        capabilities: d.capabilities,
+        flags: d.flags,
+    })
 }

@@ -261,3 +261,23 @@ fn a_plugin_built_for_abi_1_0_loads_works_and_shuts_down() {
     // `shutdown`, not the poisoned `finish` past the 1.0 table.
     assert_eq!(std::fs::read_to_string(&done).unwrap(), "shutdown");
 }
+
+#[test]
+fn a_description_from_init_that_cannot_be_used_stops_the_load() {
+    let lib = c_fixture("abi", Some("DESCRIBES_BADLY"));
+    let out = support::etl_serve()
+        .arg("--plugin")
+        .arg(&lib)
+        .args(["--port", "0", "--plugin-config", "/dev/null"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "etl-serve: error: cannot load plugin {}: invalid plugin table: init described it wrongly: the `name` string is not valid UTF-8",
+            lib.display()
+        )),
+        "{stderr}"
+    );
+}
