@@ -442,15 +442,26 @@ fn python_failures_are_classified_as_the_reference_classifies_them() {
         invoke("user error", json, r#"{"kind":"user"}"#),
         invoke("invalid input", json, r#"{"kind":5}"#),
     ];
+    assert_same_answers(&reference, &ours, &cases, app);
+}
+
+/// Sends each case to both servers and asserts the same status, content
+/// type and body bytes (the body compared first, as the most telling).
+fn assert_same_answers(reference: &Reference, ours: &Server, cases: &[Case], label: &str) {
     for case in cases {
-        let (theirs, mine) = (answer(reference.addr, &case), answer(ours.addr, &case));
+        let (theirs, mine) = (answer(reference.addr, case), answer(ours.addr, case));
         assert_eq!(
             String::from_utf8_lossy(&mine.2),
             String::from_utf8_lossy(&theirs.2),
-            "{}",
+            "{label}: {}",
             case.name
         );
-        assert_eq!((mine.0, mine.1), (theirs.0, theirs.1), "{}", case.name);
+        assert_eq!(
+            (mine.0, mine.1),
+            (theirs.0, theirs.1),
+            "{label}: {}",
+            case.name
+        );
     }
 }
 
@@ -501,20 +512,6 @@ fn python_reserved_fields_and_precheck_apps_work_as_in_the_reference() {
     ] {
         let reference = Reference::serving(app, dir);
         let ours = serve_python(app, dir);
-        for case in &cases {
-            let (theirs, mine) = (answer(reference.addr, case), answer(ours.addr, case));
-            assert_eq!(
-                String::from_utf8_lossy(&mine.2),
-                String::from_utf8_lossy(&theirs.2),
-                "{app}: {}",
-                case.name
-            );
-            assert_eq!(
-                (mine.0, mine.1),
-                (theirs.0, theirs.1),
-                "{app}: {}",
-                case.name
-            );
-        }
+        assert_same_answers(&reference, &ours, &cases, app);
     }
 }
