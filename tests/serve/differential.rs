@@ -474,6 +474,10 @@ fn a_python_plugin_that_cannot_be_loaded_is_refused_with_its_traceback() {
             .arg(plugin("etl_python"))
             .args(["--port", "0", "--plugin-config", config])
             .env("VIRTUAL_ENV", &venv)
+            .env(
+                "PYTHONPATH",
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/python"),
+            )
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(65), "{config}");
@@ -487,6 +491,21 @@ fn a_python_plugin_that_cannot_be_loaded_is_refused_with_its_traceback() {
     );
     assert!(log.contains("Traceback (most recent call last)"), "{log}");
     assert!(!log.contains("listening"));
+    // An exception at import: its message on the one line, whole in the
+    // traceback.
+    let log = refuse("etl_broken:f");
+    let line = log
+        .lines()
+        .find(|l| l.starts_with("etl-serve: error:"))
+        .unwrap();
+    assert!(
+        line.ends_with("cannot load etl_broken:f: RuntimeError: no model file looked in /models"),
+        "{line}"
+    );
+    assert!(
+        log.contains("RuntimeError: no model file\nlooked in /models"),
+        "{log}"
+    );
     let log = refuse("m:f --reload");
     assert!(
         log.contains("--plugin-config: unknown or not yet supported option `--reload`"),

@@ -237,7 +237,14 @@ fn load(config: &Config) -> Result<(String, String, String), (String, String)> {
             described.extract()
         };
         run().map_err(|e| {
-            let line = format!("cannot load {}: {}", config.app, e);
+            // One line for the startup error; the whole text is in the
+            // traceback logged beside it.
+            let what = e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
+            let line = format!("cannot load {}: {what}", config.app);
             let traceback = py
                 .import("traceback")
                 .and_then(|t| t.call_method1("format_exception", (e.value(py),)))
