@@ -19,7 +19,8 @@ use crate::plugin::{LoadError, Plugin};
 use crate::reaper;
 use crate::routes::body::{BodyLimits, MemoryBudget};
 use crate::server::{self, ConnLimits, Listener};
-use crate::shutdown::{self, Drain, ShutdownSignals};
+use crate::shutdown::{self, Drain};
+use crate::signals::ShutdownSignals;
 use crate::validate::{reserved, InputModel};
 
 /// Exit codes of a failed start (those of a shutdown are in

@@ -37,6 +37,7 @@ mod reaper;
 mod routes;
 mod server;
 mod shutdown;
+mod signals;
 mod sync;
 mod unique;
 mod validate;
