@@ -1,7 +1,9 @@
 //! Builds `libwordcount_c.so` from `wordcount.c` with the C compiler the `cc`
-//! crate finds (CC, else the platform's `cc`), and puts it beside the Rust
-//! plugins in the target profile directory (`target/release/` for
-//! `cargo build --release`), since cargo itself only links Rust libraries.
+//! crate finds (CC, else the platform's `cc`), linked with Jansson
+//! (`-ljansson`; Debian: libjansson-dev, which `scripts/setup` installs),
+//! and puts it beside the Rust plugins in the target profile directory
+//! (`target/release/` for `cargo build --release`), since cargo itself only
+//! links Rust libraries.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,6 +43,7 @@ fn main() {
         .arg("-I")
         .arg(&include)
         .arg(&source)
+        .arg("-ljansson")
         .arg("-o")
         .arg(&library);
     let status = cmd
@@ -48,7 +51,8 @@ fn main() {
         .unwrap_or_else(|e| panic!("cannot run the C compiler {:?}: {e}", compiler.path()));
     assert!(
         status.success(),
-        "the C compiler failed to build {}",
+        "the C compiler failed to build {} (it needs Jansson's header and library: \
+         run scripts/setup, or install Debian's libjansson-dev)",
         library.display()
     );
 }

@@ -218,7 +218,7 @@ mod bad_input {
         assert_eq!(r.status, 200);
         assert_eq!(
             r.json()["status_code_text"],
-            "[InputError] repeat must be an integer of at most 64 bits"
+            "[InputError] a number in the request does not fit in 64 bits"
         );
         // 100 000 levels of nesting: refused by the parser, no stack overflow.
         let deep = format!(r#"{{"text":{}}}"#, "[".repeat(100_000));
