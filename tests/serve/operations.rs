@@ -460,6 +460,45 @@ fn a_request_head_over_the_limit_gets_431() {
     assert_eq!(support::request(s.addr, ok.as_bytes()).status, 200);
 }
 
+#[test]
+fn a_request_line_over_the_head_limit_gets_414() {
+    let s = Server::start(&plugin("wordcount"), &["--max-header-size", "8KiB"]);
+    // A URI of 70 KB, as a client building a query string might send.
+    let uri = format!("/schema?q={}", "x".repeat(70_000));
+    let raw = format!("GET {uri} HTTP/1.1\r\nHost: t\r\n\r\n");
+    let r = support::request(s.addr, raw.as_bytes());
+    assert_eq!(r.status, 414, "{}", r.text());
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_eq!(
+        r.json()["detail"],
+        "URI Too Long: the request line is longer than the server's --max-header-size"
+    );
+
+    // The same line trickling in, a few bytes per write, on one connection.
+    let mut c = s.connect();
+    let head = format!("GET {} HTTP/1.1\r\nHost: t\r\n\r\n", &uri[..9_000]);
+    for piece in head.as_bytes().chunks(1_500) {
+        c.stream_mut().write_all(piece).unwrap();
+    }
+    let r = support::read_response(&mut BufReader::new(c.stream_mut())).unwrap();
+    assert_eq!(r.status, 414);
+
+    // A short line with too many header bytes is still the head's 431, and
+    // a line just under the limit is served.
+    let big = "x".repeat(9 * 1024);
+    let raw = format!("GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: {big}\r\n\r\n");
+    assert_eq!(support::request(s.addr, raw.as_bytes()).status, 431);
+    let raw = format!(
+        "GET /healthz?q={} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        "x".repeat(7 * 1024)
+    );
+    assert_eq!(support::request(s.addr, raw.as_bytes()).status, 200);
+    assert!(s
+        .get("/metrics")
+        .text()
+        .contains("etl_serve_requests_total{route=\"other\",status=\"414\"} 2"));
+}
+
 // ---------------------------------------------------------------------------
 // Metrics and logs
 // ---------------------------------------------------------------------------

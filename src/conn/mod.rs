@@ -10,23 +10,27 @@
 //! - the head deadline: how long a connection may wait for a request head
 //!   (the keep-alive and header-read timeouts), kept by [`ConnIo`] with one
 //!   runtime timer per connection, and the [`AnswerPending`] guard that
-//!   suspends it while a request is being served.
+//!   suspends it while a request is being served;
+//! - the 414 for a request line longer than `--max-header-size`, which
+//!   hyper would answer with its 431 for the whole head.
 
-use std::future::Future;
 use std::io;
 use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::metrics::METRICS;
+use crate::metrics::{Route, METRICS};
 use crate::server::ConnLimits;
 use crate::sync::lock;
+
+mod timer;
+use timer::LazyTimer;
 
 /// What the routes, and the inline-call watchdog, know of one connection:
 /// whether hyper has handed the socket every byte it wrote, and the socket
@@ -165,7 +169,34 @@ pub struct ConnIo<S> {
     /// Since when writes have been refused, while they are.
     write_stalled_since: Option<Instant>,
     write_timer: LazyTimer,
+    max_header_size: usize,
+    /// The bytes of the request line read so far, while a request head is
+    /// arriving and its first line has not ended.
+    request_line: Option<usize>,
+    /// Set once the request line is too long: how much of the 414 is
+    /// written.
+    refused: Option<Refusal>,
 }
+
+/// The answer to a request line longer than `--max-header-size`.
+const URI_TOO_LONG: &[u8] = b"HTTP/1.1 414 URI Too Long\r\n\
+content-type: application/json\r\n\
+content-length: 89\r\n\
+connection: close\r\n\r\n\
+{\"detail\":\"URI Too Long: the request line is longer than the server's --max-header-size\"}";
+
+/// Where the 414 of [`ConnIo::refuse`] is.
+#[derive(Default)]
+struct Refusal {
+    written: usize,
+    shut_down: bool,
+    discarded: usize,
+}
+
+/// How much of a refused request [`ConnIo::refuse`] reads and discards
+/// after its answer, so that the client reads the answer rather than a
+/// reset: the rest of a long request line, and a little more.
+const DISCARD_AFTER_REFUSAL: usize = 1 << 20;
 
 impl<S: AsRawFd> ConnIo<S> {
     /// Wraps `io`, which is listed in `all` until it closes, must deliver
@@ -188,6 +219,9 @@ impl<S: AsRawFd> ConnIo<S> {
             write_timeout: limits.write_timeout,
             write_stalled_since: None,
             write_timer: LazyTimer::default(),
+            max_header_size: limits.max_header_size,
+            request_line: None,
+            refused: None,
         };
         all.add(&conn);
         (io, conn)
@@ -257,19 +291,29 @@ impl<S> Drop for ConnIo<S> {
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.refused.is_some() {
+            return self.refuse(cx);
+        }
         let before = buf.filled().len();
         let read = Pin::new(&mut *self.io).poll_read(cx, buf);
         // Bytes read while no request is being served start the next one.
         // (Read while one is served, they are its body, or a request hyper
         // dispatches once the answer is out.)
         if buf.filled().len() > before && self.conn.answers_pending.load(Ordering::Relaxed) == 0 {
-            self.conn.unparsed.store(true, Ordering::Relaxed);
+            let starts_a_head = !self.conn.unparsed.swap(true, Ordering::Relaxed);
+            if self.request_line_too_long(starts_a_head, &buf.filled()[before..]) {
+                // Hyper never sees these bytes: it would answer 431.
+                buf.set_filled(before);
+                METRICS.request(Route::other, 414);
+                self.refused = Some(Refusal::default());
+                return self.refuse(cx);
+            }
         }
         if read.is_pending() && self.past_head_deadline(cx) {
             return Poll::Ready(Err(io::Error::new(
@@ -278,6 +322,87 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
             )));
         }
         read
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ConnIo<S> {
+    /// Follows the request line through `read`, the next bytes of a request
+    /// head (the first ones when `starts_a_head`): whether the line has
+    /// reached `--max-header-size` without ending, or ended past it. Only
+    /// heads that start on an idle connection are followed; a pipelined one
+    /// read with an earlier request is left to hyper (431).
+    fn request_line_too_long(&mut self, starts_a_head: bool, read: &[u8]) -> bool {
+        if starts_a_head {
+            self.request_line = Some(0);
+        }
+        let Some(seen) = self.request_line else {
+            return false;
+        };
+        match read.iter().position(|&b| b == b'\n') {
+            Some(end) => {
+                self.request_line = None;
+                seen + end >= self.max_header_size
+            }
+            None => {
+                self.request_line = Some(seen + read.len());
+                seen + read.len() >= self.max_header_size
+            }
+        }
+    }
+
+    /// Answers a request whose line is too long with [`URI_TOO_LONG`], ends
+    /// the writing side, then reads and discards what the client still
+    /// sends (up to [`DISCARD_AFTER_REFUSAL`], within the head deadline)
+    /// until it closes: closing a socket with unread bytes would reset the
+    /// connection, and the client might lose the answer. Then fails the
+    /// read, and hyper closes the connection without a word of its own.
+    fn refuse(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut refusal = self.refused.take().unwrap_or_default();
+        let done = loop {
+            if refusal.written < URI_TOO_LONG.len() {
+                let rest = &URI_TOO_LONG[refusal.written..];
+                let written = Pin::new(&mut *self.io).poll_write(cx, rest);
+                match self.within_write_deadline(written, cx) {
+                    Poll::Ready(Ok(n)) if n > 0 => refusal.written += n,
+                    Poll::Ready(Ok(_)) => break Err(io::ErrorKind::WriteZero.into()),
+                    Poll::Ready(Err(e)) => break Err(e),
+                    Poll::Pending => break Ok(false),
+                }
+                continue;
+            }
+            if !refusal.shut_down {
+                match Pin::new(&mut *self.io).poll_shutdown(cx) {
+                    Poll::Ready(Ok(())) => refusal.shut_down = true,
+                    Poll::Ready(Err(e)) => break Err(e),
+                    Poll::Pending => break Ok(false),
+                }
+            }
+            let mut scratch = [0u8; 8192];
+            let mut discard = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut *self.io).poll_read(cx, &mut discard) {
+                Poll::Ready(Ok(())) if discard.filled().is_empty() => break Ok(true),
+                Poll::Ready(Ok(())) => {
+                    refusal.discarded += discard.filled().len();
+                    if refusal.discarded > DISCARD_AFTER_REFUSAL {
+                        break Ok(true);
+                    }
+                }
+                Poll::Ready(Err(e)) => break Err(e),
+                Poll::Pending if self.past_head_deadline(cx) => break Ok(true),
+                Poll::Pending => break Ok(false),
+            }
+        };
+        match done {
+            Ok(false) => {
+                self.refused = Some(refusal);
+                Poll::Pending
+            }
+            Ok(true) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request line longer than --max-header-size: answered 414",
+            ))),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }
 
@@ -406,130 +531,5 @@ impl Connections {
             census.busy += usize::from(conn.busy());
         }
         census
-    }
-}
-
-/// A runtime timer for a deadline that moves often: a connection's head
-/// deadline, or its write deadline.
-///
-/// The head deadline moves with every request, and moving a runtime timer costs
-/// a removal and an insertion in the runtime's timer wheel. So the timer
-/// stays where it is while it is set no later than the deadline: when it
-/// fires early, the task looks at the deadline again and the timer moves,
-/// about once per timeout period on a busy connection. Against a timer
-/// reset for every deadline, that saves about 430 instructions of each
-/// request (2.2%, `bench/callgrind`).
-#[derive(Default)]
-struct LazyTimer {
-    /// Made on first use, from inside the runtime.
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Where `sleep` is set.
-    set_for: Option<Instant>,
-    /// The waker `sleep` was last polled with.
-    waker: Option<Waker>,
-}
-
-impl LazyTimer {
-    /// Ready once `deadline` has passed; else pending, with the task to be
-    /// woken at or before `deadline`.
-    fn poll_until(&mut self, deadline: Instant, cx: &mut Context<'_>) -> Poll<()> {
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
-        loop {
-            match self.set_for {
-                Some(at) if at <= deadline => {
-                    // Polling the timer again would only register the same
-                    // waker again.
-                    let same_waker = self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-                    if same_waker && !sleep.is_elapsed() {
-                        return Poll::Pending;
-                    }
-                    if sleep.as_mut().poll(cx).is_pending() {
-                        if !same_waker {
-                            self.waker = Some(cx.waker().clone());
-                        }
-                        return Poll::Pending;
-                    }
-                    if at == deadline {
-                        return Poll::Ready(());
-                    }
-                    // It fired for an earlier deadline.
-                }
-                // Not set yet, or set past the deadline.
-                _ => {}
-            }
-            sleep.as_mut().reset(deadline.into());
-            self.set_for = Some(deadline);
-            // Poll it again whatever the waker: one that fired has let go
-            // of the waker it had.
-            self.waker = None;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // The tests run on tokio's paused clock, which moves only when every
-    // task waits, straight to the next timer: the times they see are exact.
-
-    fn ms(n: u64) -> Duration {
-        Duration::from_millis(n)
-    }
-
-    /// Now, on the runtime's clock.
-    fn now() -> Instant {
-        tokio::time::Instant::now().into_std()
-    }
-
-    async fn until(timer: &mut LazyTimer, deadline: Instant) {
-        std::future::poll_fn(|cx| timer.poll_until(deadline, cx)).await;
-    }
-
-    /// One look at the deadline, as a read that finds nothing does.
-    fn look(timer: &mut LazyTimer, deadline: Instant) -> Poll<()> {
-        timer.poll_until(deadline, &mut Context::from_waker(Waker::noop()))
-    }
-
-    /// Whether `slept` is `want`, to the timer's resolution of 1 ms.
-    fn on_time(slept: Duration, want: Duration) -> bool {
-        slept >= want && slept <= want + ms(1)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_timer_ends_at_its_deadline_and_not_before() {
-        let mut timer = LazyTimer::default();
-        let start = now();
-        until(&mut timer, start + ms(100)).await;
-        let slept = now() - start;
-        assert!(on_time(slept, ms(100)), "{slept:?}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_later_deadline_keeps_the_timer_and_is_still_met() {
-        let mut timer = LazyTimer::default();
-        let start = now();
-        // One look per request, each with a later deadline.
-        for i in 0..3 {
-            assert!(look(&mut timer, start + ms(200 + 50 * i)).is_pending());
-            tokio::time::sleep(ms(50)).await;
-        }
-        // The timer is set for the first deadline (200 ms); this one is
-        // 150 ms later.
-        until(&mut timer, start + ms(350)).await;
-        let slept = now() - start;
-        assert!(on_time(slept, ms(350)), "{slept:?}");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_earlier_deadline_moves_the_timer_forward() {
-        let mut timer = LazyTimer::default();
-        let start = now();
-        assert!(look(&mut timer, start + Duration::from_secs(60)).is_pending());
-        until(&mut timer, start + ms(50)).await;
-        let slept = now() - start;
-        assert!(on_time(slept, ms(50)), "{slept:?}");
     }
 }
