@@ -47,7 +47,7 @@ fn read_slowly(r: &mut impl Read, chunk: usize, pause: Duration) -> usize {
 }
 
 /// A 100 MB answer whose head has reached the client when SIGTERM comes.
-fn huge_answer_started(s: &Server) -> (BufReader<TcpStream>, usize) {
+pub(crate) fn huge_answer_started(s: &Server) -> (BufReader<TcpStream>, usize) {
     let mut stream = TcpStream::connect(s.addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))

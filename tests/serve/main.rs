@@ -6,6 +6,7 @@
 //! - `abi`: ABI 1.1 as plugins see it, and a 1.0 plugin still working;
 //! - `contract`: every route and error case of the etl plugin contract;
 //! - `differential`: the same requests to etl-uvicorn 0.1.0 and etl-serve;
+//! - `docs`: the commands and log lines the docs show, against the binary;
 //! - `edges`: responses, bodies and streams still moving at shutdown;
 //! - `loading`: plugins that load, and the ones that must not;
 //! - `operations`: settings, limits, logs, metrics and probes;
@@ -17,6 +18,7 @@
 mod abi;
 mod contract;
 mod differential;
+mod docs;
 mod edges;
 mod loading;
 mod operations;
