@@ -28,10 +28,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && strip --strip-unneeded /out/etl-serve /out/plugins/libwordcount.so
 
 # ---- run: glibc and libgcc only, no shell, non-root ---------------------
-# Debian 12, as the builder above. distroless publishes no version tags:
-# pin it by digest (cc-debian12:nonroot@sha256:...) where builds must be
-# reproducible.
-FROM gcr.io/distroless/cc-debian12:nonroot
+# Debian 12, as the builder above. distroless publishes no version tags, so
+# the image is pinned by digest: a rebuild gets the same bytes. To move to
+# a newer one, look its digest up with
+#   docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot
+# and replace the one below.
+FROM gcr.io/distroless/cc-debian12:nonroot@sha256:9dac0a79194e45a7da0158a9c6da57b217585af0786db3845d1f0ec1a0dd182f
 COPY --from=build /out/etl-serve /usr/local/bin/etl-serve
 COPY --from=build /out/plugins/ /opt/etl/plugins/
 ENV ETL_SERVE_PLUGIN=/opt/etl/plugins/libwordcount.so \
