@@ -346,6 +346,46 @@ fn a_client_that_stops_reading_is_cut_at_the_write_timeout() {
     assert_eq!(s.get("/healthz").status, 200);
 }
 
+/// The resident set of process `pid`, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .expect("a VmRSS line")
+}
+
+#[test]
+fn a_stream_whose_client_stopped_reading_pins_a_bounded_amount_of_memory() {
+    let s = Server::start(&fixture(Some("STREAMING")), &["--write-timeout", "60s"]);
+    let before = rss_kib(s.pid());
+    // A plugin that emits 64 KiB items as fast as emit lets it, to a client
+    // that reads the head and nothing more: at full speed that would be
+    // gigabytes a second, were emit not held back by the unread socket.
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .write_all(invoke_request(r#"{"mode":"flood_ignore"}"#).as_bytes())
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    assert_eq!(read_head(&mut reader).0, 200);
+    // Watch the resident set over two seconds of the stalled stream.
+    let mut most = before;
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(2) {
+        most = most.max(rss_kib(s.pid()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The stream's queue (16 items) and hyper's write buffer, not the flood.
+    assert!(
+        most - before < 32 * 1024,
+        "the resident set grew from {before} KiB to {most} KiB"
+    );
+    assert_eq!(s.get("/healthz").status, 200);
+    drop(reader);
+}
+
 #[test]
 fn streams_whose_clients_stopped_reading_release_their_threads() {
     let s = Server::start(
