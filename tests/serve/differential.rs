@@ -344,12 +344,22 @@ fn serve(name: &str) -> Server {
 /// etl-serve serving the Python `app` through the bridge, importable from
 /// `dir`, with the reference's virtualenv.
 pub fn serve_python(app: &str, dir: &str) -> Server {
+    serve_python_with(app, dir, &[])
+}
+
+/// As [`serve_python`], with more arguments for etl-serve.
+pub fn serve_python_with(app: &str, dir: &str, args: &[&str]) -> Server {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
     let venv = reference_venv();
     let pythonpath = workspace.join(dir);
+    let args: Vec<&str> = ["--plugin-config", app]
+        .iter()
+        .chain(args)
+        .copied()
+        .collect();
     Server::start_with(
         &plugin("etl_python"),
-        &["--plugin-config", app],
+        &args,
         &[
             ("VIRTUAL_ENV", venv.to_str().unwrap()),
             ("PYTHONPATH", pythonpath.to_str().unwrap()),
@@ -528,6 +538,7 @@ fn python_reserved_fields_and_precheck_apps_work_as_in_the_reference() {
     for app in [
         "etl_settings:show --precheck-app etl_settings:ready --sealed-dag-node-settings-v2",
         "etl_settings:show --precheck-app etl_settings:not_ready",
+        "etl_settings:show_async",
     ] {
         let reference = Reference::serving(app, dir);
         let ours = serve_python(app, dir);

@@ -1,13 +1,37 @@
 //! The Python bridge beyond the wire (which `differential` compares with
-//! etl-uvicorn): cooperative shutdown of a Python plugin.
+//! etl-uvicorn): the shutdown of a Python plugin, cooperative, async,
+//! forced, and where the forced stop cannot reach; and async calls sharing
+//! one event loop.
 
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal::SIGTERM;
 use serde_json::json;
 
-use crate::differential::serve_python;
-use crate::support::invoke_request;
+use crate::differential::{serve_python, serve_python_with};
+use crate::support::{invoke_request, Response, Server};
+
+const DIR: &str = "tests/fixtures/python";
+
+/// Asserts that `r` is the 503 shutdown-abort.
+fn assert_shutdown_abort(r: &Response) {
+    assert_eq!(r.status, 503, "{}", r.text());
+    let e = r.json();
+    assert_eq!(e["status_code"], 503);
+    assert_eq!(e["plugin_error"]["error_type"], "shutdown");
+    assert_eq!(e["plugin_error"]["retryable"], true);
+}
+
+/// Sends `body` to `s`, waits until it is inside the plugin, sends SIGTERM,
+/// and returns the answer and how long after the signal it came.
+fn invoke_then_sigterm(s: &Server, body: &str) -> (Response, Duration) {
+    let call = s.send_in_background(invoke_request(body));
+    s.wait_in_flight(1);
+    let signalled = Instant::now();
+    s.signal(SIGTERM);
+    let (r, answered) = call.join().unwrap();
+    (r, answered - signalled)
+}
 
 #[test]
 fn a_python_plugin_that_checks_its_token_stops_at_sigterm_with_the_shutdown_abort() {
@@ -43,5 +67,77 @@ fn a_python_plugin_that_checks_its_token_stops_at_sigterm_with_the_shutdown_abor
     assert_eq!(
         s.wait_exit(Duration::from_secs(10)).unwrap().code(),
         Some(0)
+    );
+}
+
+#[test]
+fn an_async_python_plugin_is_cancelled_at_sigterm_the_asyncio_way() {
+    let mut s = serve_python("etl_cancel:wait", DIR);
+    // 500 units of 20 ms: 10 s, and no token to look at.
+    let (r, after) = invoke_then_sigterm(&s, r#"{"units":500}"#);
+    assert_shutdown_abort(&r);
+    assert!(after < Duration::from_secs(3), "answered {after:?} after");
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_busy_sync_python_plugin_is_stopped_before_the_graceful_deadline() {
+    let mut s = serve_python_with("etl_cancel:spin", DIR, &["--graceful-timeout", "2s"]);
+    // 30 s in a Python loop that never looks at a token.
+    let (r, after) = invoke_then_sigterm(&s, r#"{"seconds":30}"#);
+    assert_shutdown_abort(&r);
+    // Raised 300 ms before the deadline, and unwound by it.
+    assert!(
+        after > Duration::from_millis(1500) && after < Duration::from_secs(4),
+        "answered {after:?} after the signal"
+    );
+    // The thread came back: drained, not abandoned.
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0),
+        "{}",
+        s.logs()
+    );
+    assert!(s
+        .logs()
+        .contains("raising PluginShutdown in the plugin's thread"));
+}
+
+#[test]
+fn a_python_plugin_blocked_in_c_is_abandoned_at_the_deadline() {
+    let mut s = serve_python_with("etl_cancel:nap", DIR, &["--graceful-timeout", "1s"]);
+    let (r, after) = invoke_then_sigterm(&s, r#"{"seconds":30}"#);
+    // The exception waits for time.sleep to return: the host answers at
+    // the deadline and abandons the thread, as for any plugin.
+    assert_shutdown_abort(&r);
+    assert!(after < Duration::from_secs(4), "answered {after:?} after");
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(75),
+        "{}",
+        s.logs()
+    );
+}
+
+#[test]
+fn async_python_calls_run_concurrently() {
+    let s = serve_python("etl_cancel:wait", DIR);
+    // Eight calls of 25 units of 20 ms (0.5 s each): one after the other
+    // they would take 4 s.
+    let started = Instant::now();
+    let calls: Vec<_> = (0..8)
+        .map(|_| s.send_in_background(invoke_request(r#"{"units":25}"#)))
+        .collect();
+    for call in calls {
+        let (r, _) = call.join().unwrap();
+        assert_eq!(r.json()["output"], json!({"done": 25}), "{}", r.text());
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
     );
 }

@@ -10,9 +10,11 @@ without FastAPI, and returns plain values for the Rust half to report.
 """
 
 import asyncio
+import concurrent.futures
 import hashlib
 import inspect
 import json
+import threading
 
 from unstructured_platform_plugins.etl_uvicorn import api_generator as _reference
 from unstructured_platform_plugins.etl_uvicorn.utils import (
@@ -108,10 +110,52 @@ def load(app, method_name, plugin_id, plugin_id_method, precheck_app, precheck_m
     )
 
 
-def _call(func, kwargs):
-    if inspect.iscoroutinefunction(func):
-        return asyncio.run(func(**kwargs))
-    return func(**kwargs)
+_loop = None
+_loop_lock = threading.Lock()
+
+
+def _event_loop():
+    """The one event loop every async plugin call runs on, in a thread of
+    its own, started on first use."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="etl-serve-asyncio", daemon=True).start()
+            _loop = loop
+        return _loop
+
+
+# How often a worker waiting for an async call looks at the cancel flag.
+_FLAG_POLL_SECONDS = 0.02
+
+
+def _call(func, kwargs, flag):
+    """Calls the plugin's function: a sync one here, on the host's worker
+    thread; an async one as a task of the shared event loop, which the
+    worker waits for (without holding the GIL) and cancels, the asyncio
+    way, as soon as the call's cancel flag is set."""
+    if not inspect.iscoroutinefunction(func):
+        return func(**kwargs)
+    # The task runs in the loop's thread, in a copy of this thread's context
+    # (run_coroutine_threadsafe schedules it with one), so the bound
+    # invocation settings and context reach it.
+    future = asyncio.run_coroutine_threadsafe(func(**kwargs), _event_loop())
+    while not future.done():
+        concurrent.futures.wait([future], timeout=_FLAG_POLL_SECONDS)
+        if flag.is_set() and not future.done():
+            future.cancel()
+    return future.result()
+
+
+def _stopped(exc, flag):
+    """Whether `exc` ends the call as a shutdown: a `PluginShutdown` (ours,
+    or any class of that name), or the cancellation of an async call whose
+    flag was set."""
+    if type(exc).__name__ == "PluginShutdown":
+        return True
+    cancelled = (concurrent.futures.CancelledError, asyncio.CancelledError)
+    return isinstance(exc, cancelled) and flag.is_set()
 
 
 def invoke(request_json, settings_json, context_json, flag):
@@ -184,11 +228,13 @@ def _run(func, p, request_json, flag):
         )
 
     try:
-        output = _call(func, kwargs)
-    except Exception as exc:
-        if type(exc).__name__ != "PluginShutdown":
-            return _failure(exc) + reported()
-        return (SHUTDOWN, None, None, None, None) + reported()
+        output = _call(func, kwargs, flag)
+    except BaseException as exc:
+        if _stopped(exc, flag):
+            return (SHUTDOWN, None, None, None, None) + reported()
+        if not isinstance(exc, Exception):
+            raise
+        return _failure(exc) + reported()
     return (200, None, None, None, p.output.dump_json(output).decode()) + reported()
 
 

@@ -23,6 +23,11 @@
 //! `raise_if_cancelled()`), reading the host's cancel flag of the call; a
 //! `PluginShutdown` the function raises is the 503 shutdown-abort.
 //!
+//! An async function runs as a task of one shared event loop, cancelled
+//! (`CancelledError`) when its flag is set; a sync one still running when
+//! the graceful deadline is near gets `PluginShutdown` raised in its thread
+//! (`forced`).
+//!
 //! Not yet served: generators (streaming) and the envelope's `file_data`.
 
 use std::ffi::{c_void, CString};
@@ -32,6 +37,8 @@ use std::sync::OnceLock;
 use etl_abi as abi;
 use pyo3::prelude::*;
 use pyo3::types::{PyModule, PyString, PyTuple};
+
+mod forced;
 
 /// The table: static, with placeholder schemas that `init` replaces.
 struct Table(abi::EtlPlugin);
@@ -299,6 +306,26 @@ type Answer = (
 /// The status `bridge.py` returns for a plugin that stopped on its token.
 const SHUTDOWN: u16 = 0;
 
+/// Why `bridge.py` returned no answer.
+enum NoAnswer {
+    /// The forced stop's `PluginShutdown` landed in the bridge's own code
+    /// rather than in the plugin's.
+    Stopped,
+    Error(String),
+}
+
+impl From<String> for NoAnswer {
+    fn from(why: String) -> NoAnswer {
+        NoAnswer::Error(why)
+    }
+}
+
+impl From<&str> for NoAnswer {
+    fn from(why: &str) -> NoAnswer {
+        NoAnswer::Error(why.into())
+    }
+}
+
 const DEFAULT_FILEDATA_META: &str = r#"{"terminate_current":false,"new_records":[]}"#;
 
 unsafe extern "C" fn invoke(ctx: *const abi::EtlInvokeCtx, request: abi::EtlStr) -> i32 {
@@ -327,7 +354,7 @@ fn run(ctx: &abi::EtlInvokeCtx, method: &str, args: &[String]) -> i32 {
     // SAFETY: the host's flag stays mapped until the process exits and is
     // only written atomically (etl_plugin.h); AtomicU32 has its layout.
     let word = unsafe { ctx.cancel_flag.cast::<AtomicU32>().as_ref() };
-    let answer: Result<Answer, String> = std::panic::catch_unwind(|| {
+    let answer: Result<Answer, NoAnswer> = std::panic::catch_unwind(|| {
         Python::attach(|py| {
             let bridge = BRIDGE.get().ok_or("called before init")?.bind(py);
             let mut items: Vec<Bound<'_, PyAny>> = args
@@ -340,17 +367,26 @@ fn run(ctx: &abi::EtlInvokeCtx, method: &str, args: &[String]) -> i32 {
                     .into_any(),
             );
             let args = PyTuple::new(py, items).map_err(|e| e.to_string())?;
-            bridge
+            let listed = forced::list(py, host, inv, word);
+            let answer = bridge
                 .call_method1(method, args)
-                .and_then(|r| r.extract::<Answer>())
-                .map_err(|e| e.to_string())
+                .and_then(|r| r.extract::<Answer>());
+            listed.unlist(py);
+            answer.map_err(|e| {
+                if e.get_type(py).name().is_ok_and(|n| n == "PluginShutdown") {
+                    NoAnswer::Stopped
+                } else {
+                    NoAnswer::Error(e.to_string())
+                }
+            })
         })
     })
     .unwrap_or_else(|_| Err("the Python bridge panicked".into()));
     let (status, text, category, plugin_error, output, usage, infos, warnings, meta) = match answer
     {
         Ok(a) => a,
-        Err(why) => {
+        Err(NoAnswer::Stopped) => return abi::RESULT_SHUTDOWN,
+        Err(NoAnswer::Error(why)) => {
             let why = format!("[PythonBridgeError] {why}");
             let failure = abi::EtlFailure {
                 struct_size: std::mem::size_of::<abi::EtlFailure>() as u32,
