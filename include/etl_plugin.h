@@ -295,6 +295,16 @@ typedef struct etl_host_api {
      * any size (a Python int may not fit 64 bits). ETL_CB_INVALID (and a
      * contract violation) when it is not an integer. */
     int32_t (*add_usage_text)(etl_invocation *invocation, etl_str name, etl_str value);
+
+    /* (1.1) Set the envelope's `file_data`: a JSON object, or `null` (the
+     * default). Every envelope of the invocation written after the call
+     * carries it as given (for a stream, each later line; the failure or
+     * shutdown envelope too), unchecked against any schema. The last call
+     * wins. The reference host echoes the `file_data` input the function
+     * received, changes included: a plugin that takes one does the same.
+     * ETL_CB_INVALID (and a contract violation) when it is not UTF-8, or
+     * not a JSON object or null. */
+    int32_t (*set_file_data)(etl_invocation *invocation, etl_str file_data_json);
 } etl_host_api;
 
 /*

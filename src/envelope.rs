@@ -104,7 +104,12 @@ pub fn violation_text(why: &str) -> String {
 pub fn write(collected: &Collected, outcome: &Outcome<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(320);
     write_usage_and_status(&mut out, collected, outcome);
-    out.extend_from_slice(b",\"file_data\":null,\"filedata_meta\":");
+    out.extend_from_slice(b",\"file_data\":");
+    match &collected.more().file_data {
+        Some(raw) => out.extend_from_slice(raw.get().as_bytes()),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(b",\"filedata_meta\":");
     match &collected.more().filedata_meta {
         Some(meta) => serde_json::to_writer(&mut out, meta).expect("a Value always serialises"),
         None => out.extend_from_slice(DEFAULT_FILEDATA_META.as_bytes()),
@@ -169,6 +174,17 @@ fn write_failure_fields(out: &mut Vec<u8>, outcome: &Outcome<'_>) {
         (Outcome::Shutdown, _) => out.extend_from_slice(SHUTDOWN_PLUGIN_ERROR.as_bytes()),
         (_, Some(json)) => out.extend_from_slice(json.as_bytes()),
         _ => out.extend_from_slice(b"null"),
+    }
+}
+
+/// Checks what a plugin passed to `set_file_data`: a JSON object, kept as
+/// its text, or `null` (`None`).
+pub fn file_data_from_json(text: &str) -> Result<Option<Box<RawValue>>, String> {
+    let raw: Box<RawValue> = serde_json::from_str(text).map_err(|e| format!("not JSON ({e})"))?;
+    match raw.get().as_bytes().first() {
+        Some(b'{') => Ok(Some(raw)),
+        Some(b'n') => Ok(None),
+        _ => Err("neither a JSON object nor null".into()),
     }
 }
 

@@ -21,6 +21,7 @@ pub static HOST_API: abi::EtlHostApi = abi::EtlHostApi {
     remaining_ms: cb_remaining_ms,
     report_failure: cb_report_failure,
     add_usage_text: cb_add_usage_text,
+    set_file_data: cb_set_file_data,
 };
 
 /// Runs `f` on the live invocation named by `handle`, or answers
@@ -136,6 +137,24 @@ unsafe extern "C" fn cb_set_filedata_meta(
             }
             Err(why) => {
                 lock(&inv.state).violate(format!("the plugin set an invalid filedata_meta: {why}"));
+                abi::CB_INVALID
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn cb_set_file_data(handle: *mut abi::EtlInvocation, json: abi::EtlStr) -> i32 {
+    with_live(handle, |inv| {
+        let Some(t) = text(inv, "file_data", json) else {
+            return abi::CB_INVALID;
+        };
+        match envelope::file_data_from_json(t) {
+            Ok(file_data) => {
+                lock(&inv.state).more_mut().file_data = file_data;
+                abi::CB_OK
+            }
+            Err(why) => {
+                lock(&inv.state).violate(format!("the plugin set an invalid file_data: {why}"));
                 abi::CB_INVALID
             }
         }

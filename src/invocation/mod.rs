@@ -218,6 +218,8 @@ pub struct Reported {
     pub warnings: Vec<String>,
     /// A validated `{"terminate_current": bool, "new_records": [...]}`.
     pub filedata_meta: Option<Value>,
+    /// The envelope's `file_data`, a JSON object (`None`: null).
+    pub file_data: Option<Box<RawValue>>,
     pub failure: Option<Failure>,
     /// The first way the plugin broke the ABI contract, if any.
     pub violation: Option<String>,
@@ -228,6 +230,7 @@ static NOTHING_MORE: Reported = Reported {
     infos: Vec::new(),
     warnings: Vec::new(),
     filedata_meta: None,
+    file_data: None,
     failure: None,
     violation: None,
 };

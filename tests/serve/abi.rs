@@ -170,6 +170,27 @@ fn a_structured_failure_reaches_the_envelope_field_for_field() {
 }
 
 #[test]
+fn file_data_set_by_the_plugin_is_the_envelopes_as_given() {
+    let s = Server::start(&c_fixture("abi", None), &["--plugin-config", "/dev/null"]);
+    // The fixture first tries an array, which is refused, and a violation.
+    let r = invoke_with(&s, "x-request-id: file-data\r\n", "{}");
+    let text = r.text();
+    assert!(
+        text.contains(r#""file_data":{"identifier":"doc-1","n":1e400},"#),
+        "{text}"
+    );
+    assert!(
+        r.json()["status_code_text"]
+            .as_str()
+            .unwrap()
+            .contains("the plugin set an invalid file_data: neither a JSON object nor null"),
+        "{text}"
+    );
+    // Unset, it is null.
+    assert_eq!(invoke_with(&s, "", "{}").json()["file_data"], json!(null));
+}
+
+#[test]
 fn the_callers_deadline_reaches_the_plugin_and_a_bad_one_is_refused() {
     let s = Server::start(&c_fixture("abi", None), &["--plugin-config", "/dev/null"]);
     let r = invoke_with(&s, "x-etl-timeout-ms: 60000\r\n", "{}");

@@ -163,6 +163,8 @@ pub struct EtlHostApi {
     pub report_failure: unsafe extern "C" fn(*mut EtlInvocation, *const EtlFailure) -> i32,
     /// 1.1.
     pub add_usage_text: unsafe extern "C" fn(*mut EtlInvocation, EtlStr, EtlStr) -> i32,
+    /// 1.1.
+    pub set_file_data: unsafe extern "C" fn(*mut EtlInvocation, EtlStr) -> i32,
 }
 
 /// `etl_invoke_ctx`: what `invoke` and `precheck` receive.

@@ -31,6 +31,7 @@ fn rust_types_match_the_c_header() {
             offset_of!(EtlHostApi, remaining_ms),
             offset_of!(EtlHostApi, report_failure),
             offset_of!(EtlHostApi, add_usage_text),
+            offset_of!(EtlHostApi, set_file_data),
         ],
         &s!(EtlInvokeCtx),
         &[

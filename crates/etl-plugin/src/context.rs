@@ -198,6 +198,27 @@ impl<'a> Context<'a> {
         };
     }
 
+    /// Sets the envelope's `file_data` (ABI 1.1): the reference host echoes
+    /// the `file_data` input the function received, changes included, so a
+    /// plugin that takes one hands it back here. `None` is `null`, the
+    /// default. Does nothing with a host older than the callback.
+    ///
+    /// # Errors
+    /// The value does not serialise to a JSON object (or `null`).
+    pub fn set_file_data<T: Serialize>(&mut self, file_data: Option<&T>) -> Result<(), Error> {
+        let json = serde_json::to_string(&file_data)
+            .map_err(|e| Error::new(format!("file_data does not serialise: {e}")))?;
+        if !json.starts_with('{') && json != "null" {
+            return Err(Error::new("file_data must be a JSON object"));
+        }
+        let host = self.host();
+        if host_has(host, std::mem::offset_of!(abi::EtlHostApi, set_file_data)) {
+            // SAFETY: the callback exists (struct_size); as in add_usage.
+            unsafe { (host.set_file_data)(self.raw.invocation, abi::EtlStr::from_str(&json)) };
+        }
+        Ok(())
+    }
+
     /// Whether the host's context has the field at `offset` (ABI 1.1+).
     fn has(&self, offset: usize) -> bool {
         self.raw.struct_size as usize > offset
