@@ -41,6 +41,10 @@ pub struct InputModel {
     plan: Option<fast::FlatPlan>,
     /// Some input is required, so an empty body is refused.
     body_required: bool,
+    /// The schema is `{"type": "null"}`, the reference's for a function
+    /// without parameters: the body is read only for its reserved fields,
+    /// and the plugin gets `null`.
+    takes_nothing: bool,
     /// The pod requires sealed settings (`reserved::REQUIRE_SEALED_ENV`).
     require_sealed: bool,
 }
@@ -51,6 +55,16 @@ pub struct Prepared {
     /// The input as JSON bytes.
     pub input: Vec<u8>,
     pub reserved: Reserved,
+}
+
+impl Prepared {
+    /// The input of a plugin that takes none: `null`.
+    fn nothing(reserved: Reserved) -> Prepared {
+        Prepared {
+            input: b"null".to_vec(),
+            reserved,
+        }
+    }
 }
 
 /// Why a body was refused: a 422 and its JSON body.
@@ -81,6 +95,7 @@ impl InputModel {
             validator,
             plan: fast::FlatPlan::compile(schema),
             body_required,
+            takes_nothing: schema == &json!({"type": "null"}),
             require_sealed: false,
         })
     }
@@ -114,6 +129,9 @@ impl InputModel {
     pub fn prepare(&self, content_type: Option<&str>, body: &[u8]) -> Result<Prepared, Rejection> {
         if body.is_empty() {
             let reserved = reserved::check(None, None, self.require_sealed)?;
+            if self.takes_nothing {
+                return Ok(Prepared::nothing(reserved));
+            }
             if self.body_required {
                 return Err(detail(vec![error(
                     "missing",
@@ -153,6 +171,11 @@ impl InputModel {
         let settings = self.set_aside(&mut value, "invocation_settings");
         let context = self.set_aside(&mut value, "invocation_context");
         let reserved = reserved::check(settings.as_ref(), context.as_ref(), self.require_sealed)?;
+        if self.takes_nothing {
+            // Like the reference's route without a body parameter: whatever
+            // JSON came, it is not an input.
+            return Ok(Prepared::nothing(reserved));
+        }
         // Valid JSON under another content type reaches the model as the
         // text it is, which is not an object.
         if !json_type {
@@ -211,18 +234,12 @@ impl InputModel {
         }
     }
 
-    /// Puts `errors` in the order of the fields they are about, as pydantic
-    /// reports them (errors about the same field keep their order).
+    /// Puts `errors` in the order of the fields they are about, at every
+    /// depth, as pydantic reports them: a model's fields in the order they
+    /// are declared, a list's items by index (errors about the same field
+    /// keep their order).
     fn in_field_order(&self, errors: &mut [Value]) {
-        let Some(Value::Object(props)) = self.schema.get("properties") else {
-            return;
-        };
-        errors.sort_by_key(|e| {
-            e["loc"][1]
-                .as_str()
-                .and_then(|field| props.keys().position(|k| k == field))
-                .unwrap_or(usize::MAX)
-        });
+        errors.sort_by_key(|e| field_order(&self.schema, &e["loc"]));
     }
 
     /// Fills in defaults and drops the top-level fields the schema does not
@@ -263,6 +280,40 @@ impl InputModel {
 
 /// Whether a number in `v` is beyond a double (its text is kept, so the
 /// parser took it).
+/// Where the field `loc` (`["body", field, ...]`) names comes in `schema`:
+/// its position among its object's declared properties at each depth (a
+/// list index as it is). A field the schema does not declare comes last.
+fn field_order(schema: &Value, loc: &Value) -> Vec<usize> {
+    let mut order = Vec::new();
+    let mut at = schema;
+    for step in loc.as_array().into_iter().flatten().skip(1) {
+        // Optional[T] is {"anyOf": [T, {"type": "null"}]}: look into T.
+        if let Some(Value::Array(members)) = at.get("anyOf") {
+            at = members
+                .iter()
+                .find(|m| m.get("type") != Some(&Value::from("null")))
+                .unwrap_or(at);
+        }
+        let next = match step {
+            Value::String(field) => at
+                .get("properties")
+                .and_then(Value::as_object)
+                .and_then(|props| Some((props.keys().position(|k| k == field)?, &props[field]))),
+            Value::Number(index) => index
+                .as_u64()
+                .map(|i| (usize::try_from(i).unwrap_or(usize::MAX), &at["items"])),
+            _ => None,
+        };
+        let Some((position, inner)) = next else {
+            order.push(usize::MAX);
+            break;
+        };
+        order.push(position);
+        at = inner;
+    }
+    order
+}
+
 fn out_of_range(v: &Value) -> bool {
     match v {
         Value::Number(n) => n.as_f64().is_none_or(|f| !f.is_finite()),
@@ -386,6 +437,52 @@ mod tests {
         assert_eq!(
             accept(&m, r#"{"text":"a","extra":1}"#),
             json!({"text":"a","repeat":1})
+        );
+    }
+
+    #[test]
+    fn a_plugin_without_inputs_ignores_the_body_but_not_its_reserved_fields() {
+        let m = InputModel::new(&json!({"type": "null"})).unwrap();
+        for body in ["", "{}", "[1]", r#"{"a":1}"#] {
+            let prepared = m
+                .prepare(Some("application/json"), body.as_bytes())
+                .unwrap();
+            assert_eq!(prepared.input, b"null", "{body:?}");
+        }
+        let r = m
+            .prepare(Some("application/json"), br#"{"invocation_settings":"x"}"#)
+            .unwrap_err();
+        assert_eq!(r.body["reason"], "malformed_envelope");
+        let r = m
+            .prepare(Some("application/json"), b"not json")
+            .unwrap_err();
+        assert_eq!(r.body["detail"], "Invalid JSON body");
+    }
+
+    #[test]
+    fn nested_errors_come_in_the_order_of_their_fields() {
+        let m = InputModel::new(&json!({
+            "type": "object", "required": ["f"],
+            "properties": {"f": {"anyOf": [{"type": "object", "required": ["a", "b", "c"],
+                "properties": {"a": {"type": "string"}, "b": {"type": "string"},
+                               "c": {"type": "array", "items": {"type": "integer"}}}},
+                {"type": "null"}]}}
+        }))
+        .unwrap();
+        let r = reject(&m, Some("application/json"), r#"{"f":{"a":1,"c":[1,"x"]}}"#);
+        let locs: Vec<&Value> = r["detail"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| &e["loc"])
+            .collect();
+        assert_eq!(
+            locs,
+            [
+                &json!(["body", "f", "a"]),
+                &json!(["body", "f", "b"]),
+                &json!(["body", "f", "c", 1])
+            ]
         );
     }
 
