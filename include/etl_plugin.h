@@ -385,6 +385,13 @@ typedef struct etl_description {
     etl_str id;
     uint32_t capabilities;
     uint32_t flags;
+    /* The schema request bodies are checked against, when it is not
+     * `inputs_schema` (NULL `ptr`: it is). etl-uvicorn publishes a
+     * function's injected `message_channels` and `filedata_meta` parameters
+     * in /schema (and so in the id) but never takes them from a request;
+     * the Python bridge describes both schemas. Read when `struct_size`
+     * covers it. */
+    etl_str request_schema;
 } etl_description;
 
 /* What `init` receives. Valid only until `init` returns, except where said. */

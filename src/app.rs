@@ -125,7 +125,7 @@ impl App {
                 reserved::REQUIRE_SEALED_ENV
             );
         }
-        let inputs = InputModel::new(m.inputs())?.requiring_sealed_settings(require_sealed);
+        let inputs = InputModel::new(m.request())?.requiring_sealed_settings(require_sealed);
         let json = |v: &serde_json::Value| {
             Bytes::from(serde_json::to_vec(v).expect("a Value always serialises"))
         };

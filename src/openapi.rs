@@ -10,7 +10,7 @@ use crate::plugin::Manifest;
 /// The OpenAPI 3.1 document for `m`.
 pub fn document(m: &Manifest) -> Value {
     let body_required = m
-        .inputs()
+        .request()
         .get("required")
         .and_then(Value::as_array)
         .is_some_and(|r| !r.is_empty());
@@ -82,7 +82,7 @@ pub fn document(m: &Manifest) -> Value {
                                    "capabilities": {"type": "array", "items": {"type": "string"}}}}))}}}
         },
         "components": {"schemas": {
-            "Inputs": m.inputs(),
+            "Inputs": m.request(),
             "InvokeResponse": envelope,
             "HTTPValidationError": {"type": "object", "properties": {"detail": {"anyOf": [
                 {"type": "array", "items": {"type": "object", "properties": {

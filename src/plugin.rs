@@ -28,6 +28,9 @@ pub struct Manifest {
     pub capabilities: u32,
     pub streaming: bool,
     pub has_precheck: bool,
+    /// What request bodies are checked against when it is not the inputs
+    /// schema (see [`Manifest::request`]).
+    pub request_schema: Option<Value>,
 }
 
 impl Manifest {
@@ -54,6 +57,14 @@ impl Manifest {
 
     pub fn outputs(&self) -> &Value {
         &self.schema["outputs"]
+    }
+
+    /// The schema request bodies are checked against: the inputs schema,
+    /// unless the plugin described another (ABI 1.1 `request_schema`).
+    pub fn request(&self) -> &Value {
+        self.request_schema
+            .as_ref()
+            .unwrap_or_else(|| self.inputs())
     }
 }
 
@@ -326,6 +337,10 @@ impl Plugin {
             explicit_id
         };
         let flags = table.flags | described.flags;
+        let request_schema = match &described.request_schema {
+            Some(text) => Some(parse_schema("request_schema", text)?),
+            None => None,
+        };
 
         let manifest = Manifest {
             name,
@@ -337,6 +352,7 @@ impl Plugin {
             capabilities: table.capabilities | described.capabilities,
             streaming: flags & abi::FLAG_STREAMING != 0,
             has_precheck: table.precheck.is_some(),
+            request_schema,
         };
 
         Ok(Plugin {
@@ -413,6 +429,7 @@ struct Described {
     id: Option<String>,
     capabilities: u32,
     flags: u32,
+    request_schema: Option<String>,
 }
 
 /// What `init`'s callbacks write to, through `host_data`.
@@ -475,11 +492,13 @@ fn run_init(
 
 /// Copies what a plugin passed to `describe`, or says what is wrong with it.
 fn described(d: &abi::EtlDescription) -> Result<Described, String> {
-    if (d.struct_size as usize) < std::mem::size_of::<abi::EtlDescription>() {
+    // The fields after `flags` were added later: read when covered.
+    let first_size = std::mem::offset_of!(abi::EtlDescription, request_schema);
+    let covers = |offset: usize| d.struct_size as usize > offset;
+    if (d.struct_size as usize) < first_size {
         return Err(format!(
-            "struct_size is {} bytes, smaller than etl_description's {}",
+            "struct_size is {} bytes, smaller than etl_description's first {first_size}",
             d.struct_size,
-            std::mem::size_of::<abi::EtlDescription>()
         ));
     }
     let text = |field: &str, s: abi::EtlStr| -> Result<Option<String>, String> {
@@ -500,5 +519,10 @@ fn described(d: &abi::EtlDescription) -> Result<Described, String> {
         id: text("id", d.id)?,
         capabilities: d.capabilities,
         flags: d.flags,
+        request_schema: if covers(std::mem::offset_of!(abi::EtlDescription, request_schema)) {
+            text("request_schema", d.request_schema)?
+        } else {
+            None
+        },
     })
 }

@@ -26,6 +26,7 @@ static const size_t LAYOUT[] = {
     O(etl_description, version), O(etl_description, inputs_schema),
     O(etl_description, outputs_schema), O(etl_description, id),
     O(etl_description, capabilities), O(etl_description, flags),
+    O(etl_description, request_schema),
     S(etl_plugin), O(etl_plugin, abi_version_major), O(etl_plugin, abi_version_minor),
     O(etl_plugin, struct_size), O(etl_plugin, name), O(etl_plugin, version),
     O(etl_plugin, inputs_schema), O(etl_plugin, outputs_schema), O(etl_plugin, id),

@@ -215,6 +215,7 @@ pub struct EtlDescription {
     pub id: EtlStr,
     pub capabilities: u32,
     pub flags: u32,
+    pub request_schema: EtlStr,
 }
 
 /// `etl_plugin`: the plugin's table.

@@ -66,6 +66,7 @@ fn rust_types_match_the_c_header() {
             offset_of!(EtlDescription, id),
             offset_of!(EtlDescription, capabilities),
             offset_of!(EtlDescription, flags),
+            offset_of!(EtlDescription, request_schema),
         ],
         &s!(EtlPlugin),
         &[
