@@ -1,12 +1,22 @@
 """The Python half of etl-serve's Python bridge.
 
 The Rust half (lib.rs) embeds CPython, runs `load` once from the plugin's
-`init`, then `invoke` for each request. Everything a plugin sees is made by
-the reference host's own package (`unstructured_platform_plugins`, 0.1.0),
-imported from the plugin's virtualenv: the function it wraps, the schema it
-generates, the input model it validates with, and how it classifies
-failures. This module only calls it as etl-uvicorn's request handler does,
-without FastAPI, and returns plain values for the Rust half to report.
+`init`, then `invoke` (or `stream`, for a generator function) for each
+request. Everything a plugin sees is made by the reference host's own
+package (`unstructured_platform_plugins`, 0.1.0), imported from the
+plugin's virtualenv: the function it wraps, the schema it generates, the
+input model it validates with, the envelope model its answers go through,
+and how it classifies failures. This module only calls it as etl-uvicorn's
+request handler does, without FastAPI, and returns plain values for the
+Rust half to report.
+
+What `invoke`, `stream` and `precheck` return (an "answer"):
+(status, text, category, plugin_error, output, usage, infos, warnings,
+filedata_meta, file_data): status 200 with `output` as JSON text (or None),
+SHUTDOWN, or a failure as the reference reports it (`plugin_error` a tuple
+or None). `usage`, `infos` and `warnings` are what the host has not been
+told yet; `filedata_meta` and `file_data` are JSON text to set, or "" to
+leave as they are.
 """
 
 import asyncio
@@ -30,14 +40,14 @@ from unstructured_platform_plugins.invocation_settings import http_status_for, i
 from unstructured_platform_plugins.schema import FileDataMeta, UsageData
 from utic_invocation_settings import resolve_invocation_settings
 from unstructured_platform_plugins.schema.json_schema import schema_to_base_model
-from pydantic import TypeAdapter
+from pydantic import Field, create_model
 from typing import Optional
 from uvicorn.importer import import_from_string
 
 _INJECTED = ["usage", "filedata_meta", "message_channels", "cancellation_token"]
 
 
-# The status `_run` returns for a plugin that stopped on its token.
+# The status of an answer for a plugin that stopped on its token.
 SHUTDOWN = 0
 
 
@@ -62,7 +72,25 @@ class CancellationToken:
     def raise_if_cancelled(self):
         if self._flag.is_set():
             raise PluginShutdown("the server is shutting down")
-_USAGE = TypeAdapter(list[UsageData])
+
+
+def _response_model(response_type, meta_model):
+    """The model of the envelope, with the fields and types the reference's
+    request handler gives its own: what it validates (an output that does
+    not fit its type fails here as it fails there) and how it writes each
+    field are the reference's."""
+    return create_model(
+        "InvokeResponse",
+        usage=(list[UsageData], ...),
+        status_code=(int, ...),
+        file_data=(Optional[_reference.FileDataType], None),
+        filedata_meta=(Optional[meta_model], None),
+        status_code_text=(Optional[str], None),
+        failure_category=(Optional[str], None),
+        plugin_error=(Optional[_reference.PluginErrorMetadata], None),
+        output=(Optional[response_type], None),
+        message_channels=(_reference.MessageChannels, Field(default_factory=_reference.MessageChannels)),
+    )
 
 
 class _Plugin:
@@ -71,8 +99,7 @@ class _Plugin:
     def __init__(self, app, method_name, plugin_id, plugin_id_method, precheck_app, precheck_method):
         instance = import_from_string(app)
         self.func = get_func(instance, method_name)
-        if inspect.isasyncgenfunction(self.func) or inspect.isgeneratorfunction(self.func):
-            raise ValueError("streaming (generator) plugins are not served by the bridge yet")
+        self.streams = inspect.isasyncgenfunction(self.func) or inspect.isgeneratorfunction(self.func)
         # The injected parameters are not inputs (cancellation_token too,
         # as etl-uvicorn's cooperative shutdown leaves it out of /schema).
         self.schema = get_schema_dict(self.func, omit=["usage", "cancellation_token"])
@@ -82,12 +109,14 @@ class _Plugin:
             self.id = hashlib.sha256(
                 json.dumps(self.schema, sort_keys=True).encode()
             ).hexdigest()[:32]
-        self.input_model = schema_to_base_model(
-            get_input_schema(self.func, omit=_INJECTED)
-        )
-        self.output = TypeAdapter(Optional[get_output_sig(self.func)])
-        self.filedata_meta_model = _reference.update_filedata_model(get_output_sig(self.func))
-        self.params = inspect.signature(self.func).parameters
+        # What a request may carry: the reference publishes the injected
+        # message_channels and filedata_meta in /schema, but its input model
+        # leaves them out.
+        self.request_schema = get_input_schema(self.func, omit=_INJECTED)
+        self.input_model = schema_to_base_model(self.request_schema)
+        response_type = get_output_sig(self.func)
+        self.meta_model = _reference.update_filedata_model(response_type)
+        self.Response = _response_model(response_type, self.meta_model)
         self.precheck = None
         if precheck_app:
             self.precheck = get_func(import_from_string(precheck_app), precheck_method)
@@ -99,16 +128,21 @@ _plugin = None
 
 
 def load(app, method_name, plugin_id, plugin_id_method, precheck_app, precheck_method):
-    """Imports the plugin; returns (inputs schema, outputs schema, id) as JSON
-    text and a string."""
+    """Imports the plugin; returns its inputs and outputs schemas as JSON
+    text, its id, whether it streams, and the schema of what a request may
+    carry as JSON text."""
     global _plugin
     _plugin = _Plugin(app, method_name, plugin_id, plugin_id_method, precheck_app, precheck_method)
     return (
         json.dumps(_plugin.schema["inputs"]),
         json.dumps(_plugin.schema["outputs"]),
         _plugin.id,
+        _plugin.streams,
+        json.dumps(_plugin.request_schema),
     )
 
+
+# ---- calling the function ------------------------------------------------
 
 _loop = None
 _loop_lock = threading.Lock()
@@ -130,22 +164,56 @@ def _event_loop():
 _FLAG_POLL_SECONDS = 0.02
 
 
-def _call(func, kwargs, flag):
-    """Calls the plugin's function: a sync one here, on the host's worker
-    thread; an async one as a task of the shared event loop, which the
-    worker waits for (without holding the GIL) and cancels, the asyncio
-    way, as soon as the call's cancel flag is set."""
-    if not inspect.iscoroutinefunction(func):
-        return func(**kwargs)
-    # The task runs in the loop's thread, in a copy of this thread's context
-    # (run_coroutine_threadsafe schedules it with one), so the bound
-    # invocation settings and context reach it.
-    future = asyncio.run_coroutine_threadsafe(func(**kwargs), _event_loop())
+def _on_loop(coroutine, flag):
+    """Runs `coroutine` as a task of the shared event loop and waits for it
+    (without holding the GIL), cancelling it, the asyncio way, as soon as
+    the call's cancel flag is set. The task runs in a copy of this thread's
+    context (run_coroutine_threadsafe schedules it with one), so the bound
+    invocation settings and context reach it."""
+    future = asyncio.run_coroutine_threadsafe(coroutine, _event_loop())
     while not future.done():
         concurrent.futures.wait([future], timeout=_FLAG_POLL_SECONDS)
         if flag.is_set() and not future.done():
             future.cancel()
     return future.result()
+
+
+def _call(func, kwargs, flag):
+    """Calls a plain (not generator) function: a sync one here, on the
+    host's worker thread, an async one on the shared loop."""
+    if inspect.iscoroutinefunction(func):
+        return _on_loop(func(**kwargs), flag)
+    return func(**kwargs)
+
+
+_END = object()
+
+
+def _items(func, kwargs, flag):
+    """The items of a generator function, sync or async, as a sync
+    iterator; an async generator's steps run on the shared loop."""
+    if not inspect.isasyncgenfunction(func):
+        yield from func(**kwargs)
+        return
+    agen = func(**kwargs)
+
+    async def step():
+        try:
+            return await agen.__anext__()
+        except StopAsyncIteration:
+            return _END
+
+    try:
+        while (item := _on_loop(step(), flag)) is not _END:
+            yield item
+    finally:
+        # Closes it on the loop when it did not end by itself (the client
+        # went away); bounded, in case the plugin's cleanup hangs.
+        closing = asyncio.run_coroutine_threadsafe(agen.aclose(), _event_loop())
+        try:
+            closing.result(timeout=1)
+        except BaseException:
+            pass
 
 
 def _stopped(exc, flag):
@@ -158,18 +226,85 @@ def _stopped(exc, flag):
     return isinstance(exc, cancelled) and flag.is_set()
 
 
-def invoke(request_json, settings_json, context_json, flag):
-    """Runs the plugin on one request (already validated by etl-serve, the
-    reserved fields too), with the reserved fields bound as the reference
-    binds them (`current_invocation_settings()`...).
+# ---- one call ---------------------------------------------------------------
 
-    Returns (status, text, category, plugin_error, output, usage, infos,
-    warnings, filedata_meta): status 200 with `output` as JSON text,
-    SHUTDOWN, or a failure as the reference reports it (`plugin_error` a
-    tuple or None). `flag` is the host's cancel flag for the call."""
-    p = _plugin
-    # etl-serve has applied the transport rules; what is left is resolving
-    # (a sealed document is opened here, with the pod's key).
+
+class _Call:
+    """One call's injected values and inputs, and what the host has been
+    told of them so far."""
+
+    def __init__(self, p, func, request_json, flag):
+        self.p = p
+        self.usage = []
+        self.message_channels = _reference.MessageChannels()
+        self.filedata_meta = FileDataMeta()
+        self.kwargs = {}
+        # The host hands "null" to a function without parameters.
+        if request_json and request_json != "null":
+            request = p.input_model.model_validate_json(request_json)
+            self.kwargs = {f: getattr(request, f) for f in request.model_fields}
+            file_data = self.kwargs.get("file_data")
+            if file_data is not None:
+                self.kwargs["file_data"] = _reference.file_data_from_dict(file_data.model_dump())
+            map_inputs(func=p.func, raw_inputs=self.kwargs)
+        params = inspect.signature(func).parameters
+        if "usage" in params:
+            self.kwargs["usage"] = self.usage
+        if "message_channels" in params:
+            self.kwargs["message_channels"] = self.message_channels
+        if "filedata_meta" in params:
+            self.kwargs["filedata_meta"] = self.filedata_meta
+        if "cancellation_token" in params:
+            self.kwargs["cancellation_token"] = CancellationToken(flag)
+        self.told = {"usage": 0, "infos": 0, "warnings": 0, "meta": _DEFAULT_META, "file_data": "null"}
+
+    def envelope(self, **fields):
+        """The reference's envelope for this call with `fields` (status_code,
+        output...): the usage, messages, filedata_meta and file_data the
+        function left, validated as the reference validates them."""
+        return self.p.Response(
+            usage=self.usage,
+            message_channels=self.message_channels,
+            filedata_meta=self.p.meta_model.model_validate(self.filedata_meta.model_dump()),
+            file_data=self.kwargs.get("file_data"),
+            **fields,
+        )
+
+    def news(self, envelope):
+        """What `envelope` holds that the host was not told yet: (usage,
+        infos, warnings, filedata_meta, file_data), as an answer carries
+        them."""
+        usage = [(u.name, str(u.value)) for u in envelope.usage[self.told["usage"]:]]
+        infos = list(envelope.message_channels.infos[self.told["infos"]:])
+        warnings = list(envelope.message_channels.warnings[self.told["warnings"]:])
+        self.told["usage"] += len(usage)
+        self.told["infos"] += len(infos)
+        self.told["warnings"] += len(warnings)
+        return (usage, infos, warnings, self._changed("meta", envelope, "filedata_meta"),
+                self._changed("file_data", envelope, "file_data"))
+
+    def _changed(self, key, envelope, field):
+        text = _field_json(envelope, field)
+        if text == self.told[key]:
+            return ""
+        self.told[key] = text
+        return text
+
+
+_DEFAULT_META = '{"terminate_current":false,"new_records":[]}'
+
+
+def _field_json(model, field):
+    """One field of `model` as JSON text, written as the whole model writes
+    it."""
+    whole = model.model_dump_json(include={field})
+    return whole[len(field) + 4:-1]
+
+
+def _bound(settings_json, context_json):
+    """The reserved fields, resolved as the reference resolves them (a
+    sealed document is opened here, with the pod's key): (settings,
+    context), or a failure answer."""
     try:
         settings = (
             resolve_invocation_settings(json.loads(settings_json)) if settings_json else None
@@ -178,85 +313,110 @@ def invoke(request_json, settings_json, context_json, flag):
         # The reference answers this with a bare {"detail","reason"} body;
         # through the ABI it is a failure envelope with the same words.
         why = f"Unusable invocation settings: {type(exc).__name__}"
-        return (http_status_for(exc), why, getattr(exc, "reason", None), None, None, [], [], [], "")
+        return None, (http_status_for(exc), why, getattr(exc, "reason", None), None, None, [], [], [], "", "")
     context = (
         extract_context({"invocation_context": json.loads(context_json)}) if context_json else None
     )
-    with invocation_envelope(settings, context):
-        return _run(p.func, p, request_json, flag)
+    return (settings, context), None
+
+
+def invoke(request_json, settings_json, context_json, flag):
+    """Runs the plugin on one request (already validated by etl-serve, the
+    reserved fields too), with the reserved fields bound as the reference
+    binds them (`current_invocation_settings()`...). `flag` is the host's
+    cancel flag for the call."""
+    bound, failed = _bound(settings_json, context_json)
+    if failed:
+        return failed
+    with invocation_envelope(*bound):
+        return _run(_plugin.func, request_json, flag)
 
 
 def precheck(flag):
     """Runs the precheck app, as `invoke` runs the function; the plain
     success when there is none."""
-    p = _plugin
-    if p.precheck is None:
-        return (200, None, None, None, None, [], [], [], "")
-    return _run(p.precheck, p, "", flag)
+    if _plugin.precheck is None:
+        return (200, None, None, None, None, [], [], [], "", "")
+    return _run(_plugin.precheck, "", flag)
 
 
-def _run(func, p, request_json, flag):
-    params = inspect.signature(func).parameters
-    usage = []
-    message_channels = _reference.MessageChannels()
-    filedata_meta = FileDataMeta()
-    kwargs = {}
-    if request_json:
-        request = p.input_model.model_validate_json(request_json)
-        kwargs = {f: getattr(request, f) for f in request.model_fields}
-        file_data = kwargs.get("file_data")
-        if file_data is not None:
-            kwargs["file_data"] = _reference.file_data_from_dict(file_data.model_dump())
-        map_inputs(func=p.func, raw_inputs=kwargs)
-    if "usage" in params:
-        kwargs["usage"] = usage
-    if "message_channels" in params:
-        kwargs["message_channels"] = message_channels
-    if "filedata_meta" in params:
-        kwargs["filedata_meta"] = filedata_meta
-    if "cancellation_token" in params:
-        kwargs["cancellation_token"] = CancellationToken(flag)
-
-    def reported():
-        meta = p.filedata_meta_model.model_validate(filedata_meta.model_dump())
-        return (
-            # As the reference's response model reads the list.
-            [(u.name, str(u.value)) for u in _USAGE.validate_python(usage)],
-            list(message_channels.infos),
-            list(message_channels.warnings),
-            meta.model_dump_json(),
-        )
-
+def _run(func, request_json, flag):
+    call = _Call(_plugin, func, request_json, flag)
     try:
-        output = _call(func, kwargs, flag)
+        output = _call(func, call.kwargs, flag)
+        envelope = call.envelope(status_code=200, output=output)
     except BaseException as exc:
         if _stopped(exc, flag):
-            return (SHUTDOWN, None, None, None, None) + reported()
+            return (SHUTDOWN, None, None, None, None) + call.news(call.envelope(status_code=503))
         if not isinstance(exc, Exception):
             raise
-        return _failure(exc) + reported()
-    return (200, None, None, None, p.output.dump_json(output).decode()) + reported()
+        status, text, category, plugin_error = _failure(exc)
+        return (status, text, category, plugin_error, None) + call.news(
+            call.envelope(status_code=status)
+        )
+    return (200, None, None, None, _field_json(envelope, "output")) + call.news(envelope)
+
+
+def stream(request_json, settings_json, context_json, flag, sink):
+    """Runs a generator function on one request, as `invoke` runs a plain
+    one, handing each item to `sink.item(usage, infos, warnings,
+    filedata_meta, file_data, output)` (what is new since the last item, as
+    in an answer, and the item's JSON), which returns False once the client
+    is gone. Returns how it ended."""
+    bound, failed = _bound(settings_json, context_json)
+    if failed:
+        return failed
+    with invocation_envelope(*bound):
+        return _stream(_plugin.func, request_json, flag, sink)
+
+
+def _stream(func, request_json, flag, sink):
+    call = _Call(_plugin, func, request_json, flag)
+    items = _items(func, call.kwargs, flag)
+    try:
+        for item in items:
+            envelope = call.envelope(status_code=200, output=item)
+            if not sink.item(*call.news(envelope), _field_json(envelope, "output")):
+                # The client went away: stop the generator where it is.
+                items.close()
+                return (SHUTDOWN, None, None, None, None, [], [], [], "", "")
+    except BaseException as exc:
+        if _stopped(exc, flag):
+            return (SHUTDOWN, None, None, None, None) + call.news(call.envelope(status_code=503))
+        if not isinstance(exc, Exception):
+            raise
+        # The reference's failure line: every exception as "[Type] message",
+        # and no file_data.
+        status = _reference.status_code_of(exc)
+        failure = (
+            status,
+            f"[{type(exc).__name__}] {_safe_str(exc)}",
+            _reference.failure_category_of(exc),
+            _plugin_error(exc),
+            None,
+        )
+        news = call.news(call.envelope(status_code=status))
+        return failure + news[:4] + ("null" if call.told["file_data"] != "null" else "",)
+    return (200, None, None, None, None) + call.news(call.envelope(status_code=200))
 
 
 def _failure(exc):
-    """How the reference reports `exc`: (status, text, category, plugin_error,
-    output), by the branches of its request handler."""
+    """How the reference reports `exc`: (status, text, category,
+    plugin_error), by the branches of its request handler."""
     if isinstance(exc, _reference.HTTPException):
         text = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail, default=_safe_str)
-        return (exc.status_code, text, _reference.failure_category_of(exc), None, None)
+        return (exc.status_code, text, _reference.failure_category_of(exc), None)
     if isinstance(exc, _reference.UnstructuredIngestError):
         return (
             _reference.status_code_of(exc),
             _safe_str(exc),
             _reference.failure_category_of(exc),
             _plugin_error(exc),
-            None,
         )
     return (
         _reference.status_code_of(exc),
         f"[{type(exc).__name__}] {_safe_str(exc)}",
         _reference.failure_category_of(exc),
-        None,
         None,
     )
 

@@ -28,16 +28,19 @@
 //! the graceful deadline is near gets `PluginShutdown` raised in its thread
 //! (`forced`).
 //!
-//! Not yet served: generators (streaming) and the envelope's `file_data`.
+//! A generator function, sync or async, streams: each item is a line with
+//! what the function reported so far, as etl-uvicorn streams an async
+//! generator (`call`).
 
 use std::ffi::{c_void, CString};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use etl_abi as abi;
 use pyo3::prelude::*;
-use pyo3::types::{PyModule, PyString, PyTuple};
+use pyo3::types::PyModule;
 
+mod call;
 mod forced;
 
 /// The table: static, with placeholder schemas that `init` replaces.
@@ -59,8 +62,8 @@ static TABLE: Table = Table(abi::EtlPlugin {
     flags: 0,
     init: Some(init),
     shutdown: None,
-    invoke: Some(invoke),
-    precheck: Some(precheck),
+    invoke: Some(call::invoke),
+    precheck: Some(call::precheck),
     finish: None,
 });
 
@@ -73,9 +76,12 @@ pub extern "C" fn etl_plugin_entry() -> *const abi::EtlPlugin {
 /// The host's cancel flag of one invocation, as `bridge.py`'s
 /// `CancellationToken` reads it.
 #[pyclass(frozen)]
-struct Flag {
-    word: Option<&'static AtomicU32>,
+pub(crate) struct Flag {
+    pub(crate) word: Option<&'static AtomicU32>,
 }
+
+/// Whether the plugin is a generator function, which `invoke` streams.
+pub(crate) static STREAMS: AtomicBool = AtomicBool::new(false);
 
 #[pymethods]
 impl Flag {
@@ -85,7 +91,7 @@ impl Flag {
 }
 
 /// The helper module (`bridge.py`), once loaded.
-static BRIDGE: OnceLock<Py<PyModule>> = OnceLock::new();
+pub(crate) static BRIDGE: OnceLock<Py<PyModule>> = OnceLock::new();
 
 /// What `--plugin-config` says, in etl-uvicorn's words.
 #[derive(Debug, Default, PartialEq)]
@@ -169,7 +175,8 @@ unsafe extern "C" fn init(ctx: *const abi::EtlInitCtx) -> i32 {
         Err(why) => return fail(&why),
     };
     match std::panic::catch_unwind(|| load(&config)) {
-        Ok(Ok((inputs, outputs, id))) => {
+        Ok(Ok((inputs, outputs, id, streams, request))) => {
+            STREAMS.store(streams, Ordering::Relaxed);
             let description = abi::EtlDescription {
                 struct_size: std::mem::size_of::<abi::EtlDescription>() as u32,
                 name: abi::EtlStr::from_str(&config.app),
@@ -185,7 +192,12 @@ unsafe extern "C" fn init(ctx: *const abi::EtlInitCtx) -> i32 {
                 } else {
                     0
                 },
-                flags: 0,
+                flags: if streams { abi::FLAG_STREAMING } else { 0 },
+                request_schema: if request == inputs {
+                    abi::EtlStr::EMPTY
+                } else {
+                    abi::EtlStr::from_str(&request)
+                },
             };
             // SAFETY: the callback and host_data come from the host; the
             // description is borrowed for the call.
@@ -200,13 +212,18 @@ unsafe extern "C" fn init(ctx: *const abi::EtlInitCtx) -> i32 {
     }
 }
 
-/// Starts Python, imports the plugin, and returns its schemas and id; or
-/// the error's one line and its traceback.
-fn load(config: &Config) -> Result<(String, String, String), (String, String)> {
+/// What the plugin is, as `bridge.load` describes it: its inputs and
+/// outputs schemas, its id, whether it streams, and the schema its requests
+/// are checked against.
+type Described = (String, String, String, bool, String);
+
+/// Starts Python, imports the plugin, and describes it; or gives the
+/// error's one line and its traceback.
+fn load(config: &Config) -> Result<Described, (String, String)> {
     make_libpython_global();
     Python::initialize();
     Python::attach(|py| {
-        let run = || -> PyResult<(String, String, String)> {
+        let run = || -> PyResult<Described> {
             let sys = py.import("sys")?;
             let path = sys.getattr("path")?;
             path.call_method1(
@@ -288,173 +305,6 @@ fn log(host: *const abi::EtlHostApi, level: i32, message: &str) {
     // SAFETY: the host's table is static; this bridge requires ABI 1.1.
     let host = unsafe { &*host };
     unsafe { (host.log)(std::ptr::null_mut(), level, abi::EtlStr::from_str(message)) };
-}
-
-/// What `bridge.invoke` returns.
-type Answer = (
-    u16,
-    Option<String>,
-    Option<String>,
-    Option<(String, String, Option<String>, Option<String>, bool)>,
-    Option<String>,
-    Vec<(String, String)>,
-    Vec<String>,
-    Vec<String>,
-    String,
-);
-
-/// The status `bridge.py` returns for a plugin that stopped on its token.
-const SHUTDOWN: u16 = 0;
-
-/// Why `bridge.py` returned no answer.
-enum NoAnswer {
-    /// The forced stop's `PluginShutdown` landed in the bridge's own code
-    /// rather than in the plugin's.
-    Stopped,
-    Error(String),
-}
-
-impl From<String> for NoAnswer {
-    fn from(why: String) -> NoAnswer {
-        NoAnswer::Error(why)
-    }
-}
-
-impl From<&str> for NoAnswer {
-    fn from(why: &str) -> NoAnswer {
-        NoAnswer::Error(why.into())
-    }
-}
-
-const DEFAULT_FILEDATA_META: &str = r#"{"terminate_current":false,"new_records":[]}"#;
-
-unsafe extern "C" fn invoke(ctx: *const abi::EtlInvokeCtx, request: abi::EtlStr) -> i32 {
-    // SAFETY: the host passes a valid context and request for the call,
-    // and (this bridge requires 1.1) a context with the reserved fields.
-    let (ctx, request) = unsafe { (&*ctx, request.as_bytes()) };
-    let text = |s: abi::EtlStr| String::from_utf8_lossy(unsafe { s.as_bytes() }).into_owned();
-    let args = [
-        String::from_utf8_lossy(request).into_owned(),
-        text(ctx.invocation_settings),
-        text(ctx.invocation_context),
-    ];
-    run(ctx, "invoke", &args)
-}
-
-unsafe extern "C" fn precheck(ctx: *const abi::EtlInvokeCtx) -> i32 {
-    // SAFETY: the host passes a valid context for the call.
-    run(unsafe { &*ctx }, "precheck", &[])
-}
-
-/// Calls `method` of the bridge with `args` and reports what it returned.
-fn run(ctx: &abi::EtlInvokeCtx, method: &str, args: &[String]) -> i32 {
-    // SAFETY: the host's table is static.
-    let host = unsafe { &*ctx.host };
-    let inv = ctx.invocation;
-    // SAFETY: the host's flag stays mapped until the process exits and is
-    // only written atomically (etl_plugin.h); AtomicU32 has its layout.
-    let word = unsafe { ctx.cancel_flag.cast::<AtomicU32>().as_ref() };
-    let answer: Result<Answer, NoAnswer> = std::panic::catch_unwind(|| {
-        Python::attach(|py| {
-            let bridge = BRIDGE.get().ok_or("called before init")?.bind(py);
-            let mut items: Vec<Bound<'_, PyAny>> = args
-                .iter()
-                .map(|a| PyString::new(py, a).into_any())
-                .collect();
-            items.push(
-                Bound::new(py, Flag { word })
-                    .map_err(|e| e.to_string())?
-                    .into_any(),
-            );
-            let args = PyTuple::new(py, items).map_err(|e| e.to_string())?;
-            let listed = forced::list(py, host, inv, word);
-            let answer = bridge
-                .call_method1(method, args)
-                .and_then(|r| r.extract::<Answer>());
-            listed.unlist(py);
-            answer.map_err(|e| {
-                if e.get_type(py).name().is_ok_and(|n| n == "PluginShutdown") {
-                    NoAnswer::Stopped
-                } else {
-                    NoAnswer::Error(e.to_string())
-                }
-            })
-        })
-    })
-    .unwrap_or_else(|_| Err("the Python bridge panicked".into()));
-    let (status, text, category, plugin_error, output, usage, infos, warnings, meta) = match answer
-    {
-        Ok(a) => a,
-        Err(NoAnswer::Stopped) => return abi::RESULT_SHUTDOWN,
-        Err(NoAnswer::Error(why)) => {
-            let why = format!("[PythonBridgeError] {why}");
-            let failure = abi::EtlFailure {
-                struct_size: std::mem::size_of::<abi::EtlFailure>() as u32,
-                status_code: 500,
-                status_code_text: abi::EtlStr::from_str(&why),
-                failure_category: abi::EtlStr::EMPTY,
-                plugin_error: std::ptr::null(),
-            };
-            // SAFETY: valid handle during the call; borrowed arguments.
-            unsafe { (host.report_failure)(inv, &failure) };
-            return abi::RESULT_FAILED;
-        }
-    };
-    // SAFETY (every callback below): valid handle during the call; the
-    // arguments are borrowed for the call.
-    for (name, value) in &usage {
-        let (name, value) = (abi::EtlStr::from_str(name), abi::EtlStr::from_str(value));
-        unsafe { (host.add_usage_text)(inv, name, value) };
-    }
-    for m in &infos {
-        unsafe { (host.add_info)(inv, abi::EtlStr::from_str(m)) };
-    }
-    for m in &warnings {
-        unsafe { (host.add_warning)(inv, abi::EtlStr::from_str(m)) };
-    }
-    if !meta.is_empty() && meta != DEFAULT_FILEDATA_META {
-        unsafe { (host.set_filedata_meta)(inv, abi::EtlStr::from_str(&meta)) };
-    }
-    if status == SHUTDOWN {
-        return abi::RESULT_SHUTDOWN;
-    }
-    if status == 200 {
-        if method == "invoke" {
-            let output = output.unwrap_or_else(|| "null".into());
-            unsafe { (host.emit)(inv, abi::EtlStr::from_str(&output)) };
-        }
-        return abi::RESULT_OK;
-    }
-    let nullable = |s: &Option<String>| {
-        s.as_deref()
-            .map_or(abi::EtlStr::EMPTY, abi::EtlStr::from_str)
-    };
-    let plugin_error =
-        plugin_error.as_ref().map(
-            |(t, r, dependency, audience, retryable)| abi::EtlPluginError {
-                error_type: abi::EtlStr::from_str(t),
-                error_reason: abi::EtlStr::from_str(r),
-                dependency: nullable(dependency),
-                audience: match audience.as_deref() {
-                    Some("user") => abi::AUDIENCE_USER,
-                    Some("platform") => abi::AUDIENCE_PLATFORM,
-                    _ => abi::AUDIENCE_NONE,
-                },
-                retryable: u32::from(*retryable),
-            },
-        );
-    let text = text.unwrap_or_default();
-    let failure = abi::EtlFailure {
-        struct_size: std::mem::size_of::<abi::EtlFailure>() as u32,
-        status_code: i32::from(status),
-        status_code_text: abi::EtlStr::from_str(&text),
-        failure_category: nullable(&category),
-        plugin_error: plugin_error
-            .as_ref()
-            .map_or(std::ptr::null(), |e| e as *const abi::EtlPluginError),
-    };
-    unsafe { (host.report_failure)(inv, &failure) };
-    abi::RESULT_FAILED
 }
 
 #[cfg(test)]
