@@ -201,7 +201,7 @@ impl InputModel {
             let mut errors: Vec<Value> = self
                 .validator
                 .iter_errors(&value)
-                .flat_map(|e| to_fastapi(&e))
+                .flat_map(|e| to_fastapi(&self.schema, &e))
                 .collect();
             errors.append(&mut refused);
             if !errors.is_empty() {
@@ -482,6 +482,33 @@ mod tests {
                 &json!(["body", "f", "a"]),
                 &json!(["body", "f", "b"]),
                 &json!(["body", "f", "c", 1])
+            ]
+        );
+    }
+
+    #[test]
+    fn a_union_reports_each_member_and_a_path_its_own_type() {
+        let m = InputModel::new(&json!({
+            "type": "object",
+            "properties": {
+                "value": {"anyOf": [{"type": "integer"}, {"type": "string"}]},
+                "path": {"type": "string", "is_path": true}
+            }
+        }))
+        .unwrap();
+        let r = reject(&m, Some("application/json"), r#"{"value":1.5,"path":3}"#);
+        let items: Vec<(&Value, &Value)> = r["detail"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (&e["type"], &e["loc"]))
+            .collect();
+        assert_eq!(
+            items,
+            [
+                (&json!("int_from_float"), &json!(["body", "value", "int"])),
+                (&json!("string_type"), &json!(["body", "value", "str"])),
+                (&json!("path_type"), &json!(["body", "path"])),
             ]
         );
     }

@@ -38,34 +38,93 @@ pub(super) fn not_a_dict(input: Value) -> Value {
 /// A JSON Schema error as the FastAPI items pydantic would report for the
 /// same input: usually one, more for an optional value whose own schema
 /// failed several ways.
-pub(super) fn to_fastapi(e: &jsonschema::ValidationError<'_>) -> Vec<Value> {
+///
+/// `root` is the schema validated against, where a union's members are
+/// looked up.
+pub(super) fn to_fastapi(root: &Value, e: &jsonschema::ValidationError<'_>) -> Vec<Value> {
     if let ValidationErrorKind::AnyOf { context } = e.kind() {
-        // `Optional[X]` (anyOf [X, null]): pydantic reports X's own error
-        // (`int_from_float`, `int_parsing`...), not the union's.
-        let mut members = context
-            .iter()
-            .filter(|errors| !errors.iter().all(is_null_type_error));
-        if let (Some(only), None) = (members.next(), members.next()) {
-            let items: Vec<Value> = only.iter().flat_map(to_fastapi).collect();
-            if !items.is_empty() {
-                return items;
-            }
+        if let Some(items) = union_errors(root, e, context) {
+            return items;
         }
     }
-    to_fastapi_item(e).into_iter().collect()
+    to_fastapi_item(root, e).into_iter().collect()
 }
 
-/// Whether `e` is the null branch of an optional value refusing a value.
-fn is_null_type_error(e: &jsonschema::ValidationError<'_>) -> bool {
-    matches!(
-        e.kind(),
-        ValidationErrorKind::Type {
-            kind: TypeKind::Single(JsonType::Null)
+/// A union's errors as pydantic reports them, or `None` to report the
+/// union as a whole. `Optional[X]` (anyOf [X, null]) reports X's own
+/// errors (`int_from_float`, `int_parsing`...). A union of several types
+/// reports each member's errors in turn, its `loc` naming the member
+/// (`["body", "value", "int"]`); only members whose name pydantic would
+/// give is known from the schema (scalars, and lists of them) are named.
+fn union_errors(
+    root: &Value,
+    e: &jsonschema::ValidationError<'_>,
+    context: &[Vec<jsonschema::ValidationError<'_>>],
+) -> Option<Vec<Value>> {
+    let Value::Array(schemas) = root.pointer(e.schema_path().as_str())? else {
+        return None;
+    };
+    let members: Vec<(&Vec<jsonschema::ValidationError<'_>>, &Value)> = context
+        .iter()
+        .zip(schemas)
+        .filter(|(_, schema)| schema.get("type") != Some(&Value::from("null")))
+        .collect();
+    let depth = e.instance_path().iter().count() + 1;
+    match members.as_slice() {
+        [] => None,
+        [(only, _)] => {
+            let items: Vec<Value> = only.iter().flat_map(|e| to_fastapi(root, e)).collect();
+            (!items.is_empty()).then_some(items)
         }
-    )
+        several => {
+            let mut items = Vec::new();
+            for (errors, schema) in several {
+                let tag = union_tag(schema)?;
+                for mut item in errors.iter().flat_map(|e| to_fastapi(root, e)) {
+                    if let Some(loc) = item["loc"].as_array_mut() {
+                        loc.insert(depth.min(loc.len()), Value::from(tag.clone()));
+                    }
+                    items.push(item);
+                }
+            }
+            (!items.is_empty()).then_some(items)
+        }
+    }
 }
 
-fn to_fastapi_item(e: &jsonschema::ValidationError<'_>) -> Option<Value> {
+/// How pydantic names a union member in an error's `loc`, when the schema
+/// says: `int`, `str`, `float`, `bool`, `list[int]`...
+fn union_tag(schema: &Value) -> Option<String> {
+    let keys_known = schema.as_object()?.keys().all(|k| {
+        matches!(
+            k.as_str(),
+            "type" | "items" | "default" | "title" | "description"
+        )
+    });
+    if !keys_known {
+        return None;
+    }
+    Some(match schema.get("type")?.as_str()? {
+        "integer" => "int".into(),
+        "string" => "str".into(),
+        "number" => "float".into(),
+        "boolean" => "bool".into(),
+        "array" => format!("list[{}]", union_tag(schema.get("items")?)?),
+        _ => return None,
+    })
+}
+
+/// Whether the schema whose keyword failed in `e` is a `pathlib.Path`
+/// (the reference marks it `"is_path": true`).
+fn is_path(root: &Value, e: &jsonschema::ValidationError<'_>) -> bool {
+    let keyword = e.schema_path().as_str();
+    let parent = keyword.rsplit_once('/').map_or("", |(parent, _)| parent);
+    root.pointer(parent)
+        .and_then(|s| s.get("is_path"))
+        .is_some_and(|v| v == &Value::Bool(true))
+}
+
+fn to_fastapi_item(root: &Value, e: &jsonschema::ValidationError<'_>) -> Option<Value> {
     let path: Vec<Value> = e
         .instance_path()
         .iter()
@@ -91,6 +150,10 @@ fn to_fastapi_item(e: &jsonschema::ValidationError<'_>) -> Option<Value> {
                 input,
             ));
         }
+        ValidationErrorKind::Type { .. } if is_path(root, e) => (
+            "path_type",
+            "Input is not a valid path for <class 'pathlib.Path'>".to_owned(),
+        ),
         ValidationErrorKind::Type { kind } => type_error(kind, &input),
         ValidationErrorKind::AnyOf { .. } => (
             "value_error",
