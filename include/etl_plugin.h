@@ -305,6 +305,19 @@ typedef struct etl_host_api {
      * ETL_CB_INVALID (and a contract violation) when it is not UTF-8, or
      * not a JSON object or null. */
     int32_t (*set_file_data)(etl_invocation *invocation, etl_str file_data_json);
+
+    /* (1.1) Refuse the request as the host refuses bad input: the client
+     * gets `status` (400..=499) with the JSON `body` (content type
+     * application/json) instead of an envelope. For a plugin that checks
+     * its input itself, beyond the inputs schema: the Python bridge
+     * validates with the reference's own model and answers its 422
+     * (`{"detail": [...]}`, FastAPI's shape) where the two disagree. Call it
+     * from `invoke` (of a streaming plugin: before its first `emit`), then
+     * return ETL_RESULT_FAILED; the last call wins. ETL_CB_INVALID (and a
+     * contract violation) when `status` is out of range or `body` is not
+     * JSON; ETL_CB_REJECTED from a precheck or after a stream's first
+     * item. */
+    int32_t (*reject_request)(etl_invocation *invocation, int32_t status, etl_str body_json);
 } etl_host_api;
 
 /*

@@ -14,7 +14,7 @@ static const size_t LAYOUT[] = {
     O(etl_host_api, add_usage), O(etl_host_api, add_info), O(etl_host_api, add_warning),
     O(etl_host_api, set_filedata_meta), O(etl_host_api, set_failure), O(etl_host_api, log),
     O(etl_host_api, remaining_ms), O(etl_host_api, report_failure), O(etl_host_api, add_usage_text),
-    O(etl_host_api, set_file_data),
+    O(etl_host_api, set_file_data), O(etl_host_api, reject_request),
     S(etl_invoke_ctx), O(etl_invoke_ctx, struct_size), O(etl_invoke_ctx, invocation),
     O(etl_invoke_ctx, host), O(etl_invoke_ctx, cancel_flag), O(etl_invoke_ctx, process_cancel_flag),
     O(etl_invoke_ctx, state), O(etl_invoke_ctx, request_id), O(etl_invoke_ctx, invocation_settings),

@@ -4,7 +4,9 @@
 
 use etl_abi as abi;
 
-use super::{registry, Class, Failure, Invocation, CURRENT};
+use serde_json::value::RawValue;
+
+use super::{registry, Class, Failure, Invocation, Kind, CURRENT};
 use crate::envelope;
 use crate::sync::lock;
 
@@ -22,6 +24,7 @@ pub static HOST_API: abi::EtlHostApi = abi::EtlHostApi {
     report_failure: cb_report_failure,
     add_usage_text: cb_add_usage_text,
     set_file_data: cb_set_file_data,
+    reject_request: cb_reject_request,
 };
 
 /// Runs `f` on the live invocation named by `handle`, or answers
@@ -155,6 +158,50 @@ unsafe extern "C" fn cb_set_file_data(handle: *mut abi::EtlInvocation, json: abi
             }
             Err(why) => {
                 lock(&inv.state).violate(format!("the plugin set an invalid file_data: {why}"));
+                abi::CB_INVALID
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn cb_reject_request(
+    handle: *mut abi::EtlInvocation,
+    status: i32,
+    body: abi::EtlStr,
+) -> i32 {
+    with_live(handle, |inv| {
+        let too_late = match inv.kind {
+            Kind::Invoke => false,
+            Kind::Stream => lock(&inv.state).items > 0,
+            Kind::Precheck => true,
+        };
+        if too_late {
+            lock(&inv.state).violate(
+                "the plugin called reject_request from a precheck, or after a stream's first item",
+            );
+            return abi::CB_REJECTED;
+        }
+        let Some(t) = text(inv, "a rejection body", body) else {
+            return abi::CB_INVALID;
+        };
+        let status = match u16::try_from(status) {
+            Ok(s @ 400..=499) => s,
+            _ => {
+                lock(&inv.state).violate(format!(
+                    "the plugin rejected a request with the status {status}, not a 4xx"
+                ));
+                return abi::CB_INVALID;
+            }
+        };
+        match serde_json::from_str::<Box<RawValue>>(t) {
+            Ok(body) => {
+                lock(&inv.state).more_mut().rejection = Some((status, body));
+                abi::CB_OK
+            }
+            Err(e) => {
+                lock(&inv.state).violate(format!(
+                    "the plugin rejected a request with a body that is not JSON ({e})"
+                ));
                 abi::CB_INVALID
             }
         }

@@ -220,6 +220,9 @@ pub struct Reported {
     pub filedata_meta: Option<Value>,
     /// The envelope's `file_data`, a JSON object (`None`: null).
     pub file_data: Option<Box<RawValue>>,
+    /// The plugin refused the request itself: the status and JSON body to
+    /// answer instead of an envelope.
+    pub rejection: Option<(u16, Box<RawValue>)>,
     pub failure: Option<Failure>,
     /// The first way the plugin broke the ABI contract, if any.
     pub violation: Option<String>,
@@ -231,6 +234,7 @@ static NOTHING_MORE: Reported = Reported {
     warnings: Vec::new(),
     filedata_meta: None,
     file_data: None,
+    rejection: None,
     failure: None,
     violation: None,
 };

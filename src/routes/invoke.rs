@@ -5,6 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use etl_abi as abi;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -158,12 +160,28 @@ async fn invoke_plain(
 
 /// The answer to a plain `/invoke` whose plugin call returned `c`.
 pub fn answer(c: Collected, took: Duration) -> Response<Body> {
+    if let Some(refused) = rejection(&c) {
+        return refused;
+    }
     let outcome = outcome_of(&c, Kind::Invoke);
     record(&outcome, took);
     match outcome {
         Outcome::Shutdown => shutdown_abort(&c),
         outcome => json(StatusCode::OK, envelope::write(&c, &outcome).into()),
     }
+}
+
+/// The answer of a plugin that refused its input itself (ABI 1.1
+/// `reject_request`), as the host refuses bad input: no envelope, and not
+/// counted as an invocation.
+pub fn rejection(c: &Collected) -> Option<Response<Body>> {
+    let more = c.more();
+    let (status, body) = more.rejection.as_ref()?;
+    if c.result != abi::RESULT_FAILED || more.violation.is_some() {
+        return None;
+    }
+    let status = StatusCode::from_u16(*status).expect("checked to be 4xx");
+    Some(json(status, Bytes::copy_from_slice(body.get().as_bytes())))
 }
 
 /// Records an invocation's duration and, for a failure, its kind.

@@ -11,7 +11,7 @@ use hyper::{Response, StatusCode};
 use tokio::sync::mpsc;
 
 use super::access::AccessLine;
-use super::invoke::{outcome_of, record, ClientWatch};
+use super::invoke::{outcome_of, record, rejection, ClientWatch};
 use super::reply::{internal_error, shutdown_abort, with_type, with_type_body, Body};
 use crate::app::App;
 use crate::conn::AnswerPending;
@@ -66,6 +66,9 @@ pub async fn invoke_streaming(
         }
         Some(Chunk::Done(c)) => {
             watch.finished(());
+            if let Some(refused) = rejection(&c) {
+                return refused;
+            }
             let outcome = outcome_of(&c, Kind::Stream);
             record(&outcome, started.elapsed());
             match outcome {

@@ -191,6 +191,27 @@ fn file_data_set_by_the_plugin_is_the_envelopes_as_given() {
 }
 
 #[test]
+fn a_plugin_can_refuse_its_input_as_the_host_does() {
+    let s = Server::start(&c_fixture("abi", None), &["--plugin-config", "/dev/null"]);
+    let r = invoke_with(&s, "x-request-id: reject\r\n", "{}");
+    assert_eq!(
+        (r.status, r.header("content-type"), r.text().as_str()),
+        (
+            422,
+            Some("application/json"),
+            r#"{"detail":[{"type":"fixture"}]}"#
+        )
+    );
+    // A refusal with a 2xx is a contract violation, reported as one.
+    let r = invoke_with(&s, "x-request-id: reject-200\r\n", "{}");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["status_code_text"]
+        .as_str()
+        .unwrap()
+        .contains("rejected a request with the status 200, not a 4xx"));
+}
+
+#[test]
 fn the_callers_deadline_reaches_the_plugin_and_a_bad_one_is_refused() {
     let s = Server::start(&c_fixture("abi", None), &["--plugin-config", "/dev/null"]);
     let r = invoke_with(&s, "x-etl-timeout-ms: 60000\r\n", "{}");

@@ -165,6 +165,8 @@ pub struct EtlHostApi {
     pub add_usage_text: unsafe extern "C" fn(*mut EtlInvocation, EtlStr, EtlStr) -> i32,
     /// 1.1.
     pub set_file_data: unsafe extern "C" fn(*mut EtlInvocation, EtlStr) -> i32,
+    /// 1.1.
+    pub reject_request: unsafe extern "C" fn(*mut EtlInvocation, i32, EtlStr) -> i32,
 }
 
 /// `etl_invoke_ctx`: what `invoke` and `precheck` receive.

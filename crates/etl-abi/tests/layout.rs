@@ -32,6 +32,7 @@ fn rust_types_match_the_c_header() {
             offset_of!(EtlHostApi, report_failure),
             offset_of!(EtlHostApi, add_usage_text),
             offset_of!(EtlHostApi, set_file_data),
+            offset_of!(EtlHostApi, reject_request),
         ],
         &s!(EtlInvokeCtx),
         &[
