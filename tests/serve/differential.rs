@@ -532,6 +532,85 @@ fn python_file_data_comes_back_in_the_envelope_as_the_reference_sends_it() {
 }
 
 #[test]
+fn python_types_make_the_reference_schema_id_and_422s() {
+    let dir = "tests/fixtures/python";
+    let json = Some("application/json");
+    let families: &[(&str, &[&str])] = &[
+        (
+            "etl_types:models",
+            &[
+                r#"{"outer":{"inner":{"name":"a","tags":["x"]},"count":2}}"#,
+                r#"{"outer":{"inner":{"name":"a"}},"extra":{"name":"e","tags":["1","2"]}}"#,
+                r#"{"outer":{"inner":{"tags":"no"},"count":"x","ratio":"half"}}"#,
+                r#"{"outer":{"inner":{"name":"a"},"ratio":"0.5"}}"#,
+                "{}",
+            ],
+        ),
+        (
+            "etl_types:dataclasses",
+            &[
+                r#"{"point":{"x":1,"y":2}}"#,
+                r#"{"point":{"x":"a"}}"#,
+                r#"{"point":{}}"#,
+            ],
+        ),
+        (
+            "etl_types:typed_dict",
+            &[
+                r#"{"sides":3}"#,
+                r#"{"sides":3,"label":"tri"}"#,
+                r#"{"sides":"three"}"#,
+            ],
+        ),
+        (
+            "etl_types:unions",
+            &[
+                r#"{"value":1}"#,
+                r#"{"value":"a"}"#,
+                r#"{"value":1.5}"#,
+                r#"{"value":[1]}"#,
+                r#"{"value":2,"maybe":"yes"}"#,
+            ],
+        ),
+        (
+            "etl_types:paths",
+            &[
+                r#"{"path":"/a/b.txt"}"#,
+                r#"{"path":"/a/b.txt","suffix":".md"}"#,
+                r#"{"path":3}"#,
+            ],
+        ),
+        (
+            "etl_types:anything",
+            &[r#"{"value":{"a":[1]}}"#, r#"{"value":null}"#, "{}"],
+        ),
+        (
+            "etl_types:counter --method-name run",
+            &[r#"{"n":2}"#, r#"{"n":"two"}"#],
+        ),
+    ];
+    for (app, bodies) in families {
+        let mut cases = vec![get("/schema"), get("/id")];
+        cases.extend(bodies.iter().map(|b| invoke(b, json, *b)));
+        let reference = Reference::serving(app, dir);
+        assert_same_answers(&reference, &serve_python(app, dir), &cases, app);
+    }
+    // Every form of --plugin-id: a value, a function, a lambda, a class
+    // and its method.
+    for form in [
+        "etl_types:PLUGIN_ID",
+        "etl_types:plugin_id",
+        "etl_types:plugin_id_lambda",
+        "etl_types:Counter --plugin-id-method the_id",
+    ] {
+        let app = format!("etl_types:unions --plugin-id {form}");
+        let cases = [get("/id"), get("/metadata")];
+        let reference = Reference::serving(&app, dir);
+        assert_same_answers(&reference, &serve_python(&app, dir), &cases, &app);
+    }
+}
+
+#[test]
 fn a_python_plugin_that_cannot_be_loaded_is_refused_with_its_traceback() {
     let venv = reference_venv();
     let refuse = |config: &str| {
@@ -570,6 +649,12 @@ fn a_python_plugin_that_cannot_be_loaded_is_refused_with_its_traceback() {
     );
     assert!(
         log.contains("RuntimeError: no model file\nlooked in /models"),
+        "{log}"
+    );
+    // A signature the reference refuses, for its reason.
+    let log = refuse("etl_types:splat");
+    assert!(
+        log.contains("function has variable positional arguments, which are not allowed: *args"),
         "{log}"
     );
     let log = refuse("m:f --reload");

@@ -13,8 +13,9 @@ Rust half to report.
 What `invoke`, `stream` and `precheck` return (an "answer"):
 (status, text, category, plugin_error, output, usage, infos, warnings,
 filedata_meta, file_data): status 200 with `output` as JSON text (or None),
-SHUTDOWN, or a failure as the reference reports it (`plugin_error` a tuple
-or None). `usage`, `infos` and `warnings` are what the host has not been
+SHUTDOWN, REJECTED (the request does not fit the reference's input model:
+`text` is the 422's body), or a failure as the reference reports it
+(`plugin_error` a tuple or None). `usage`, `infos` and `warnings` are what the host has not been
 told yet; `filedata_meta` and `file_data` are JSON text to set, or "" to
 leave as they are.
 """
@@ -40,7 +41,8 @@ from unstructured_platform_plugins.invocation_settings import http_status_for, i
 from unstructured_platform_plugins.schema import FileDataMeta, UsageData
 from utic_invocation_settings import resolve_invocation_settings
 from unstructured_platform_plugins.schema.json_schema import schema_to_base_model
-from pydantic import Field, create_model
+from fastapi.encoders import jsonable_encoder
+from pydantic import Field, ValidationError, create_model
 from typing import Optional
 from uvicorn.importer import import_from_string
 
@@ -49,6 +51,32 @@ _INJECTED = ["usage", "filedata_meta", "message_channels", "cancellation_token"]
 
 # The status of an answer for a plugin that stopped on its token.
 SHUTDOWN = 0
+
+# The status of an answer refusing the request: its text is the body of the
+# 422 to answer instead of an envelope.
+REJECTED = 1
+
+
+class _Refused(Exception):
+    """The request does not fit the reference's input model (which etl-serve's
+    own check let through): `body` is FastAPI's 422 for it."""
+
+    def __init__(self, body):
+        super().__init__(body)
+        self.body = body
+
+
+def _fastapi_422(exc):
+    """The body FastAPI answers when the reference's route validates the
+    request body and pydantic raises `exc`."""
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+    return json.dumps(
+        {"detail": jsonable_encoder(errors)},
+        ensure_ascii=False,
+        allow_nan=False,
+        indent=None,
+        separators=(",", ":"),
+    )
 
 
 class PluginShutdown(Exception):
@@ -241,7 +269,11 @@ class _Call:
         self.kwargs = {}
         # The host hands "null" to a function without parameters.
         if request_json and request_json != "null":
-            request = p.input_model.model_validate_json(request_json)
+            try:
+                # As the reference's route validates the parsed body.
+                request = p.input_model.model_validate(json.loads(request_json), from_attributes=True)
+            except ValidationError as exc:
+                raise _Refused(_fastapi_422(exc)) from None
             self.kwargs = {f: getattr(request, f) for f in request.model_fields}
             file_data = self.kwargs.get("file_data")
             if file_data is not None:
@@ -340,8 +372,15 @@ def precheck(flag):
     return _run(_plugin.precheck, "", flag)
 
 
+def _refusal(refused):
+    return (REJECTED, refused.body, None, None, None, [], [], [], "", "")
+
+
 def _run(func, request_json, flag):
-    call = _Call(_plugin, func, request_json, flag)
+    try:
+        call = _Call(_plugin, func, request_json, flag)
+    except _Refused as refused:
+        return _refusal(refused)
     try:
         output = _call(func, call.kwargs, flag)
         envelope = call.envelope(status_code=200, output=output)
@@ -371,7 +410,10 @@ def stream(request_json, settings_json, context_json, flag, sink):
 
 
 def _stream(func, request_json, flag, sink):
-    call = _Call(_plugin, func, request_json, flag)
+    try:
+        call = _Call(_plugin, func, request_json, flag)
+    except _Refused as refused:
+        return _refusal(refused)
     items = _items(func, call.kwargs, flag)
     try:
         for item in items:

@@ -30,6 +30,10 @@ type Answer = (
 /// The status of an answer for a plugin that stopped on its token.
 const SHUTDOWN: u16 = 0;
 
+/// The status of an answer refusing the request: its text is the 422's
+/// body.
+const REJECTED: u16 = 1;
+
 /// Why `bridge.py` returned no answer.
 enum NoAnswer {
     /// The forced stop's `PluginShutdown` landed in the bridge's own code
@@ -219,6 +223,12 @@ fn run(ctx: &abi::EtlInvokeCtx, method: &str, args: &[String]) -> i32 {
     .report(host, inv);
     if status == SHUTDOWN {
         return abi::RESULT_SHUTDOWN;
+    }
+    if status == REJECTED {
+        let body = text.unwrap_or_default();
+        // SAFETY: valid handle during the call; borrowed argument.
+        unsafe { (host.reject_request)(inv, 422, abi::EtlStr::from_str(&body)) };
+        return abi::RESULT_FAILED;
     }
     if status == 200 {
         if method == "invoke" {
