@@ -22,6 +22,7 @@ leave as they are.
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -42,7 +43,8 @@ from unstructured_platform_plugins.schema import FileDataMeta, UsageData
 from utic_invocation_settings import resolve_invocation_settings
 from unstructured_platform_plugins.schema.json_schema import schema_to_base_model
 from fastapi.encoders import jsonable_encoder
-from pydantic import Field, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model
+from unstructured_platform_plugins.type_hints import get_type_hints as _type_hints
 from typing import Optional
 from uvicorn.importer import import_from_string
 
@@ -144,12 +146,35 @@ class _Plugin:
         self.input_model = schema_to_base_model(self.request_schema)
         response_type = get_output_sig(self.func)
         self.meta_model = _reference.update_filedata_model(response_type)
+        self.default_meta = self.meta_model()
         self.Response = _response_model(response_type, self.meta_model)
         self.precheck = None
         if precheck_app:
             self.precheck = get_func(import_from_string(precheck_app), precheck_method)
         elif precheck_method:
             self.precheck = get_func(instance, precheck_method)
+        # Looked up once: inspecting a signature costs more than the rest of
+        # a small call.
+        self.params = {f: inspect.signature(f).parameters for f in (self.func, self.precheck) if f}
+        self.is_async = {f: inspect.iscoroutinefunction(f) for f in self.params}
+        self.maps_inputs = _map_inputs_can_act(self.func)
+
+
+def _map_inputs_can_act(func):
+    """Whether the reference's `map_inputs` can do anything observable for
+    `func`. Its handler calls it and drops the result, so what remains is
+    the exception it raises when a parameter typed as a dataclass or a
+    pydantic model cannot be built; for a function without such a
+    parameter it does nothing, and the bridge skips it."""
+    try:
+        hints = _type_hints(func)
+    except Exception:
+        return True
+    hints.pop("return", None)
+    return any(
+        dataclasses.is_dataclass(t) or (inspect.isclass(t) and issubclass(t, BaseModel))
+        for t in hints.values()
+    )
 
 
 _plugin = None
@@ -209,7 +234,7 @@ def _on_loop(coroutine, flag):
 def _call(func, kwargs, flag):
     """Calls a plain (not generator) function: a sync one here, on the
     host's worker thread, an async one on the shared loop."""
-    if inspect.iscoroutinefunction(func):
+    if _plugin.is_async[func]:
         return _on_loop(func(**kwargs), flag)
     return func(**kwargs)
 
@@ -270,16 +295,24 @@ class _Call:
         # The host hands "null" to a function without parameters.
         if request_json and request_json != "null":
             try:
-                # As the reference's route validates the parsed body.
-                request = p.input_model.model_validate(json.loads(request_json), from_attributes=True)
-            except ValidationError as exc:
-                raise _Refused(_fastapi_422(exc)) from None
-            self.kwargs = {f: getattr(request, f) for f in request.model_fields}
+                request = p.input_model.model_validate_json(request_json)
+            except ValidationError:
+                # As the reference's route validates the parsed body, for
+                # its errors (parsing the JSON in pydantic first is faster,
+                # and nearly every request passes).
+                try:
+                    request = p.input_model.model_validate(
+                        json.loads(request_json), from_attributes=True
+                    )
+                except ValidationError as exc:
+                    raise _Refused(_fastapi_422(exc)) from None
+            self.kwargs = {f: getattr(request, f) for f in type(request).model_fields}
             file_data = self.kwargs.get("file_data")
             if file_data is not None:
                 self.kwargs["file_data"] = _reference.file_data_from_dict(file_data.model_dump())
-            map_inputs(func=p.func, raw_inputs=self.kwargs)
-        params = inspect.signature(func).parameters
+            if p.maps_inputs:
+                map_inputs(func=p.func, raw_inputs=self.kwargs)
+        params = p.params[func]
         if "usage" in params:
             self.kwargs["usage"] = self.usage
         if "message_channels" in params:
@@ -294,10 +327,16 @@ class _Call:
         """The reference's envelope for this call with `fields` (status_code,
         output...): the usage, messages, filedata_meta and file_data the
         function left, validated as the reference validates them."""
+        meta = self.filedata_meta
+        untouched = meta.terminate_current is False and not meta.new_records
         return self.p.Response(
             usage=self.usage,
             message_channels=self.message_channels,
-            filedata_meta=self.p.meta_model.model_validate(self.filedata_meta.model_dump()),
+            filedata_meta=(
+                self.p.default_meta
+                if untouched and type(meta) is FileDataMeta
+                else self.p.meta_model.model_validate(meta.model_dump())
+            ),
             file_data=self.kwargs.get("file_data"),
             **fields,
         )
@@ -316,7 +355,12 @@ class _Call:
                 self._changed("file_data", envelope, "file_data"))
 
     def _changed(self, key, envelope, field):
-        text = _field_json(envelope, field)
+        if getattr(envelope, field) is None and self.told[key] == "null":
+            return ""
+        if field == "filedata_meta" and _is_default_meta(envelope.filedata_meta):
+            text = _DEFAULT_META
+        else:
+            text = _field_json(envelope, field)
         if text == self.told[key]:
             return ""
         self.told[key] = text
@@ -324,6 +368,16 @@ class _Call:
 
 
 _DEFAULT_META = '{"terminate_current":false,"new_records":[]}'
+
+
+def _is_default_meta(meta):
+    """Whether `meta` writes as _DEFAULT_META (checked without writing it)."""
+    return (
+        meta is not None
+        and meta.terminate_current is False
+        and not meta.new_records
+        and type(meta).model_fields.keys() == {"terminate_current", "new_records"}
+    )
 
 
 def _field_json(model, field):

@@ -154,9 +154,49 @@ impl News {
     }
 }
 
+/// A Python thread state this thread keeps between calls.
+///
+/// Attaching a thread that has none makes CPython create one and, on
+/// detaching, destroy it again: for every call. The host calls from a
+/// pool of threads that live on between calls, so each keeps its state
+/// (without the GIL) until the thread ends.
+struct KeptThreadState {
+    state: pyo3::ffi::PyGILState_STATE,
+    saved: *mut pyo3::ffi::PyThreadState,
+}
+
+impl KeptThreadState {
+    fn new() -> KeptThreadState {
+        // SAFETY: Python is initialised (init ran); this thread holds no
+        // GIL here, so Ensure attaches it and SaveThread lets the GIL go
+        // again, keeping the thread state.
+        unsafe {
+            let state = pyo3::ffi::PyGILState_Ensure();
+            let saved = pyo3::ffi::PyEval_SaveThread();
+            KeptThreadState { state, saved }
+        }
+    }
+}
+
+impl Drop for KeptThreadState {
+    fn drop(&mut self) {
+        // SAFETY: the state saved in `new`, on this thread, which is
+        // ending: take the GIL back with it and release it for good.
+        unsafe {
+            pyo3::ffi::PyEval_RestoreThread(self.saved);
+            pyo3::ffi::PyGILState_Release(self.state);
+        }
+    }
+}
+
+thread_local! {
+    static KEPT: KeptThreadState = KeptThreadState::new();
+}
+
 /// Calls `method` of the bridge with `args` (and, for "stream", a sink)
 /// and reports what it answered.
 fn run(ctx: &abi::EtlInvokeCtx, method: &str, args: &[String]) -> i32 {
+    KEPT.with(|_| ());
     // SAFETY: the host's table is static.
     let host: &'static abi::EtlHostApi = unsafe { &*ctx.host };
     let inv = ctx.invocation;
