@@ -105,12 +105,17 @@ fn run(args: &Args) -> Result<(), String> {
             &venv.join("bin/etl-uvicorn"),
             "bench/run creates the virtualenv",
         )?;
+        server::require(
+            &paths.release.join("libetl_python.so"),
+            "build with `cargo build --release --workspace`",
+        )?;
     }
     let wrk = wrk::Wrk::new(args.wrk.clone(), &work)?;
 
     let mut hosts = vec![Host::EtlServe, Host::BareHyper];
     if paths.venv.is_some() {
         hosts.push(Host::Reference);
+        hosts.push(Host::PythonBridge);
     }
     let reference = paths.venv.is_some();
 
@@ -162,6 +167,10 @@ fn run(args: &Args) -> Result<(), String> {
         startup.push((
             Host::Reference,
             scenarios::startup(Host::Reference, &paths, 5)?,
+        ));
+        startup.push((
+            Host::PythonBridge,
+            scenarios::startup(Host::PythonBridge, &paths, 5)?,
         ));
     }
 

@@ -47,8 +47,10 @@ struct Key {
     p99: Vec<f64>,
     startup: Option<Duration>,
     startup_reference: Option<Duration>,
+    startup_bridge: Option<Duration>,
     idle_rss: Option<u64>,
     idle_rss_reference: Option<u64>,
+    idle_rss_bridge: Option<u64>,
     idle_stop: Option<Duration>,
     idle_stop_reference: Option<Duration>,
     coop_answer: Option<Duration>,
@@ -119,8 +121,10 @@ impl Results<'_> {
             p99,
             startup: startup(Host::EtlServe),
             startup_reference: startup(Host::Reference),
+            startup_bridge: startup(Host::PythonBridge),
             idle_rss: rss(Host::EtlServe),
             idle_rss_reference: rss(Host::Reference),
+            idle_rss_bridge: rss(Host::PythonBridge),
             idle_stop: stop(Host::EtlServe, "idle", false),
             idle_stop_reference: stop(Host::Reference, "idle", false),
             coop_answer: stop(Host::EtlServe, "in-flight `slow`, cooperative", true),
@@ -253,6 +257,7 @@ pub fn markdown(results: &Results<'_>) -> String {
     let hosts = &results.load.hosts;
     let bare = results.index(Host::BareHyper);
     let reference = results.index(Host::Reference);
+    let python = results.index(Host::PythonBridge);
     let etl = results
         .index(Host::EtlServe)
         .expect("etl-serve is always measured");
@@ -316,6 +321,51 @@ pub fn markdown(results: &Results<'_>) -> String {
             Some(ratio.median >= 25.0),
         );
     }
+    if let (Some(py), Some(r)) = (python, reference) {
+        // The same Python plugin module under both hosts.
+        let ratio = results.paired(py, r, |r| r.rps);
+        target(
+            "Python bridge: throughput vs etl-uvicorn, 16 connections",
+            "≥ 10×",
+            ratio.with_range(),
+            Some(ratio.median >= 10.0),
+        );
+        let reference_p50 = results.round_medians(|r| r.p50_us)[r];
+        target(
+            "Python bridge: p99 vs etl-uvicorn's p50, 16 connections",
+            "below",
+            format!(
+                "{} vs {}",
+                stats::micros(key.p99[py]),
+                stats::micros(reference_p50)
+            ),
+            Some(key.p99[py] < reference_p50),
+        );
+        target(
+            "Python bridge: startup vs etl-uvicorn's",
+            "no slower",
+            format!(
+                "{} vs {}",
+                opt_duration(key.startup_bridge),
+                opt_duration(key.startup_reference)
+            ),
+            key.startup_bridge
+                .zip(key.startup_reference)
+                .map(|(b, r)| b <= r),
+        );
+        target(
+            "Python bridge: idle resident set vs etl-uvicorn's",
+            "no larger",
+            format!(
+                "{} vs {}",
+                key.idle_rss_bridge.map_or("n/a".to_owned(), stats::mib),
+                key.idle_rss_reference.map_or("n/a".to_owned(), stats::mib)
+            ),
+            key.idle_rss_bridge
+                .zip(key.idle_rss_reference)
+                .map(|(b, r)| b <= r),
+        );
+    }
     target(
         "startup: exec to the first answered `GET /id`",
         "≤ 10 ms",
@@ -376,7 +426,13 @@ pub fn markdown(results: &Results<'_>) -> String {
     let _ = writeln!(
         w,
         "- etl-uvicorn: `etl-uvicorn etl_bench_plugins:wordcount --port PORT --no-access-log --log-level warning \
-         --loop uvloop --http httptools` (`bench/reference/etl_bench_plugins.py`)\n"
+         --loop uvloop --http httptools` (`bench/reference/etl_bench_plugins.py`)"
+    );
+    let _ = writeln!(
+        w,
+        "- etl-serve, Python bridge: `target/release/etl-serve --plugin target/release/libetl_python.so \
+         --plugin-config etl_bench_plugins:wordcount --port PORT --no-access-log`, with `VIRTUAL_ENV` the \
+         reference's virtualenv and `PYTHONPATH=bench/reference`: the same Python module etl-uvicorn serves\n"
     );
     let same: Vec<&str> = hosts
         .iter()
@@ -781,6 +837,15 @@ pub fn headline(results: &Results<'_>) -> String {
             stats::mib(r)
         ));
     }
+    if let (Some(py), Some(r)) = (
+        results.index(Host::PythonBridge),
+        results.index(Host::Reference),
+    ) {
+        lines.push(format!(
+            "- the same Python plugin through the Python bridge: **{}** etl-uvicorn's requests per second",
+            stats::ratio(results.paired(py, r, |r| r.rps).median)
+        ));
+    }
     lines.join("\n")
 }
 
@@ -807,7 +872,7 @@ pub fn update_readme(readme: &Path, headline: &str) -> Result<(), String> {
 fn cost_by_object(w: &mut String, profiles: &[crate::profile::Cost]) {
     // Each host's own binary is "the server binary", so the rows line up.
     let binary = |host: Host| match host {
-        Host::EtlServe => "etl-serve",
+        Host::EtlServe | Host::PythonBridge => "etl-serve",
         Host::BareHyper => "bare-hyper",
         Host::Reference => "python3",
     };

@@ -1,5 +1,6 @@
 //! Starting, probing and stopping the servers under test: etl-serve, the
-//! bare hyper baseline and the reference host.
+//! bare hyper baseline, the reference host, and etl-serve serving the
+//! reference's Python plugin through the Python bridge.
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
@@ -18,6 +19,9 @@ pub enum Host {
     EtlServe,
     BareHyper,
     Reference,
+    /// etl-serve with `libetl_python.so`, serving the reference's plugin
+    /// module from the reference's virtualenv.
+    PythonBridge,
 }
 
 impl Host {
@@ -26,6 +30,7 @@ impl Host {
             Host::EtlServe => "etl-serve",
             Host::BareHyper => "bare hyper",
             Host::Reference => "etl-uvicorn",
+            Host::PythonBridge => "etl-serve, Python bridge",
         }
     }
 }
@@ -84,6 +89,21 @@ impl<'a> Spec<'a> {
             Host::BareHyper => {
                 let mut cmd = Command::new(paths.release.join("bare-hyper"));
                 cmd.arg(&port);
+                cmd
+            }
+            Host::PythonBridge => {
+                let venv = paths
+                    .venv
+                    .as_ref()
+                    .expect("the bridge runs only with the reference's venv");
+                let mut cmd = Command::new(paths.release.join("etl-serve"));
+                cmd.arg("--plugin")
+                    .arg(paths.release.join("libetl_python.so"))
+                    .arg("--plugin-config")
+                    .arg(format!("etl_bench_plugins:{}", self.plugin))
+                    .args(["--port", &port, "--no-access-log"])
+                    .env("VIRTUAL_ENV", venv)
+                    .env("PYTHONPATH", &paths.python_plugins);
                 cmd
             }
             Host::Reference => {
