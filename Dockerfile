@@ -1,11 +1,15 @@
 # syntax=docker/dockerfile:1
-# etl-serve serving the example `wordcount` plugin.
+# etl-serve serving the example `wordcount` plugin (the default target), or
+# a Python plugin through the Python bridge (the `python` target).
 #
 # To serve your own plugin, copy its library into the image and point
 # ETL_SERVE_PLUGIN at it (or pass --plugin PATH as the command).
 #
 #   docker build -t etl-serve .
 #   docker run --rm -p 8080:8080 etl-serve
+#
+#   docker build --target python -t etl-serve-python .
+#   docker run --rm -p 8080:8080 etl-serve-python
 
 # ---- build: only what ships ----------------------------------------------
 # Pinned to the toolchain the project is tested with. Its Debian release
@@ -27,7 +31,51 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && objcopy --only-keep-debug /out/etl-serve /out/debug/etl-serve.debug \
     && strip --strip-unneeded /out/etl-serve /out/plugins/libwordcount.so
 
+# ---- build the Python bridge ---------------------------------------------
+# Against Debian 12's Python 3.11, the minor version of the python image
+# below: libpython's soname (libpython3.11.so.1.0) and ABI are those of
+# every 3.11 release.
+FROM build AS build-python
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3-dev=3.11.2-1+b1 \
+    && rm -rf /var/lib/apt/lists/*
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p etl-python \
+    && install -D -m 0644 target/release/libetl_python.so /out/python/libetl_python.so \
+    && strip --strip-unneeded /out/python/libetl_python.so
+
+# ---- run a Python plugin: docker build --target python ------------------
+# The plugin's virtualenv holds what etl-uvicorn plugins import (the
+# reference package, pinned) and the plugin's own requirements; the example
+# is the reference's word count. For your plugin, build FROM this target,
+# COPY its code into /opt/etl/plugin, install its requirements with
+# /opt/venv/bin/pip, and set ETL_SERVE_PLUGIN_CONFIG to its APP and
+# etl-uvicorn options.
+FROM python:3.11.11-slim-bookworm AS python
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir unstructured-platform-plugins==0.1.0
+COPY --from=build-python /out/etl-serve /usr/local/bin/etl-serve
+COPY --from=build-python /out/python/libetl_python.so /opt/etl/libetl_python.so
+COPY bench/reference/etl_bench_plugins.py /opt/etl/plugin/
+WORKDIR /opt/etl/plugin
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    ETL_SERVE_PLUGIN=/opt/etl/libetl_python.so \
+    ETL_SERVE_PLUGIN_CONFIG=etl_bench_plugins:wordcount \
+    UVICORN_HOST=0.0.0.0 \
+    UVICORN_PORT=8080 \
+    UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN=30
+# Numeric, so that runAsNonRoot can verify it; no home directory needed.
+USER 65532:65532
+EXPOSE 8080
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["/usr/local/bin/etl-serve", "--probe"]
+ENTRYPOINT ["/usr/local/bin/etl-serve"]
+
 # ---- run: glibc and libgcc only, no shell, non-root ---------------------
+# The last stage, so the default target.
 # Debian 12, as the builder above. distroless publishes no version tags, so
 # the image is pinned by digest: a rebuild gets the same bytes. To move to
 # a newer one, look its digest up with
