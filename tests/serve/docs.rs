@@ -8,8 +8,14 @@
 //! - every log message docs/shutdown.md quotes (`log: "..."`, `logged as
 //!   \`...\``, ...) must be listed in [`QUOTES`] with the scenario that
 //!   makes etl-serve write it, and each scenario runs the real binary and
-//!   looks for its messages in the log. A capital letter standing alone in
-//!   a quote (`T`, `M`, `N`, `C`) is a placeholder for a value.
+//!   looks for its messages in the log;
+//! - every refusal docs/operations.md and docs/reliability.md quote (`{"detail":
+//!   "..."}`, outside the table of the reference's own answers) must be
+//!   listed in [`DETAILS`] with the request that gets it, and each request
+//!   is sent to the real binary.
+//!
+//! A capital letter standing alone in a quote (`T`, `M`, `N`, `C`) is a
+//! placeholder for a value.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -17,7 +23,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal::{SIGHUP, SIGTERM};
 
-use crate::support::{self, fixture, invoke_request, plugin, Server, Spawned, WORKSPACE};
+use crate::support::{self, fixture, invoke_request, plugin, Response, Server, Spawned, WORKSPACE};
 
 /// Every log message docs/shutdown.md quotes, and the scenario below that
 /// produces it.
@@ -215,6 +221,138 @@ fn the_matchers_take_ellipses_and_placeholders() {
     assert!(logged(log, "timed out after T: M invocations abandoned"));
     assert!(!logged(log, "timed out after T: M invocations joined"));
     assert!(!logged(log, "SIGTERM received"));
+}
+
+// ---------------------------------------------------------------------------
+// Refusals
+// ---------------------------------------------------------------------------
+
+/// Every refusal the docs quote, and what gets it.
+const DETAILS: &[(&str, Refusal)] = &[
+    (
+        "too many invocations in flight (--limit-concurrency N); retry later",
+        Refusal::Concurrency,
+    ),
+    (
+        "all N plugin threads are busy (--plugin-threads); retry later",
+        Refusal::Threads,
+    ),
+    (
+        "the request body stopped arriving: nothing for T (--body-read-timeout)",
+        Refusal::StalledBody,
+    ),
+    (
+        "an HTTP/1.1 request must carry exactly one Host header",
+        Refusal::NoHost,
+    ),
+    (
+        "only the chunked transfer coding is supported",
+        Refusal::Gzip,
+    ),
+    ("There was an error parsing the body", Refusal::NotText),
+];
+
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    Concurrency,
+    Threads,
+    StalledBody,
+    NoHost,
+    Gzip,
+    NotText,
+}
+
+/// The `{"detail": "..."}` quotes of docs/operations.md and
+/// docs/reliability.md, but for the section on the reference's answers.
+fn quoted_details() -> Vec<String> {
+    let mut quotes = Vec::new();
+    for doc in ["docs/operations.md", "docs/reliability.md"] {
+        let text = std::fs::read_to_string(Path::new(WORKSPACE).join(doc)).expect("doc");
+        let mut theirs = false;
+        for line in text.lines() {
+            if line.starts_with('#') {
+                theirs = line.contains("differently from etl-uvicorn");
+            }
+            let mut rest = line;
+            while let Some(at) = rest.find("\"detail\": \"") {
+                let after = &rest[at + 11..];
+                let end = after.find('"').expect("a closed quote");
+                if !theirs {
+                    quotes.push(after[..end].to_owned());
+                }
+                rest = &after[end..];
+            }
+        }
+    }
+    quotes
+}
+
+#[test]
+fn every_quoted_refusal_has_a_request() {
+    let mut quoted = quoted_details();
+    let mut listed: Vec<String> = DETAILS.iter().map(|(q, _)| q.to_string()).collect();
+    quoted.sort();
+    listed.sort();
+    assert_eq!(quoted, listed, "the docs' refusals and DETAILS differ");
+}
+
+/// Gets `refusal` from a real etl-serve; returns the answer's `detail`.
+fn refused(refusal: Refusal) -> String {
+    let long = invoke_request(SLOW_FOREVER);
+    let detail = |r: Response| {
+        assert!(r.status >= 400, "{refusal:?}: {} {}", r.status, r.text());
+        r.json()["detail"].as_str().unwrap_or_default().to_owned()
+    };
+    match refusal {
+        Refusal::Concurrency => {
+            let s = Server::start(&plugin("slow"), &["--limit-concurrency", "1"]);
+            let _call = s.send_in_background(long);
+            s.wait_in_flight(1);
+            detail(s.post_json("/invoke", r#"{"units":1}"#))
+        }
+        Refusal::Threads => {
+            let s = Server::start(&plugin("slow"), &["--plugin-threads", "2"]);
+            let _calls = [
+                s.send_in_background(long.clone()),
+                s.send_in_background(long),
+            ];
+            s.wait_in_flight(2);
+            detail(s.post_json("/invoke", r#"{"units":1}"#))
+        }
+        Refusal::StalledBody => {
+            let s = Server::start(&plugin("wordcount"), &["--body-read-timeout", "1s"]);
+            let head = "POST /invoke HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n{\"te";
+            detail(support::request(s.addr, head.as_bytes()))
+        }
+        Refusal::NoHost => {
+            let s = Server::start(&plugin("wordcount"), &[]);
+            detail(support::request(s.addr, b"GET /id HTTP/1.1\r\n\r\n"))
+        }
+        Refusal::Gzip => {
+            let s = Server::start(&plugin("wordcount"), &[]);
+            let raw = "POST /invoke HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n";
+            detail(support::request(s.addr, raw.as_bytes()))
+        }
+        Refusal::NotText => {
+            let s = Server::start(&plugin("wordcount"), &[]);
+            detail(s.post(
+                "/invoke",
+                Some("application/json"),
+                b"{\"text\":\"\xc3\x28\"}",
+            ))
+        }
+    }
+}
+
+#[test]
+fn every_quoted_refusal_is_what_etl_serve_answers() {
+    for (quote, refusal) in DETAILS {
+        let detail = refused(*refusal);
+        assert!(
+            logged(&detail, quote),
+            "{refusal:?}: the docs quote {quote:?}, etl-serve answered {detail:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
