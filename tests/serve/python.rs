@@ -141,3 +141,56 @@ fn async_python_calls_run_concurrently() {
         started.elapsed()
     );
 }
+
+#[test]
+fn a_plugin_written_for_etl_uvicorns_cooperative_shutdown_runs_unchanged() {
+    let mut s = serve_python("etl_cancel:seed_style", DIR);
+    // It imports PluginShutdown from where that change puts it; 0.1.0 has
+    // no such module, so the bridge provides it.
+    let (r, after) = invoke_then_sigterm(&s, r#"{"units":500}"#);
+    assert_shutdown_abort(&r);
+    assert!(after < Duration::from_secs(3), "answered {after:?} after");
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_python_stream_stopped_by_sigterm_ends_with_the_shutdown_abort_line() {
+    let mut s = serve_python("etl_cancel:stream_units", DIR);
+    let (r, after) = invoke_then_sigterm(&s, r#"{"units":500}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(after < Duration::from_secs(3), "answered {after:?} after");
+    let lines = r.lines();
+    let (last, items) = lines.split_last().unwrap();
+    for (i, item) in items.iter().enumerate() {
+        assert_eq!(item["output"], json!({"done": i + 1}));
+    }
+    assert_eq!(last["status_code"], 503);
+    assert_eq!(last["plugin_error"]["error_type"], "shutdown");
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn a_python_plugin_holding_the_gil_never_delays_the_probes() {
+    let s = serve_python("etl_cancel:spin", DIR);
+    // Two calls busy in Python code for 10 s: the GIL is never free for
+    // long.
+    let _calls: Vec<_> = (0..2)
+        .map(|_| s.send_in_background(invoke_request(r#"{"seconds":10}"#)))
+        .collect();
+    s.wait_in_flight(2);
+    for path in ["/healthz", "/readyz", "/metrics", "/healthz", "/readyz"] {
+        let asked = Instant::now();
+        assert_eq!(s.get(path).status, 200, "{path}");
+        assert!(
+            asked.elapsed() < Duration::from_millis(500),
+            "{path} took {:?}",
+            asked.elapsed()
+        );
+    }
+}

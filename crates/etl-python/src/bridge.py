@@ -24,9 +24,12 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import hashlib
+import importlib
 import inspect
 import json
+import sys
 import threading
+import types
 
 from unstructured_platform_plugins.etl_uvicorn import api_generator as _reference
 from unstructured_platform_plugins.etl_uvicorn.utils import (
@@ -102,6 +105,31 @@ class CancellationToken:
     def raise_if_cancelled(self):
         if self._flag.is_set():
             raise PluginShutdown("the server is shutting down")
+
+
+# Where etl-uvicorn's cooperative shutdown (after 0.1.0) puts its token and
+# exception, beside its server; a plugin written against it imports them
+# from there.
+SHUTDOWN_MODULE = "unstructured_platform_plugins.etl_uvicorn.shutdown"
+
+
+def _provide_shutdown_module():
+    """Makes `PluginShutdown` and `CancellationToken` importable from
+    SHUTDOWN_MODULE when the installed reference has no such module (0.1.0
+    has none), so that a plugin written against etl-uvicorn's cooperative
+    shutdown imports them unchanged. A reference that has it keeps its own:
+    its PluginShutdown counts by name."""
+    try:
+        importlib.import_module(SHUTDOWN_MODULE)
+        return
+    except ImportError:
+        pass
+    module = types.ModuleType(SHUTDOWN_MODULE, "Provided by etl-serve's Python bridge.")
+    module.PluginShutdown = PluginShutdown
+    module.CancellationToken = CancellationToken
+    sys.modules[SHUTDOWN_MODULE] = module
+    package, _, name = SHUTDOWN_MODULE.rpartition(".")
+    setattr(importlib.import_module(package), name, module)
 
 
 def _response_model(response_type, meta_model):
@@ -185,6 +213,7 @@ def load(app, method_name, plugin_id, plugin_id_method, precheck_app, precheck_m
     text, its id, whether it streams, and the schema of what a request may
     carry as JSON text."""
     global _plugin
+    _provide_shutdown_module()
     _plugin = _Plugin(app, method_name, plugin_id, plugin_id_method, precheck_app, precheck_method)
     return (
         json.dumps(_plugin.schema["inputs"]),
