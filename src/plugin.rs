@@ -152,9 +152,11 @@ pub enum LoadError {
     NotAFile(&'static str),
     /// An ELF file built for another machine than this etl-serve's.
     WrongMachine { file: String, host: &'static str },
-    /// `dlopen` refused it (not a shared library, an unresolved
-    /// dependency...).
+    /// `dlopen` refused it (not a shared library, an unresolved symbol...).
     Open(libloading::Error),
+    /// A library it links could not be loaded (the Python bridge without
+    /// its libpython, for one).
+    Dependency(libloading::Error),
     /// The library does not export `etl_plugin_entry`.
     NoEntry(libloading::Error),
     /// The entry returned NULL.
@@ -183,6 +185,10 @@ impl fmt::Display for LoadError {
                 "the library is built for {file}, and this etl-serve runs on {host}; build the plugin for {host}"
             ),
             LoadError::Open(e) => write!(f, "not a loadable shared library: {e}"),
+            LoadError::Dependency(e) => write!(
+                f,
+                "a library it links cannot be loaded (install it, or name its directory in LD_LIBRARY_PATH): {e}"
+            ),
             LoadError::NoEntry(_) => write!(
                 f,
                 "the library does not export the entry symbol `etl_plugin_entry` (is it an etl-serve plugin?)"
@@ -204,7 +210,7 @@ impl std::error::Error for LoadError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             LoadError::Missing(e) => Some(e),
-            LoadError::Open(e) | LoadError::NoEntry(e) => Some(e),
+            LoadError::Open(e) | LoadError::Dependency(e) | LoadError::NoEntry(e) => Some(e),
             _ => None,
         }
     }
@@ -242,6 +248,11 @@ impl Plugin {
                     file: file.to_owned(),
                     host: HOST_MACHINE,
                 },
+                // The loader names the file it could not load: another
+                // than the plugin is one the plugin links.
+                _ if !e.to_string().starts_with(&*path.to_string_lossy()) => {
+                    LoadError::Dependency(e)
+                }
                 _ => LoadError::Open(e),
             }
         })?;

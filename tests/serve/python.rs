@@ -194,3 +194,43 @@ fn a_python_plugin_holding_the_gil_never_delays_the_probes() {
         );
     }
 }
+
+#[test]
+fn a_bridge_whose_libpython_cannot_be_loaded_is_refused_in_one_line() {
+    let bridge = crate::support::plugin("etl_python");
+    // The libpython the bridge links, by the name the loader looks for.
+    let ldd = std::process::Command::new("ldd")
+        .arg(&bridge)
+        .output()
+        .unwrap();
+    let ldd = String::from_utf8_lossy(&ldd.stdout);
+    let soname = ldd
+        .split_whitespace()
+        .find(|w| w.starts_with("libpython"))
+        .unwrap_or_else(|| panic!("the bridge links no libpython: {ldd}"));
+    // A directory searched before the system's, where that name is not a
+    // library.
+    let dir = std::env::temp_dir().join(format!("etl-serve-broken-python-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(soname), b"not a library").unwrap();
+    let out = crate::support::etl_serve()
+        .arg("--plugin")
+        .arg(&bridge)
+        .args(["--port", "0", "--plugin-config", "etl_cancel:count"])
+        .env("LD_LIBRARY_PATH", &dir)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(65));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("etl-serve: error:"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        line.contains("a library it links cannot be loaded")
+            && line.contains(soname)
+            && line.contains("file too short"),
+        "{line}"
+    );
+}
