@@ -529,6 +529,16 @@ fn python_file_data_comes_back_in_the_envelope_as_the_reference_sends_it() {
         let reference = Reference::serving(app, dir);
         assert_same_answers(&reference, &serve_python(app, dir), &cases, app);
     }
+    // A BatchFileData.
+    let batch = r#"{"file_data":{"identifier":"b-1","connector_type":"local","source_identifiers":{"filename":"a","fullpath":"/a"},"metadata":{},"additional_metadata":{},"batch_items":[{"identifier":"x"},{"identifier":"y","version":"2"}]}}"#;
+    let cases = [
+        get("/schema"),
+        invoke("a batch", json, batch),
+        invoke("a bad batch", json, r#"{"file_data":{"batch_items":"x"}}"#),
+    ];
+    let reference = Reference::serving("etl_stream:batch", dir);
+    let ours = serve_python("etl_stream:batch", dir);
+    assert_same_answers(&reference, &ours, &cases, "etl_stream:batch");
 }
 
 #[test]
@@ -655,6 +665,20 @@ fn a_python_plugin_that_cannot_be_loaded_is_refused_with_its_traceback() {
     let log = refuse("etl_types:splat");
     assert!(
         log.contains("function has variable positional arguments, which are not allowed: *args"),
+        "{log}"
+    );
+    // A missing attribute, and one that is not a function: the
+    // reference's own words.
+    let log = refuse("etl_types:no_such_attr");
+    assert!(
+        log.contains(
+            r#"ImportFromStringError: Attribute "no_such_attr" not found in module "etl_types"."#
+        ),
+        "{log}"
+    );
+    let log = refuse("etl_types:PLUGIN_ID");
+    assert!(
+        log.contains("ValueError: type of instance not recognized: <class 'str'>"),
         "{log}"
     );
     let log = refuse("m:f --reload");
