@@ -3,7 +3,9 @@
 //! TCP and Unix domain sockets are served the same way.
 //!
 //! During the drain every answer carries `Connection: close`, so each
-//! connection ends itself once it has answered what it received. The
+//! connection ends itself once it has answered what it received. Requests
+//! hyper had read behind that answer (pipelined) are then served from its
+//! buffer (`conn::Replay`), so that every request read is answered. The
 //! server closes a connection itself only at the very end (see
 //! `shutdown::finish`): closing a socket whose request is still unread
 //! would reset it, losing a request the client has already sent.
@@ -21,7 +23,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, info, warn};
 
 use crate::app::App;
-use crate::conn::{ConnIo, Connections};
+use crate::conn::{ConnIo, Connections, Replay};
 use crate::routes;
 
 /// Per-connection limits.
@@ -175,10 +177,35 @@ pub async fn accept_until<L: Listener>(
     let serve = |stream: L::Io| {
         let (io, conn) = ConnIo::new(stream, connections, &limits);
         let service = service_fn(move |req| routes::handle(app, conn.clone(), req));
-        let served = builder.clone().serve_connection(TokioIo::new(io), service);
+        let mut builder = builder.clone();
+        let served = builder
+            .serve_connection(TokioIo::new(io), service)
+            .without_shutdown();
         tokio::spawn(async move {
-            if let Err(e) = served.await {
-                debug!(error = %e, "connection ended with an error");
+            match served.await {
+                Ok(parts) => {
+                    let mut io = parts.io.into_inner();
+                    if parts.read_buf.is_empty() || !app.drain.is_draining() {
+                        // As hyper would have: the end of the writing side.
+                        let _ = std::future::poll_fn(|cx| {
+                            std::pin::Pin::new(&mut io).poll_shutdown(cx)
+                        })
+                        .await;
+                        return;
+                    }
+                    // The drain closed the connection after one answer,
+                    // with more requests read behind it: answer them too.
+                    let replay = Replay::new(parts.read_buf, io);
+                    // The end of the buffer is a read EOF: the answers to
+                    // the requests before it must still be written.
+                    let replayed = builder
+                        .half_close(true)
+                        .serve_connection(TokioIo::new(replay), parts.service);
+                    if let Err(e) = replayed.await {
+                        debug!(error = %e, "connection ended with an error after its pipelined requests");
+                    }
+                }
+                Err(e) => debug!(error = %e, "connection ended with an error"),
             }
         });
     };

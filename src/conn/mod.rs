@@ -58,6 +58,9 @@ pub struct Conn {
     /// head deadline counts from; 0 while it is not idle or not yet seen
     /// idle (see [`ConnIo::past_head_deadline`]).
     idle_since: AtomicU64,
+    /// Set while the requests hyper had read behind the one the drain
+    /// closed the connection after are answered ([`Replay`]).
+    replaying: AtomicBool,
 }
 
 /// The moment connection times count from.
@@ -112,6 +115,13 @@ impl Conn {
         self.answers_pending.load(Ordering::Acquire) != 0
             || !self.flushed()
             || self.unparsed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the connection is answering the requests it had read
+    /// behind the one the drain closed it after ([`Replay`]): their answers
+    /// need no `Connection: close`, the connection ends after the last.
+    pub fn replaying(&self) -> bool {
+        self.replaying.load(Ordering::Relaxed)
     }
 
     /// Whether hyper has written everything it was given to the socket.
@@ -210,6 +220,7 @@ impl<S: AsRawFd> ConnIo<S> {
             answers_pending: AtomicU32::new(0),
             unparsed: AtomicBool::new(false),
             idle_since: AtomicU64::new(since_epoch(Instant::now()).max(1)),
+            replaying: AtomicBool::new(false),
         });
         let io = ConnIo {
             io: ManuallyDrop::new(io),
@@ -449,6 +460,55 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+}
+
+/// The requests hyper had read, but not served, when the drain closed their
+/// connection after the answer it was writing: read from `buffered`, and
+/// answered on the connection, so that every request the server read gets
+/// an answer (a shutdown-abort, for an `/invoke`). Nothing more is read
+/// from the socket; once the buffer is served, the connection ends.
+pub struct Replay<S> {
+    buffered: bytes::Bytes,
+    io: ConnIo<S>,
+}
+
+impl<S> Replay<S> {
+    pub fn new(buffered: bytes::Bytes, io: ConnIo<S>) -> Replay<S> {
+        io.conn.replaying.store(true, Ordering::Relaxed);
+        Replay { buffered, io }
+    }
+}
+
+impl<S: Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let n = self.buffered.len().min(buf.remaining());
+        let taken = self.buffered.split_to(n);
+        buf.put_slice(&taken);
+        // Empty once served: the end of the connection.
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

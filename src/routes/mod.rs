@@ -97,6 +97,7 @@ pub async fn handle(
 ) -> Result<Response<Body>, Infallible> {
     // Until the response is handed to hyper (a stream: until it ends), the
     // connection waits for no request head.
+    let conn_replaying = conn.replaying();
     let pending = AnswerPending::begin(conn);
     let request_id = access::request_id(&req);
     let method = req.method().clone();
@@ -154,8 +155,16 @@ pub async fn handle(
             }
         },
     };
-    if app.drain.is_draining() {
-        // Each connection closes after the response it is writing.
+    if conn_replaying {
+        // A request read behind the one its connection closed after: the
+        // connection ends once the last of them is answered, so the
+        // shutdown-abort need not say so (conn::Replay).
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().remove(header::CONNECTION);
+        }
+    } else if app.drain.is_draining() {
+        // Each connection closes after the response it is writing (the
+        // requests read behind it are answered afterwards: conn::Replay).
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -502,37 +502,51 @@ fn out_of_descriptors_the_queued_connections_are_still_answered_at_shutdown() {
 }
 
 #[test]
-fn requests_pipelined_behind_one_cut_by_sigterm_get_a_clean_close() {
-    // RFC 9112, section 9.6: after a response with `Connection: close` the
-    // server processes no further request on the connection, and a clean
-    // close (not a reset) tells the client the later requests were not
-    // processed, so it can send them elsewhere.
+fn requests_pipelined_behind_one_cut_by_sigterm_are_answered_too() {
+    // Every request the server read gets an answer: the one in the plugin
+    // at SIGTERM, and the ones hyper had read behind it (an `/invoke` gets
+    // the shutdown-abort, a `GET /id` its id, as during any drain). Then a
+    // clean close, not a reset.
     let mut s = Server::start(&plugin("slow"), &[]);
-    let body = r#"{"units":100000}"#;
-    let one = invoke_request(body).replace("Connection: close\r\n", "");
+    let one = invoke_request(r#"{"units":100000}"#).replace("Connection: close\r\n", "");
+    let id = "GET /id HTTP/1.1\r\nHost: t\r\n\r\n";
     let mut stream = TcpStream::connect(s.addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    // Three requests in one write: the first reaches the plugin, the other
-    // two wait behind it.
-    stream.write_all(one.repeat(3).as_bytes()).unwrap();
+    // Four requests in one write: the first reaches the plugin, the others
+    // wait behind it.
+    let pipelined = format!("{one}{one}{id}{one}");
+    stream.write_all(pipelined.as_bytes()).unwrap();
     s.wait_in_flight(1);
     s.signal(SIGTERM);
     let mut reader = BufReader::new(stream);
-    let r = support::read_response(&mut reader).expect("the first is answered");
-    assert_eq!(r.status, 503);
-    assert_eq!(r.json()["plugin_error"]["error_type"], "shutdown");
-    assert_eq!(r.header("connection"), Some("close"));
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        answers.push(support::read_response(&mut reader).expect("an answer for each request"));
+    }
+    let statuses: Vec<u16> = answers.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [503, 503, 200, 503]);
+    for r in answers.iter().filter(|r| r.status == 503) {
+        assert_eq!(r.json()["plugin_error"]["error_type"], "shutdown");
+    }
+    assert_eq!(answers[2].json(), s_id(&answers[2]));
     let mut rest = Vec::new();
     reader
         .read_to_end(&mut rest)
         .expect("a clean close, not a reset");
-    assert!(rest.is_empty(), "nothing after the close: {rest:?}");
+    assert!(rest.is_empty(), "nothing after the last answer: {rest:?}");
     assert_eq!(
         s.wait_exit(Duration::from_secs(10)).unwrap().code(),
         Some(0)
     );
+}
+
+/// The id an answer to `GET /id` carries: a JSON string.
+fn s_id(r: &support::Response) -> serde_json::Value {
+    let id = r.json();
+    assert!(id.is_string(), "{}", r.text());
+    id
 }
 
 #[test]
