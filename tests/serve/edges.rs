@@ -346,6 +346,19 @@ fn a_client_that_stops_reading_is_cut_at_the_write_timeout() {
     assert_eq!(s.get("/healthz").status, 200);
 }
 
+/// A stream of the fixture's `flood_ignore` (64 KiB items as fast as emit
+/// lets it, never looking at its flag) whose client has read the head and
+/// reads nothing more.
+fn flood_started(s: &Server) -> BufReader<TcpStream> {
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .write_all(invoke_request(r#"{"mode":"flood_ignore"}"#).as_bytes())
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    assert_eq!(read_head(&mut reader).0, 200);
+    reader
+}
+
 /// The resident set of process `pid`, in KiB.
 fn rss_kib(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
@@ -361,15 +374,9 @@ fn rss_kib(pid: i32) -> u64 {
 fn a_stream_whose_client_stopped_reading_pins_a_bounded_amount_of_memory() {
     let s = Server::start(&fixture(Some("STREAMING")), &["--write-timeout", "60s"]);
     let before = rss_kib(s.pid());
-    // A plugin that emits 64 KiB items as fast as emit lets it, to a client
-    // that reads the head and nothing more: at full speed that would be
-    // gigabytes a second, were emit not held back by the unread socket.
-    let mut stream = TcpStream::connect(s.addr).unwrap();
-    stream
-        .write_all(invoke_request(r#"{"mode":"flood_ignore"}"#).as_bytes())
-        .unwrap();
-    let mut reader = BufReader::new(stream);
-    assert_eq!(read_head(&mut reader).0, 200);
+    // At full speed the flood would be gigabytes a second, were emit not
+    // held back by the unread socket.
+    let reader = flood_started(&s);
     // Watch the resident set over two seconds of the stalled stream.
     let mut most = before;
     let watched = Instant::now();
@@ -394,17 +401,7 @@ fn streams_whose_clients_stopped_reading_release_their_threads() {
     );
     // Two streams whose clients read the head and nothing more: each holds
     // a plugin thread, its emit blocked.
-    let stalled: Vec<_> = (0..2)
-        .map(|_| {
-            let mut stream = TcpStream::connect(s.addr).unwrap();
-            stream
-                .write_all(invoke_request(r#"{"mode":"flood_ignore"}"#).as_bytes())
-                .unwrap();
-            let mut reader = BufReader::new(stream);
-            assert_eq!(read_head(&mut reader).0, 200);
-            reader
-        })
-        .collect();
+    let stalled: Vec<_> = (0..2).map(|_| flood_started(&s)).collect();
     // Every thread is taken: new work is refused at once, not queued.
     let r = s.post_json("/invoke", r#"{"mode":"ok"}"#);
     assert_eq!(r.status, 503, "{}", r.text());
