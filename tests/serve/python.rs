@@ -3,6 +3,8 @@
 //! forced, and where the forced stop cannot reach; and async calls sharing
 //! one event loop.
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal::SIGTERM;
@@ -160,14 +162,54 @@ fn a_plugin_written_for_etl_uvicorns_cooperative_shutdown_runs_unchanged() {
     assert_stops_promptly("etl_cancel:seed_style");
 }
 
+/// Reads one chunk of a chunked body: `None` at its end.
+fn read_chunk(r: &mut impl BufRead) -> Option<Vec<u8>> {
+    let mut size = String::new();
+    r.read_line(&mut size).unwrap();
+    let size = usize::from_str_radix(size.trim(), 16).unwrap();
+    let mut chunk = vec![0; size + 2];
+    r.read_exact(&mut chunk).unwrap();
+    chunk.truncate(size);
+    (size > 0).then_some(chunk)
+}
+
 #[test]
 fn a_python_stream_stopped_by_sigterm_ends_with_the_shutdown_abort_line() {
     let mut s = serve_python("etl_cancel:stream_units", DIR);
-    let (r, after) = invoke_then_sigterm(&s, r#"{"units":500}"#);
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert!(after < Duration::from_secs(3), "answered {after:?} after");
-    let lines = r.lines();
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(invoke_request(r#"{"units":500}"#).as_bytes())
+        .unwrap();
+    // The head comes with the first item: the stream has started.
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    while line != "\r\n" {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    let mut body = read_chunk(&mut reader).expect("the first item");
+    let signalled = Instant::now();
+    s.signal(SIGTERM);
+    while let Some(chunk) = read_chunk(&mut reader) {
+        body.extend(chunk);
+    }
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        signalled.elapsed()
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let (last, items) = lines.split_last().unwrap();
+    assert!(!items.is_empty());
     for (i, item) in items.iter().enumerate() {
         assert_eq!(item["output"], json!({"done": i + 1}));
     }
@@ -235,6 +277,32 @@ fn a_bridge_whose_libpython_cannot_be_loaded_is_refused_in_one_line() {
         line.contains("a library it links cannot be loaded")
             && line.contains(soname)
             && line.contains("file too short"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_virtualenv_of_another_python_is_refused_naming_both_versions() {
+    let venv = std::env::temp_dir().join(format!("etl-serve-other-venv-{}", std::process::id()));
+    std::fs::create_dir_all(venv.join("lib/python3.99/site-packages")).unwrap();
+    let out = crate::support::etl_serve()
+        .arg("--plugin")
+        .arg(crate::support::plugin("etl_python"))
+        .args(["--port", "0", "--plugin-config", "etl_cancel:count"])
+        .env("VIRTUAL_ENV", &venv)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&venv);
+    // 65, not a crash: the bridge stays mapped after a failed load.
+    assert_eq!(out.status.code(), Some(65));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("etl-serve: error:"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(
+        line.contains("so the plugin's virtualenv must be made with Python 3.")
+            && line.ends_with("(it holds packages for python3.99)"),
         "{line}"
     );
 }

@@ -220,9 +220,12 @@ type Described = (String, String, String, bool, String);
 /// Starts Python, imports the plugin, and describes it; or gives the
 /// error's one line and its traceback.
 fn load(config: &Config) -> Result<Described, (String, String)> {
-    make_libpython_global();
+    prepare_the_libraries();
     Python::initialize();
     Python::attach(|py| {
+        if let Some(why) = venv_of_another_python(py) {
+            return Err((format!("cannot load {}: {why}", config.app), why));
+        }
         let run = || -> PyResult<Described> {
             let sys = py.import("sys")?;
             let path = sys.getattr("path")?;
@@ -280,24 +283,72 @@ fn load(config: &Config) -> Result<Described, (String, String)> {
     })
 }
 
+/// Why `VIRTUAL_ENV` cannot serve this Python, if it cannot: it has no
+/// site-packages for the embedded Python's version (most likely it was
+/// made with another Python, whose packages would not import, or import
+/// wrongly).
+fn venv_of_another_python(py: Python<'_>) -> Option<String> {
+    let venv = std::env::var("VIRTUAL_ENV").ok()?;
+    let v = py.version_info();
+    let site_packages = format!("{venv}/lib/python{}.{}/site-packages", v.major, v.minor);
+    if std::path::Path::new(&site_packages).is_dir() {
+        return None;
+    }
+    Some(format!(
+        "VIRTUAL_ENV {venv} has no {site_packages}: the bridge embeds Python {}.{}, \
+         so the plugin's virtualenv must be made with Python {}.{}{}",
+        v.major,
+        v.minor,
+        v.major,
+        v.minor,
+        other_pythons(&venv)
+    ))
+}
+
+/// ` (it holds packages for python3.12)`, naming the Pythons a virtualenv
+/// has packages for; empty when it has none.
+fn other_pythons(venv: &str) -> String {
+    let Ok(entries) = std::fs::read_dir(format!("{venv}/lib")) else {
+        return String::new();
+    };
+    let mut found: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.starts_with("python"))
+        .collect();
+    found.sort();
+    if found.is_empty() {
+        String::new()
+    } else {
+        format!(" (it holds packages for {})", found.join(", "))
+    }
+}
+
+/// Opens again, with `flags` added, the loaded library that holds
+/// `symbol`. RTLD_NOLOAD: only what is already loaded is touched.
+fn reopen_holder_of(symbol: *const c_void, flags: libc::c_int) {
+    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
+    // SAFETY: dladdr only reads the address.
+    let found = unsafe { libc::dladdr(symbol, &mut info) };
+    if found != 0 && !info.dli_fname.is_null() {
+        // SAFETY: the name is a loaded library's.
+        unsafe { libc::dlopen(info.dli_fname, libc::RTLD_NOW | libc::RTLD_NOLOAD | flags) };
+    }
+}
+
 /// Python's extension modules (pydantic's core, for one) look up the
 /// interpreter's symbols globally, but libpython came in with this
-/// library, which the host opened with local symbols. Reopen it global.
-fn make_libpython_global() {
-    let mut info: libc::Dl_info = unsafe { std::mem::zeroed() };
-    // SAFETY: dladdr only reads the address; Py_IsInitialized is a symbol
-    // of the libpython this library links.
-    let found = unsafe { libc::dladdr(pyo3::ffi::Py_IsInitialized as *const c_void, &mut info) };
-    if found != 0 && !info.dli_fname.is_null() {
-        // SAFETY: the name is the loaded library's; RTLD_NOLOAD only
-        // promotes what is already there.
-        unsafe {
-            libc::dlopen(
-                info.dli_fname,
-                libc::RTLD_NOW | libc::RTLD_GLOBAL | libc::RTLD_NOLOAD,
-            )
-        };
-    }
+/// library, which the host opened with local symbols: reopen it global.
+/// And this library stays mapped until the process ends, whatever the host
+/// does: once Python has started, its objects (the classes defined here),
+/// and the thread-local destructors of the threads that called it, point
+/// into this library's code, and unmapping it (a host unloading a plugin
+/// that failed to load, say) would leave them pointing at nothing.
+fn prepare_the_libraries() {
+    reopen_holder_of(
+        pyo3::ffi::Py_IsInitialized as *const c_void,
+        libc::RTLD_GLOBAL,
+    );
+    reopen_holder_of(etl_plugin_entry as *const c_void, libc::RTLD_NODELETE);
 }
 
 /// Writes `message` into the host's log.
