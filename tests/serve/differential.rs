@@ -676,6 +676,14 @@ fn a_python_plugin_that_cannot_be_loaded_is_refused_with_its_traceback() {
         ),
         "{log}"
     );
+    // A bound method named as module:obj.method: uvicorn's importer finds
+    // it, and the reference refuses it (a method is not a type it serves;
+    // --method-name is the way), in these words.
+    let log = refuse("etl_types:counter.run");
+    assert!(
+        log.contains("ValueError: type of instance not recognized: <class 'method'>"),
+        "{log}"
+    );
     let log = refuse("etl_types:PLUGIN_ID");
     assert!(
         log.contains("ValueError: type of instance not recognized: <class 'str'>"),
