@@ -243,6 +243,26 @@ fn a_python_plugin_holding_the_gil_never_delays_the_probes() {
     }
 }
 
+/// Runs the bridge with the environment variable `name` set to `value`,
+/// expecting it to refuse to start: returns its one error line, once the
+/// exit code is checked to be 65.
+fn refused_with(name: &str, value: &std::path::Path) -> String {
+    let out = crate::support::etl_serve()
+        .arg("--plugin")
+        .arg(crate::support::plugin("etl_python"))
+        .args(["--port", "0", "--plugin-config", "etl_cancel:count"])
+        .env(name, value)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{stderr}");
+    stderr
+        .lines()
+        .find(|l| l.starts_with("etl-serve: error:"))
+        .unwrap_or_else(|| panic!("{stderr}"))
+        .to_owned()
+}
+
 #[test]
 fn a_bridge_whose_libpython_cannot_be_loaded_is_refused_in_one_line() {
     let bridge = crate::support::plugin("etl_python");
@@ -261,20 +281,8 @@ fn a_bridge_whose_libpython_cannot_be_loaded_is_refused_in_one_line() {
     let dir = std::env::temp_dir().join(format!("etl-serve-broken-python-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(soname), b"not a library").unwrap();
-    let out = crate::support::etl_serve()
-        .arg("--plugin")
-        .arg(&bridge)
-        .args(["--port", "0", "--plugin-config", "etl_cancel:count"])
-        .env("LD_LIBRARY_PATH", &dir)
-        .output()
-        .unwrap();
+    let line = refused_with("LD_LIBRARY_PATH", &dir);
     let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(out.status.code(), Some(65));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("etl-serve: error:"))
-        .unwrap_or_else(|| panic!("{stderr}"));
     assert!(
         line.contains("a library it links cannot be loaded")
             && line.contains(soname)
@@ -287,21 +295,9 @@ fn a_bridge_whose_libpython_cannot_be_loaded_is_refused_in_one_line() {
 fn a_virtualenv_of_another_python_is_refused_naming_both_versions() {
     let venv = std::env::temp_dir().join(format!("etl-serve-other-venv-{}", std::process::id()));
     std::fs::create_dir_all(venv.join("lib/python3.99/site-packages")).unwrap();
-    let out = crate::support::etl_serve()
-        .arg("--plugin")
-        .arg(crate::support::plugin("etl_python"))
-        .args(["--port", "0", "--plugin-config", "etl_cancel:count"])
-        .env("VIRTUAL_ENV", &venv)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&venv);
     // 65, not a crash: the bridge stays mapped after a failed load.
-    assert_eq!(out.status.code(), Some(65));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let line = stderr
-        .lines()
-        .find(|l| l.starts_with("etl-serve: error:"))
-        .unwrap_or_else(|| panic!("{stderr}"));
+    let line = refused_with("VIRTUAL_ENV", &venv);
+    let _ = std::fs::remove_dir_all(&venv);
     assert!(
         line.contains("so the plugin's virtualenv must be made with Python 3.")
             && line.ends_with("(it holds packages for python3.99)"),
