@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper::header::HeaderValue;
+use hyper::header::{self, HeaderValue};
 use hyper::{Method, Response};
 use nix::errno::Errno;
 use nix::sys::socket::{self, MsgFlags, Shutdown};
@@ -106,6 +106,10 @@ impl Rescue for InvokeRescue {
         let c = self.inv.snapshot();
         routes::record(&Outcome::Shutdown, self.started.elapsed());
         let mut r = routes::shutdown_abort(&c);
+        // Written on the raw socket, past the drain rule of routes::handle;
+        // the connection is left unused from here.
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         let request_id = self.request_id.header();
         r.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         METRICS.request(Route::invoke, r.status().as_u16());

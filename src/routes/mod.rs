@@ -155,16 +155,10 @@ pub async fn handle(
             }
         },
     };
-    if conn_replaying {
-        // A request read behind the one its connection closed after: the
-        // connection ends once the last of them is answered, so the
-        // shutdown-abort need not say so (conn::Replay).
-        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().remove(header::CONNECTION);
-        }
-    } else if app.drain.is_draining() {
-        // Each connection closes after the response it is writing (the
-        // requests read behind it are answered afterwards: conn::Replay).
+    if app.drain.is_draining() && !conn_replaying {
+        // Each connection closes after the response it is writing. The
+        // requests read behind it are answered afterwards, without it: the
+        // connection ends after the last of them (conn::Replay).
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -14,7 +14,8 @@ use crate::envelope::{self, Outcome};
 use crate::invocation::Collected;
 use crate::metrics::METRICS;
 
-/// The 503 shutdown-abort: retryable elsewhere, and this connection closes.
+/// The 503 shutdown-abort: retryable elsewhere. It is answered during the
+/// drain, whose rule (`routes::handle`) closes the connection after it.
 pub fn shutdown_abort(c: &Collected) -> Response<Body> {
     METRICS.shutdown_abort();
     let mut r = json(
@@ -28,8 +29,6 @@ pub fn shutdown_abort(c: &Collected) -> Response<Body> {
 pub fn add_retry_headers(r: &mut Response<Body>) {
     r.headers_mut()
         .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    r.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
 }
 
 /// The 503 of `--limit-concurrency`: not a shutdown, so no envelope.
