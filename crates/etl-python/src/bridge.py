@@ -46,6 +46,7 @@ from unstructured_platform_plugins.schema import FileDataMeta, UsageData
 from utic_invocation_settings import resolve_invocation_settings
 from unstructured_platform_plugins.schema.json_schema import schema_to_base_model
 from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError, create_model
 from unstructured_platform_plugins.type_hints import get_type_hints as _type_hints
 from typing import Optional
@@ -73,15 +74,10 @@ class _Refused(Exception):
 
 def _fastapi_422(exc):
     """The body FastAPI answers when the reference's route validates the
-    request body and pydantic raises `exc`."""
+    request body and pydantic raises `exc`, written by the same response
+    class FastAPI's handler uses."""
     errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-    return json.dumps(
-        {"detail": jsonable_encoder(errors)},
-        ensure_ascii=False,
-        allow_nan=False,
-        indent=None,
-        separators=(",", ":"),
-    )
+    return JSONResponse({"detail": jsonable_encoder(errors)}).body.decode()
 
 
 class PluginShutdown(Exception):
