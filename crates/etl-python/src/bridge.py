@@ -244,15 +244,27 @@ _FLAG_POLL_SECONDS = 0.02
 
 def _on_loop(coroutine, flag):
     """Runs `coroutine` as a task of the shared event loop and waits for it
-    (without holding the GIL), cancelling it, the asyncio way, as soon as
-    the call's cancel flag is set. The task runs in a copy of this thread's
-    context (run_coroutine_threadsafe schedules it with one), so the bound
-    invocation settings and context reach it."""
-    future = asyncio.run_coroutine_threadsafe(coroutine, _event_loop())
+    (without holding the GIL), cancelling the task, the asyncio way, as
+    soon as the call's cancel flag is set, and waiting on until it has
+    unwound: its `CancelledError` handlers have run when the caller gets
+    its answer. (A task that swallows the cancellation runs on; the graceful
+    deadline then answers its caller, as for any call.) The task runs in a
+    copy of this thread's context (run_coroutine_threadsafe schedules it
+    with one), so the bound invocation settings and context reach it."""
+    loop = _event_loop()
+    task = []
+
+    async def tracked():
+        task.append(asyncio.current_task())
+        return await coroutine
+
+    future = asyncio.run_coroutine_threadsafe(tracked(), loop)
+    cancelled = False
     while not future.done():
         concurrent.futures.wait([future], timeout=_FLAG_POLL_SECONDS)
-        if flag.is_set() and not future.done():
-            future.cancel()
+        if flag.is_set() and task and not cancelled:
+            loop.call_soon_threadsafe(task[0].cancel)
+            cancelled = True
     return future.result()
 
 
