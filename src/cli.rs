@@ -108,7 +108,8 @@ pub struct Cli {
           value_parser = parse_duration, help_heading = "Limits")]
     pub header_read_timeout: Duration,
 
-    /// Largest request head accepted; a larger one gets 431.
+    /// Largest request head accepted; a larger one gets 431, a request line
+    /// this long 414.
     /// Bytes, or with a unit: 512KiB, 16MiB, 10MB.
     #[arg(long, env = "ETL_SERVE_MAX_HEADER_SIZE", value_name = "SIZE", default_value = "64KiB",
           value_parser = parse_size, help_heading = "Limits")]
