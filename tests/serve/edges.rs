@@ -13,23 +13,11 @@ use support::{fixture, invoke_request, plugin, Server};
 
 /// Reads a response head; returns the status and the Content-Length.
 fn read_head(r: &mut impl BufRead) -> (u16, Option<usize>) {
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut length = None;
-    loop {
-        line.clear();
-        r.read_line(&mut line).unwrap();
-        let l = line.trim_end();
-        if l.is_empty() {
-            return (status, length);
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                length = v.trim().parse().ok();
-            }
-        }
-    }
+    let (status, headers) = support::read_head(r).unwrap();
+    (
+        status,
+        headers.get("content-length").and_then(|l| l.parse().ok()),
+    )
 }
 
 /// Reads until EOF, `chunk` bytes at a time with `pause` after each: a

@@ -3,7 +3,7 @@
 //! forced, and where the forced stop cannot reach; and async calls sharing
 //! one event loop.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use nix::sys::signal::Signal::SIGTERM;
 use serde_json::json;
 
 use crate::differential::{serve_python, serve_python_with};
-use crate::support::{invoke_request, Response, Server};
+use crate::support::{invoke_request, read_chunk, read_head, Response, Server};
 
 const DIR: &str = "tests/fixtures/python";
 
@@ -175,17 +175,6 @@ fn a_plugin_written_for_etl_uvicorns_cooperative_shutdown_runs_unchanged() {
     assert_stops_promptly("etl_cancel:seed_style");
 }
 
-/// Reads one chunk of a chunked body: `None` at its end.
-fn read_chunk(r: &mut impl BufRead) -> Option<Vec<u8>> {
-    let mut size = String::new();
-    r.read_line(&mut size).unwrap();
-    let size = usize::from_str_radix(size.trim(), 16).unwrap();
-    let mut chunk = vec![0; size + 2];
-    r.read_exact(&mut chunk).unwrap();
-    chunk.truncate(size);
-    (size > 0).then_some(chunk)
-}
-
 #[test]
 fn a_python_stream_stopped_by_sigterm_ends_with_the_shutdown_abort_line() {
     let mut s = serve_python("etl_cancel:stream_units", DIR);
@@ -198,17 +187,11 @@ fn a_python_stream_stopped_by_sigterm_ends_with_the_shutdown_abort_line() {
         .unwrap();
     // The head comes with the first item: the stream has started.
     let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
-    while line != "\r\n" {
-        line.clear();
-        reader.read_line(&mut line).unwrap();
-    }
-    let mut body = read_chunk(&mut reader).expect("the first item");
+    assert_eq!(read_head(&mut reader).unwrap().0, 200);
+    let mut body = read_chunk(&mut reader).unwrap().expect("the first item");
     let signalled = Instant::now();
     s.signal(SIGTERM);
-    while let Some(chunk) = read_chunk(&mut reader) {
+    while let Some(chunk) = read_chunk(&mut reader).unwrap() {
         body.extend(chunk);
     }
     assert!(

@@ -493,6 +493,33 @@ pub fn request(addr: SocketAddr, raw: &[u8]) -> Response {
 /// Reads one response from `r`: status line, headers, and a body framed by
 /// Content-Length, chunked encoding, or the end of the connection.
 pub fn read_response(r: &mut impl BufRead) -> std::io::Result<Response> {
+    let (status, headers) = read_head(r)?;
+    let mut body = Vec::new();
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
+    {
+        while let Some(chunk) = read_chunk(r)? {
+            body.extend_from_slice(&chunk);
+        }
+    } else if let Some(len) = headers.get("content-length") {
+        let len: usize = len
+            .parse()
+            .map_err(|_| std::io::Error::other("bad content-length"))?;
+        body.resize(len, 0);
+        r.read_exact(&mut body)?;
+    } else if status != 204 && status != 304 && !(100..200).contains(&status) {
+        r.read_to_end(&mut body)?;
+    }
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Reads a response head: its status, and its headers by lower-case name.
+pub fn read_head(r: &mut impl BufRead) -> std::io::Result<(u16, HashMap<String, String>)> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     if line.is_empty() {
@@ -518,37 +545,19 @@ pub fn read_response(r: &mut impl BufRead) -> std::io::Result<Response> {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
         }
     }
-    let mut body = Vec::new();
-    if headers
-        .get("transfer-encoding")
-        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-    {
-        loop {
-            line.clear();
-            r.read_line(&mut line)?;
-            let size = usize::from_str_radix(line.trim(), 16)
-                .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
-            let mut chunk = vec![0; size + 2];
-            r.read_exact(&mut chunk)?;
-            if size == 0 {
-                break;
-            }
-            body.extend_from_slice(&chunk[..size]);
-        }
-    } else if let Some(len) = headers.get("content-length") {
-        let len: usize = len
-            .parse()
-            .map_err(|_| std::io::Error::other("bad content-length"))?;
-        body.resize(len, 0);
-        r.read_exact(&mut body)?;
-    } else if status != 204 && status != 304 && !(100..200).contains(&status) {
-        r.read_to_end(&mut body)?;
-    }
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
+    Ok((status, headers))
+}
+
+/// Reads one chunk of a chunked body: `None` at its end.
+pub fn read_chunk(r: &mut impl BufRead) -> std::io::Result<Option<Vec<u8>>> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let size = usize::from_str_radix(line.trim(), 16)
+        .map_err(|_| std::io::Error::other(format!("bad chunk size {line:?}")))?;
+    let mut chunk = vec![0; size + 2];
+    r.read_exact(&mut chunk)?;
+    chunk.truncate(size);
+    Ok((size > 0).then_some(chunk))
 }
 
 pub mod load;
