@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::ffi::c_long;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, Once};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use etl_abi as abi;
@@ -56,7 +56,8 @@ unsafe impl Send for Running {}
 
 static RUNNING: Mutex<Option<HashMap<u64, Running>>> = Mutex::new(None);
 static NEXT: AtomicU64 = AtomicU64::new(0);
-static WATCHER: Once = Once::new();
+/// The watcher thread, started by the first call.
+static WATCHER: OnceLock<std::thread::Thread> = OnceLock::new();
 
 fn running() -> MutexGuard<'static, Option<HashMap<u64, Running>>> {
     RUNNING
@@ -75,10 +76,13 @@ pub fn list(
     invocation: *mut abi::EtlInvocation,
     flag: Option<&'static AtomicU32>,
 ) -> Listed {
-    WATCHER.call_once(|| {
-        let _ = std::thread::Builder::new()
+    let watcher = WATCHER.get_or_init(|| {
+        std::thread::Builder::new()
             .name("etl-python-stop".into())
-            .spawn(watch);
+            .spawn(watch)
+            .expect("a thread for the forced stop")
+            .thread()
+            .clone()
     });
     let key = NEXT.fetch_add(1, Ordering::Relaxed);
     // SAFETY: pthread_self has no preconditions. CPython's thread ident on
@@ -95,6 +99,8 @@ pub fn list(
             raised: false,
         },
     );
+    // It sleeps while no call runs.
+    watcher.unpark();
     Listed(key)
 }
 
@@ -111,10 +117,16 @@ impl Listed {
     }
 }
 
-/// The watcher's loop: every [`TICK`], learns the deadline of each call
-/// whose flag is newly set, and raises in the ones whose time has come.
+/// The watcher's loop: every [`TICK`] while calls run, learns the deadline
+/// of each call whose flag is newly set, and raises in the ones whose time
+/// has come; asleep while none runs.
 fn watch() {
     loop {
+        if running().as_ref().is_none_or(HashMap::is_empty) {
+            // Woken by the next call listed (or spuriously: look again).
+            std::thread::park();
+            continue;
+        }
         std::thread::sleep(TICK);
         if any_due() {
             Python::attach(raise_due);
