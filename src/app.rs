@@ -21,7 +21,7 @@ use crate::routes::body::{BodyLimits, MemoryBudget};
 use crate::server::{self, ConnLimits, Listener};
 use crate::shutdown::{self, Drain};
 use crate::signals::ShutdownSignals;
-use crate::validate::{reserved, InputModel};
+use etl_dialect::validate::{reserved, InputModel};
 
 /// Exit codes of a failed start (those of a shutdown are in
 /// [`crate::shutdown::exit`]).

@@ -279,4 +279,68 @@ mod tests {
         assert!(filedata_meta_from_json(r#"[]"#).is_err());
         assert!(filedata_meta_from_json(r#"{"other":1}"#).is_err());
     }
+
+    mod properties {
+        use proptest::prelude::*;
+        use serde_json::{json, Value};
+
+        use super::super::*;
+
+        /// A plugin's output: an object of strings (any Unicode) and
+        /// integers, or a bare string.
+        fn plugin_output() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                any::<String>().prop_map(Value::String),
+                any::<i64>().prop_map(Value::from),
+            ];
+            prop_oneof![
+                prop::collection::btree_map(any::<String>(), leaf, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+                any::<String>().prop_map(Value::String),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn envelopes_are_always_valid_json_with_every_key(
+                names in prop::collection::vec(any::<String>(), 0..4),
+                infos in prop::collection::vec(any::<String>(), 0..4),
+                text in any::<String>(),
+                output in plugin_output(),
+                which in 0..3u8,
+            ) {
+                let mut c = Collected::default();
+                for (i, name) in names.iter().enumerate() {
+                    c.usage.push(name, i as i64 - 1);
+                }
+                c.more_mut().infos.clone_from(&infos);
+                let raw = serde_json::value::to_raw_value(&output).unwrap();
+                let outcome = match which {
+                    0 => Outcome::Ok(Some(&raw)),
+                    1 => Outcome::Failed { status: 418, text, class: None },
+                    _ => Outcome::Shutdown,
+                };
+                let v: Value = serde_json::from_slice(&write(&c, &outcome)).unwrap();
+                let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+                for k in ["usage", "status_code", "file_data", "filedata_meta", "status_code_text",
+                          "failure_category", "plugin_error", "output", "message_channels"] {
+                    prop_assert!(keys.contains(&k), "missing {}", k);
+                }
+                if which == 0 {
+                    prop_assert_eq!(&v["output"], &output);
+                }
+                let usage: Vec<Value> = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| json!({"value": i as i64 - 1, "name": name}))
+                    .collect();
+                prop_assert_eq!(&v["usage"], &Value::Array(usage));
+                prop_assert_eq!(&v["message_channels"]["infos"], &json!(infos));
+                let p: Value = serde_json::from_slice(&precheck(&c, &outcome)).unwrap();
+                prop_assert_eq!(&p["usage"], &v["usage"]);
+            }
+        }
+    }
 }

@@ -8,12 +8,12 @@
 //! hyper), `routes` (every HTTP route, a file per concern), `inline` (which
 //! thread a plugin call runs on, and the inline path whole), `plugin`
 //! (loading a library through the C ABI), `invocation` (the host side of
-//! one call into the plugin), `envelope`, `validate`, `plugin_id` and
-//! `openapi` (what the routes answer), `cli`, `probe` (`--probe`, a health
-//! check), `logging`, `metrics`, `crash`
-//! (making a plugin crash visible), `unique` (ids without a contended
-//! counter), `sync` (locking that outlives a panic), and `no_libm` (why the
-//! binary does not load libm).
+//! one call into the plugin), `envelope` and `openapi` (what the routes
+//! answer), `cli`, `probe` (`--probe`, a health check), `logging`,
+//! `metrics`, `crash` (making a plugin crash visible), `unique` (ids
+//! without a contended counter), `sync` (locking that outlives a panic),
+//! and `no_libm` (why the binary does not load libm). How a body becomes
+//! the plugin's input, and the plugin id, are the `etl-dialect` crate's.
 
 use std::process::ExitCode;
 
@@ -29,10 +29,7 @@ mod metrics;
 mod no_libm;
 mod openapi;
 mod plugin;
-mod plugin_id;
 mod probe;
-#[cfg(test)]
-mod proptests;
 mod reaper;
 mod routes;
 mod server;
@@ -40,7 +37,6 @@ mod shutdown;
 mod signals;
 mod sync;
 mod unique;
-mod validate;
 
 fn main() -> ExitCode {
     let cli = match cli::parse() {

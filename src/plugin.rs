@@ -343,7 +343,7 @@ impl Plugin {
         let explicit_id = field("id", &described.id, table.id)?;
         let schema = serde_json::json!({ "inputs": inputs, "outputs": outputs });
         let id = if explicit_id.is_empty() {
-            crate::plugin_id::derive(&schema)
+            etl_dialect::plugin_id::derive(&schema)
         } else {
             explicit_id
         };
@@ -422,7 +422,7 @@ fn parse_schema(field: &str, text: &str) -> Result<Value, LoadError> {
             "`{field}` is not a JSON object"
         )));
     }
-    if let Err(e) = jsonschema::meta::validate(&value) {
+    if let Err(e) = etl_dialect::validate::check_schema(&value) {
         return Err(LoadError::BadSchema(format!(
             "`{field}` is not a valid JSON Schema: {e}"
         )));

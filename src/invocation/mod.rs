@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use etl_abi as abi;
+use etl_dialect::validate::Reserved;
 use hyper::header::HeaderValue;
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -175,14 +176,6 @@ pub struct RequestInfo {
     pub deadline: Option<Instant>,
     /// The reserved `/invoke` fields, as JSON text.
     pub reserved: Reserved,
-}
-
-/// The reserved `/invoke` fields, as the plugin receives them: the settings
-/// as sent, the context validated (see `validate::reserved`).
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Reserved {
-    pub settings: Option<String>,
-    pub context: Option<String>,
 }
 
 /// The plugin's own pointer from `init` (ABI 1.1), handed back to every

@@ -25,8 +25,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{lax, Rejection};
-use crate::invocation::Reserved;
+use super::{lax, Rejection, Reserved};
 
 const SETTINGS: &str = "invocation_settings";
 const CONTEXT: &str = "invocation_context";

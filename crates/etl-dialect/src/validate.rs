@@ -23,8 +23,6 @@
 use jsonschema::Validator;
 use serde_json::{json, Map, Value};
 
-use crate::invocation::Reserved;
-
 mod decode;
 mod fast;
 mod fastapi;
@@ -32,6 +30,12 @@ mod lax;
 
 use fastapi::{detail, error, not_a_dict, to_fastapi};
 pub mod reserved;
+
+/// Whether `schema` is a valid JSON Schema (draft 2020-12), with the
+/// validator's reason when it is not.
+pub fn check_schema(schema: &Value) -> Result<(), String> {
+    jsonschema::meta::validate(schema).map_err(|e| e.to_string())
+}
 
 /// The request's input model, compiled once from the inputs schema.
 pub struct InputModel {
@@ -47,6 +51,14 @@ pub struct InputModel {
     takes_nothing: bool,
     /// The pod requires sealed settings (`reserved::REQUIRE_SEALED_ENV`).
     require_sealed: bool,
+}
+
+/// The reserved `/invoke` fields, as the plugin receives them: the settings
+/// as sent, the context validated (see [`reserved`]).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Reserved {
+    pub settings: Option<String>,
+    pub context: Option<String>,
 }
 
 /// A body that passed: the plugin's input, and the reserved fields.

@@ -177,7 +177,7 @@ mod tests {
         // docs/abi.md, "The dialect, by example": the schema and id the
         // reference host serves for its Python `count`, checked there
         // against etl-uvicorn 0.1.0.
-        let docs = include_str!("../docs/abi.md");
+        let docs = include_str!("../../../docs/abi.md");
         let section = &docs[docs.find("### The dialect, by example").unwrap()..];
         let block = section.split("```json\n").nth(1).unwrap();
         let schema: Value = serde_json::from_str(block.split("```").next().unwrap()).unwrap();
