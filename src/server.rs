@@ -186,7 +186,8 @@ pub async fn accept_until<L: Listener>(
                 Ok(parts) => {
                     let mut io = parts.io.into_inner();
                     if parts.read_buf.is_empty() || !app.drain.is_draining() {
-                        // As hyper would have: the end of the writing side.
+                        // As hyper would have: the end of the writing
+                        // side, then a lingering close (ConnIo).
                         let _ = std::future::poll_fn(|cx| {
                             std::pin::Pin::new(&mut io).poll_shutdown(cx)
                         })

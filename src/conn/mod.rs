@@ -12,7 +12,9 @@
 //!   runtime timer per connection, and the [`AnswerPending`] guard that
 //!   suspends it while a request is being served;
 //! - the 414 for a request line longer than `--max-header-size`, which
-//!   hyper would answer with its 431 for the whole head.
+//!   hyper would answer with its 431 for the whole head;
+//! - the lingering close that ends every connection, so that bytes the
+//!   server never read do not reset its last answer away.
 
 use std::io;
 use std::mem::ManuallyDrop;
@@ -20,7 +22,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -185,7 +187,10 @@ pub struct ConnIo<S> {
     request_line: Option<usize>,
     /// Set once the request line is too long: how much of the 414 is
     /// written.
-    refused: Option<Refusal>,
+    refused: Option<usize>,
+    /// Set once the connection is ending: until when it reads and discards
+    /// what the client still sends (see [`ConnIo::poll_shutdown`]).
+    lingering_until: Option<Instant>,
 }
 
 /// The answer to a request line longer than `--max-header-size`.
@@ -194,19 +199,6 @@ content-type: application/json\r\n\
 content-length: 89\r\n\
 connection: close\r\n\r\n\
 {\"detail\":\"URI Too Long: the request line is longer than the server's --max-header-size\"}";
-
-/// Where the 414 of [`ConnIo::refuse`] is.
-#[derive(Default)]
-struct Refusal {
-    written: usize,
-    shut_down: bool,
-    discarded: usize,
-}
-
-/// How much of a refused request [`ConnIo::refuse`] reads and discards
-/// after its answer, so that the client reads the answer rather than a
-/// reset: the rest of a long request line, and a little more.
-const DISCARD_AFTER_REFUSAL: usize = 1 << 20;
 
 impl<S: AsRawFd> ConnIo<S> {
     /// Wraps `io`, which is listed in `all` until it closes, must deliver
@@ -233,6 +225,7 @@ impl<S: AsRawFd> ConnIo<S> {
             max_header_size: limits.max_header_size,
             request_line: None,
             refused: None,
+            lingering_until: None,
         };
         all.add(&conn);
         (io, conn)
@@ -322,7 +315,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ConnIo<S> {
                 // Hyper never sees these bytes: it would answer 431.
                 buf.set_filled(before);
                 METRICS.request(Route::other, 414);
-                self.refused = Some(Refusal::default());
+                self.refused = Some(0);
                 return self.refuse(cx);
             }
         }
@@ -361,63 +354,67 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ConnIo<S> {
         }
     }
 
-    /// Answers a request whose line is too long with [`URI_TOO_LONG`], ends
-    /// the writing side, then reads and discards what the client still
-    /// sends (up to [`DISCARD_AFTER_REFUSAL`], within the head deadline)
-    /// until it closes: closing a socket with unread bytes would reset the
-    /// connection, and the client might lose the answer. Then fails the
-    /// read, and hyper closes the connection without a word of its own.
+    /// Answers a request whose line is too long with [`URI_TOO_LONG`], then
+    /// ends the connection as [`ConnIo::poll_shutdown`] does, and fails the
+    /// read: hyper then closes the connection without a word of its own.
     fn refuse(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut refusal = self.refused.take().unwrap_or_default();
-        let done = loop {
-            if refusal.written < URI_TOO_LONG.len() {
-                let rest = &URI_TOO_LONG[refusal.written..];
-                let written = Pin::new(&mut *self.io).poll_write(cx, rest);
-                match self.within_write_deadline(written, cx) {
-                    Poll::Ready(Ok(n)) if n > 0 => refusal.written += n,
-                    Poll::Ready(Ok(_)) => break Err(io::ErrorKind::WriteZero.into()),
-                    Poll::Ready(Err(e)) => break Err(e),
-                    Poll::Pending => break Ok(false),
-                }
-                continue;
-            }
-            if !refusal.shut_down {
-                match Pin::new(&mut *self.io).poll_shutdown(cx) {
-                    Poll::Ready(Ok(())) => refusal.shut_down = true,
-                    Poll::Ready(Err(e)) => break Err(e),
-                    Poll::Pending => break Ok(false),
+        let mut written = self.refused.unwrap_or(0);
+        while written < URI_TOO_LONG.len() {
+            let sent = Pin::new(&mut *self.io).poll_write(cx, &URI_TOO_LONG[written..]);
+            match self.within_write_deadline(sent, cx) {
+                Poll::Ready(Ok(n)) if n > 0 => written += n,
+                Poll::Ready(Ok(_)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.refused = Some(written);
+                    return Poll::Pending;
                 }
             }
-            let mut scratch = [0u8; 8192];
-            let mut discard = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut *self.io).poll_read(cx, &mut discard) {
-                Poll::Ready(Ok(())) if discard.filled().is_empty() => break Ok(true),
-                Poll::Ready(Ok(())) => {
-                    refusal.discarded += discard.filled().len();
-                    if refusal.discarded > DISCARD_AFTER_REFUSAL {
-                        break Ok(true);
-                    }
-                }
-                Poll::Ready(Err(e)) => break Err(e),
-                Poll::Pending if self.past_head_deadline(cx) => break Ok(true),
-                Poll::Pending => break Ok(false),
+        }
+        self.refused = Some(written);
+        if let Err(e) = ready!(self.poll_linger(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "request line longer than --max-header-size: answered 414",
+        )))
+    }
+
+    /// Ends the writing side, then reads and discards what the client still
+    /// sends until it closes its side, for at most the head timeout. A
+    /// socket closed with bytes unread sends a reset, and a reset throws
+    /// away what the kernel has not yet sent of the last answer, and may
+    /// make the client drop what it received but has not read (RFC 9112,
+    /// section 9.6): a request the server never read, or the rest of a body
+    /// it refused, would cost the client the answer it was owed.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let until = match self.lingering_until {
+            Some(until) => until,
+            None => {
+                ready!(Pin::new(&mut *self.io).poll_shutdown(cx))?;
+                *self
+                    .lingering_until
+                    .insert(Instant::now() + self.head_timeout)
             }
         };
-        match done {
-            Ok(false) => {
-                self.refused = Some(refusal);
-                Poll::Pending
+        let mut scratch = [0u8; 16 * 1024];
+        loop {
+            let mut discard = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut *self.io).poll_read(cx, &mut discard) {
+                Poll::Ready(Ok(())) if discard.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {}
+                // A reset or any other error: nothing left to keep.
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    return self.head_timer.poll_until(until, cx).map(Ok);
+                }
             }
-            Ok(true) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "request line longer than --max-header-size: answered 414",
-            ))),
-            Err(e) => Poll::Ready(Err(e)),
         }
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -458,8 +455,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
         flushed
     }
 
+    /// The end of the connection, wherever hyper or the server ends it: a
+    /// lingering close ([`ConnIo::poll_linger`]).
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.io).poll_shutdown(cx)
+        self.poll_linger(cx)
     }
 }
 
@@ -494,7 +493,7 @@ impl<S: Unpin> AsyncRead for Replay<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Replay<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -570,3 +570,88 @@ fn an_idle_keep_alive_connection_after_a_large_upload_does_not_hold_the_shutdown
     assert_eq!(status.code(), Some(0), "{}", s.logs());
     drop(reader);
 }
+
+/// A client whose receive buffer is as small as the kernel allows, so that
+/// most of a large answer waits in the server's send buffer until read.
+fn connect_with_small_receive_buffer(addr: std::net::SocketAddr) -> TcpStream {
+    use nix::sys::socket::{connect, setsockopt, socket, sockopt, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let std::net::SocketAddr::V4(v4) = addr else {
+        panic!("the test servers listen on 127.0.0.1");
+    };
+    let fd = socket(
+        nix::sys::socket::AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, sockopt::RcvBuf, &4096).unwrap();
+    connect(fd.as_raw_fd(), &SockaddrIn::from(v4)).unwrap();
+    TcpStream::from(fd)
+}
+
+/// The TCP state of the server's end of the connection whose client end is
+/// `client` (`/proc/net/tcp`: 01 established, 04 FIN-WAIT-1...), `None`
+/// once it is gone.
+fn server_end_state(server: std::net::SocketAddr, client: std::net::SocketAddr) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |p: u16| format!(":{p:04X}");
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f[1].ends_with(&port(server.port())) && f[2].ends_with(&port(client.port())))
+            .then(|| f[3].to_owned())
+    })
+}
+
+#[test]
+fn an_answer_closing_its_connection_survives_bytes_the_server_never_read() {
+    // The server closes after this answer (`Connection: close`) while the
+    // client sends more than the request: a pipelined request, sent once
+    // the answer has begun, which the server will not read. Closing the socket with those bytes unread would reset the
+    // connection and throw away what the kernel had not yet sent of the
+    // answer, here most of a 200 KB 422. The server ends its writing side
+    // and discards what comes until the client closes instead.
+    let s = Server::start(&plugin("wordcount"), &[]);
+    let mut stream = connect_with_small_receive_buffer(s.addr);
+    let body = format!(r#"{{"text":["{}"]}}"#, "x".repeat(200_000));
+    let request = format!(
+        "POST /invoke HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         Connection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    // Once the answer has begun, hyper reads no more of this connection.
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut first = [0u8; 16];
+    assert!(stream.peek(&mut first).unwrap() > 0, "the answer begins");
+    let unread = format!(
+        "GET /id HTTP/1.1\r\nHost: t\r\n\r\n{}",
+        "y".repeat(64 * 1024)
+    );
+    stream.write_all(unread.as_bytes()).unwrap();
+    // Wait until the server has ended its side (FIN-WAIT-1: its FIN waits
+    // behind the unsent answer) or let go of the socket (the reset).
+    let client = stream.local_addr().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let state = loop {
+        let state = server_end_state(s.addr, client);
+        if state.as_deref() != Some("01") || Instant::now() > deadline {
+            break state;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut reader = BufReader::new(stream);
+    let answer = support::read_response(&mut reader).unwrap_or_else(|e| {
+        panic!("the whole answer, not {e} (the server's end of the connection: {state:?})")
+    });
+    assert_eq!(answer.status, 422);
+    assert_eq!(answer.json()["detail"][0]["type"], "string_type");
+    let mut rest = Vec::new();
+    reader
+        .read_to_end(&mut rest)
+        .expect("a clean close after the answer");
+    assert!(rest.is_empty(), "nothing after the answer: {rest:?}");
+}
