@@ -9,6 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal::SIGTERM;
 use serde_json::Value;
 use support::{fixture, invoke_request, plugin, read_response, Server};
 
@@ -263,7 +264,7 @@ fn the_log_level_comes_from_the_flag_or_uvicorn_log_level() {
     let wc = plugin("wordcount");
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let (s, _) = start_at(
+    let (mut s, _) = start_at(
         addr,
         &[
             "--plugin",
@@ -274,13 +275,17 @@ fn the_log_level_comes_from_the_flag_or_uvicorn_log_level() {
         &[("UVICORN_LOG_LEVEL", "warning")],
     );
     support::request(addr, invoke_request(r#"{"text":"a"}"#).as_bytes());
-    std::thread::sleep(Duration::from_millis(200));
+    // Every line it would log is in once its stderr has ended.
+    s.signal(SIGTERM);
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
     assert!(
         !s.logs().contains("INFO"),
         "warning hides info lines: {}",
         s.logs()
     );
-    drop(s);
 
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -312,7 +317,7 @@ fn past_the_concurrency_limit_invocations_get_503_at_once() {
     let s =
         Server::start_with(&plugin("slow"), &[], &[("UVICORN_LIMIT_CONCURRENCY", "1")]).unwrap();
     let long = s.send_in_background(invoke_request(r#"{"units":10,"unit_ms":100}"#));
-    std::thread::sleep(Duration::from_millis(300));
+    s.wait_in_flight(1);
     let t = Instant::now();
     let r = s.post_json("/invoke", r#"{"units":1}"#);
     assert!(
@@ -398,7 +403,6 @@ fn a_response_that_a_client_reads_slowly_is_not_cut_off() {
     conn.stream_mut().write_all(raw.as_bytes()).unwrap();
     // Read a little, so that the server goes on writing, then stall for
     // more than twice the timeout.
-    std::thread::sleep(Duration::from_millis(300));
     let mut reader = BufReader::with_capacity(64 * 1024, conn.stream_mut().try_clone().unwrap());
     let mut first = [0u8; 64 * 1024];
     reader.read_exact(&mut first).unwrap();
@@ -681,9 +685,11 @@ fn the_access_log_can_be_turned_off() {
             vec![("UVICORN_ACCESS_LOG", "true")],
         ),
     ] {
-        let off = Server::start_with(&plugin("wordcount"), &args, &env).unwrap();
+        let mut off = Server::start_with(&plugin("wordcount"), &args, &env).unwrap();
         assert_eq!(off.post_json("/invoke", r#"{"text":"a"}"#).status, 200);
-        std::thread::sleep(Duration::from_millis(200));
+        // Every line it would log is in once its stderr has ended.
+        off.signal(SIGTERM);
+        assert!(off.wait_exit(Duration::from_secs(10)).is_some());
         assert!(
             !off.logs().contains("POST /invoke"),
             "{args:?} {env:?}: {}",
@@ -793,7 +799,7 @@ fn it_serves_on_a_unix_socket() {
     );
     assert!(UnixStream::connect(&sock).is_ok(), "the first still serves");
 
-    s.signal(nix::sys::signal::Signal::SIGTERM);
+    s.signal(SIGTERM);
     assert_eq!(
         s.wait_exit(Duration::from_secs(10))
             .and_then(|st| st.code()),
@@ -936,7 +942,7 @@ fn probe_mode_reports_readiness_for_a_healthcheck() {
     // Draining: not ready.
     let _call = s.send_in_background(invoke_request(r#"{"units":100000,"cooperative":false}"#));
     s.wait_in_flight(1);
-    s.signal(nix::sys::signal::Signal::SIGTERM);
+    s.signal(SIGTERM);
     assert!(s.wait_for_log("draining", Duration::from_secs(10)));
     assert_eq!(
         probe(&["--port", &port], &[]),
@@ -945,7 +951,7 @@ fn probe_mode_reports_readiness_for_a_healthcheck() {
             format!("etl-serve --probe: 127.0.0.1:{port} is not ready: /readyz answered 503\n")
         )
     );
-    s.signal(nix::sys::signal::Signal::SIGTERM);
+    s.signal(SIGTERM);
     s.wait_exit(Duration::from_secs(10)).expect("exits");
     // Nothing listening.
     let (code, err) = probe(&["--port", &port], &[]);

@@ -4,6 +4,7 @@
 
 use crate::support;
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal::{SIGINT, SIGTERM};
@@ -258,12 +259,25 @@ fn an_idle_server_exits_at_once() {
 #[test]
 fn a_stream_cut_by_shutdown_ends_with_the_shutdown_abort_line() {
     let mut s = Server::start(&plugin("ticker"), &[]);
-    let call = s.send_in_background(invoke_request(r#"{"count":100000,"interval_ms":20}"#));
-    std::thread::sleep(Duration::from_millis(400));
+    let mut conn = s.connect();
+    let raw = invoke_request(r#"{"count":100000,"interval_ms":20}"#);
+    conn.stream_mut().write_all(raw.as_bytes()).unwrap();
+    let mut reader = std::io::BufReader::new(conn.stream_mut().try_clone().unwrap());
+    let (status, _) = support::read_head(&mut reader).unwrap();
+    assert_eq!(status, 200);
+    // The first item is out: the stream is running.
+    let mut body = support::read_chunk(&mut reader)
+        .unwrap()
+        .expect("a first item");
     s.signal(SIGTERM);
-    let (r, _) = call.join().unwrap();
-    assert_eq!(r.status, 200);
-    let lines = r.lines();
+    while let Some(chunk) = support::read_chunk(&mut reader).unwrap() {
+        body.extend_from_slice(&chunk);
+    }
+    let lines: Vec<serde_json::Value> = String::from_utf8(body)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert!(
         lines.len() >= 2,
         "some items, then the last line: {lines:?}"
