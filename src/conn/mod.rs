@@ -63,6 +63,9 @@ pub struct Conn {
     /// Set while the requests hyper had read behind the one the drain
     /// closed the connection after are answered ([`Replay`]).
     replaying: AtomicBool,
+    /// Set once the connection is ending, its writing side shut
+    /// ([`ConnIo::poll_linger`]).
+    lingering: AtomicBool,
 }
 
 /// The moment connection times count from.
@@ -213,6 +216,7 @@ impl<S: AsRawFd> ConnIo<S> {
             unparsed: AtomicBool::new(false),
             idle_since: AtomicU64::new(since_epoch(Instant::now()).max(1)),
             replaying: AtomicBool::new(false),
+            lingering: AtomicBool::new(false),
         });
         let io = ConnIo {
             io: ManuallyDrop::new(io),
@@ -393,6 +397,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ConnIo<S> {
             Some(until) => until,
             None => {
                 ready!(Pin::new(&mut *self.io).poll_shutdown(cx))?;
+                self.conn.lingering.store(true, Ordering::Relaxed);
                 *self
                     .lingering_until
                     .insert(Instant::now() + self.head_timeout)
@@ -511,6 +516,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Replay<S> {
     }
 }
 
+/// How many bytes sent on socket `fd` its peer has not acknowledged yet
+/// (`SIOCOUTQ`); on an error, as if some were left.
+fn unacknowledged(fd: RawFd) -> usize {
+    let mut unsent: nix::libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ for a socket) writes one int; the caller
+    // holds the descriptor open.
+    let rc = unsafe { nix::libc::ioctl(fd, nix::libc::TIOCOUTQ, &mut unsent) };
+    if rc == 0 {
+        usize::try_from(unsent).unwrap_or(1)
+    } else {
+        1
+    }
+}
+
 /// Every connection accepted and not yet closed, so that the shutdown can
 /// tell the busy ones, which it waits for, from the idle ones, which it
 /// closes. Only accepts and the shutdown use it; requests never do.
@@ -578,12 +597,17 @@ impl Connections {
         closed
     }
 
-    /// Looks at every connection still open.
+    /// Looks at every connection still open. One that is ending and whose
+    /// client has acknowledged every byte sent to it no longer counts: it
+    /// owes nothing, and the exit may close it.
     pub fn census(&self) -> Census {
         let list = lock(&self.list);
         let mut census = Census::default();
         for conn in list.iter().filter_map(Weak::upgrade) {
-            if conn.peek_socket(|_| ()).is_none() {
+            let owes = conn.peek_socket(|fd| {
+                !conn.lingering.load(Ordering::Relaxed) || unacknowledged(fd) != 0
+            });
+            if owes != Some(true) {
                 continue;
             }
             census.open += 1;

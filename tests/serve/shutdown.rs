@@ -104,6 +104,39 @@ fn a_cooperative_plugin_stops_at_once_and_its_caller_gets_the_shutdown_abort() {
 }
 
 #[test]
+fn a_client_that_keeps_its_connection_after_the_503_does_not_hold_the_exit() {
+    // The answer says `Connection: close` and the server ends its side, but
+    // a pooled client may leave its end open until it next looks. Once the
+    // client has acknowledged the whole answer the connection owes nothing,
+    // and the exit does not wait the second it gives idle connections.
+    let mut s = Server::start(&plugin("slow"), &[]);
+    let before = calls_handed(&s);
+    let mut conn = s.connect();
+    conn.stream_mut()
+        .write_all(
+            invoke_request(r#"{"units":100000}"#)
+                .replace("Connection: close\r\n", "")
+                .as_bytes(),
+        )
+        .unwrap();
+    wait_handed(&s, before);
+    s.signal(SIGTERM);
+    let r = support::read_response(&mut std::io::BufReader::new(conn.stream_mut())).unwrap();
+    assert_shutdown_abort(&r);
+    // The client's end stays open while the server exits.
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
+    let logs = s.logs();
+    assert!(
+        !logs.contains("closing idle connections"),
+        "the exit waited for the answered connection: {logs}"
+    );
+    drop(conn);
+}
+
+#[test]
 fn a_plugin_ignoring_the_flag_is_answered_for_when_the_timeout_expires() {
     let mut s = Server::start(&plugin("slow"), &["--graceful-timeout", "1s"]);
     let (r, waited) = invoke_then_sigterm(&s, r#"{"units":100000,"cooperative":false}"#);
