@@ -5,8 +5,8 @@
 //! - [`Conn`], what the routes and the inline-call watchdog know of the
 //!   connection, and its socket for the watchdog to answer on (see
 //!   `inline`);
-//! - [`Connections`], every connection accepted, for the shutdown to see
-//!   which are still open and which of those are busy;
+//! - [`Connections`] (in `list.rs`), every connection accepted, for the
+//!   shutdown to see which are still open and which of those are busy;
 //! - the head deadline: how long a connection may wait for a request head
 //!   (the keep-alive and header-read timeouts), kept by [`ConnIo`] with one
 //!   runtime timer per connection, and the [`AnswerPending`] guard that
@@ -21,7 +21,7 @@ use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,9 @@ use crate::metrics::{Route, METRICS};
 use crate::server::ConnLimits;
 use crate::sync::lock;
 
+mod list;
 mod timer;
+pub use list::Connections;
 use timer::LazyTimer;
 
 /// What the routes, and the inline-call watchdog, know of one connection:
@@ -513,106 +515,5 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Replay<S> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
-/// How many bytes sent on socket `fd` its peer has not acknowledged yet
-/// (`SIOCOUTQ`); on an error, as if some were left.
-fn unacknowledged(fd: RawFd) -> usize {
-    let mut unsent: nix::libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ for a socket) writes one int; the caller
-    // holds the descriptor open.
-    let rc = unsafe { nix::libc::ioctl(fd, nix::libc::TIOCOUTQ, &mut unsent) };
-    if rc == 0 {
-        usize::try_from(unsent).unwrap_or(1)
-    } else {
-        1
-    }
-}
-
-/// Every connection accepted and not yet closed, so that the shutdown can
-/// tell the busy ones, which it waits for, from the idle ones, which it
-/// closes. Only accepts and the shutdown use it; requests never do.
-#[derive(Default)]
-pub struct Connections {
-    list: Mutex<Vec<Weak<Conn>>>,
-    /// Set when the last accepts of the shutdown fail for want of a file
-    /// descriptor: the idle connections should then give theirs back.
-    want_descriptors: AtomicBool,
-}
-
-/// What a look at every open connection found.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Census {
-    pub open: usize,
-    /// Open connections serving a request (read but not yet dispatched,
-    /// or its body still arriving) or still writing a response.
-    pub busy: usize,
-}
-
-impl Connections {
-    fn add(&self, conn: &Arc<Conn>) {
-        let mut list = lock(&self.list);
-        // Forget the closed ones whenever the list would grow: it stays
-        // within twice the number open, at a cost spread over the accepts.
-        if list.len() == list.capacity() {
-            list.retain(|c| c.strong_count() > 0);
-        }
-        list.push(Arc::downgrade(conn));
-    }
-
-    /// Says that the connections still queued in the kernel cannot be
-    /// accepted for want of a file descriptor.
-    pub fn want_descriptors(&self) {
-        self.want_descriptors.store(true, Ordering::Relaxed);
-    }
-
-    /// When [`Connections::want_descriptors`] was said since the last call:
-    /// closes every open connection that is idle and has nothing unread in
-    /// its socket, so that its descriptor comes back, and returns how many.
-    /// Its client sees the connection end between requests.
-    pub fn close_idle_if_short(&self) -> usize {
-        if !self.want_descriptors.swap(false, Ordering::Relaxed) {
-            return 0;
-        }
-        let list = lock(&self.list);
-        let mut closed = 0;
-        for conn in list.iter().filter_map(Weak::upgrade) {
-            if conn.busy() {
-                continue;
-            }
-            let shut = conn.peek_socket(|fd| {
-                let mut unread: nix::libc::c_int = 0;
-                // SAFETY: FIONREAD writes one int; the descriptor is open
-                // (peek_socket holds the lock it is closed under).
-                let rc = unsafe { nix::libc::ioctl(fd, nix::libc::FIONREAD, &mut unread) };
-                // Reads then end, so hyper closes the connection itself.
-                // SAFETY: as above.
-                rc == 0
-                    && unread == 0
-                    && unsafe { nix::libc::shutdown(fd, nix::libc::SHUT_RDWR) } == 0
-            });
-            closed += usize::from(shut == Some(true));
-        }
-        closed
-    }
-
-    /// Looks at every connection still open. One that is ending and whose
-    /// client has acknowledged every byte sent to it no longer counts: it
-    /// owes nothing, and the exit may close it.
-    pub fn census(&self) -> Census {
-        let list = lock(&self.list);
-        let mut census = Census::default();
-        for conn in list.iter().filter_map(Weak::upgrade) {
-            let owes = conn.peek_socket(|fd| {
-                !conn.lingering.load(Ordering::Relaxed) || unacknowledged(fd) != 0
-            });
-            if owes != Some(true) {
-                continue;
-            }
-            census.open += 1;
-            census.busy += usize::from(conn.busy());
-        }
-        census
     }
 }

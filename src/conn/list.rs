@@ -1,0 +1,111 @@
+//! Every connection accepted and not yet closed ([`Connections`]), for the
+//! shutdown to see which are still open, which of those are busy, and
+//! which have ended and owe their client nothing more.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use super::Conn;
+use crate::sync::lock;
+
+/// How many bytes sent on socket `fd` its peer has not acknowledged yet
+/// (`SIOCOUTQ`); on an error, as if some were left.
+fn unacknowledged(fd: RawFd) -> usize {
+    let mut unsent: nix::libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ for a socket) writes one int; the caller
+    // holds the descriptor open.
+    let rc = unsafe { nix::libc::ioctl(fd, nix::libc::TIOCOUTQ, &mut unsent) };
+    if rc == 0 {
+        usize::try_from(unsent).unwrap_or(1)
+    } else {
+        1
+    }
+}
+
+/// Every connection accepted and not yet closed, so that the shutdown can
+/// tell the busy ones, which it waits for, from the idle ones, which it
+/// closes. Only accepts and the shutdown use it; requests never do.
+#[derive(Default)]
+pub struct Connections {
+    list: Mutex<Vec<Weak<Conn>>>,
+    /// Set when the last accepts of the shutdown fail for want of a file
+    /// descriptor: the idle connections should then give theirs back.
+    want_descriptors: AtomicBool,
+}
+
+/// What a look at every open connection found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Census {
+    pub open: usize,
+    /// Open connections serving a request (read but not yet dispatched,
+    /// or its body still arriving) or still writing a response.
+    pub busy: usize,
+}
+
+impl Connections {
+    pub(super) fn add(&self, conn: &Arc<Conn>) {
+        let mut list = lock(&self.list);
+        // Forget the closed ones whenever the list would grow: it stays
+        // within twice the number open, at a cost spread over the accepts.
+        if list.len() == list.capacity() {
+            list.retain(|c| c.strong_count() > 0);
+        }
+        list.push(Arc::downgrade(conn));
+    }
+
+    /// Says that the connections still queued in the kernel cannot be
+    /// accepted for want of a file descriptor.
+    pub fn want_descriptors(&self) {
+        self.want_descriptors.store(true, Ordering::Relaxed);
+    }
+
+    /// When [`Connections::want_descriptors`] was said since the last call:
+    /// closes every open connection that is idle and has nothing unread in
+    /// its socket, so that its descriptor comes back, and returns how many.
+    /// Its client sees the connection end between requests.
+    pub fn close_idle_if_short(&self) -> usize {
+        if !self.want_descriptors.swap(false, Ordering::Relaxed) {
+            return 0;
+        }
+        let list = lock(&self.list);
+        let mut closed = 0;
+        for conn in list.iter().filter_map(Weak::upgrade) {
+            if conn.busy() {
+                continue;
+            }
+            let shut = conn.peek_socket(|fd| {
+                let mut unread: nix::libc::c_int = 0;
+                // SAFETY: FIONREAD writes one int; the descriptor is open
+                // (peek_socket holds the lock it is closed under).
+                let rc = unsafe { nix::libc::ioctl(fd, nix::libc::FIONREAD, &mut unread) };
+                // Reads then end, so hyper closes the connection itself.
+                // SAFETY: as above.
+                rc == 0
+                    && unread == 0
+                    && unsafe { nix::libc::shutdown(fd, nix::libc::SHUT_RDWR) } == 0
+            });
+            closed += usize::from(shut == Some(true));
+        }
+        closed
+    }
+
+    /// Looks at every connection still open. One that is ending and whose
+    /// client has acknowledged every byte sent to it no longer counts: it
+    /// owes nothing, and the exit may close it.
+    pub fn census(&self) -> Census {
+        let list = lock(&self.list);
+        let mut census = Census::default();
+        for conn in list.iter().filter_map(Weak::upgrade) {
+            let owes = conn.peek_socket(|fd| {
+                !conn.lingering.load(Ordering::Relaxed) || unacknowledged(fd) != 0
+            });
+            if owes != Some(true) {
+                continue;
+            }
+            census.open += 1;
+            census.busy += usize::from(conn.busy());
+        }
+        census
+    }
+}
