@@ -655,3 +655,32 @@ fn an_answer_closing_its_connection_survives_bytes_the_server_never_read() {
         .expect("a clean close after the answer");
     assert!(rest.is_empty(), "nothing after the answer: {rest:?}");
 }
+
+#[test]
+fn a_client_that_uploads_its_whole_body_before_reading_gets_the_413() {
+    // The 413 is sent before the body is read. A client that writes the
+    // whole body before it reads (as many do) must still find the answer:
+    // the server throws the body away until the client is done, rather
+    // than resetting the connection under its writes.
+    let s = Server::start(&plugin("wordcount"), &["--max-body-size", "1KiB"]);
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // Far more than the socket buffers on both sides can hold.
+    let body = vec![b' '; 16 << 20];
+    let head = format!(
+        "POST /invoke HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream
+        .write_all(&body)
+        .expect("the whole body is taken, not reset");
+    let r = support::read_response(&mut BufReader::new(stream)).expect("the 413");
+    assert_eq!(r.status, 413, "{}", r.text());
+}
