@@ -3,15 +3,13 @@
 //! forced, and where the forced stop cannot reach; and async calls sharing
 //! one event loop.
 
-use std::io::{BufReader, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal::SIGTERM;
 use serde_json::json;
 
 use crate::differential::{serve_python, serve_python_with};
-use crate::support::{invoke_request, read_chunk, read_head, Response, Server};
+use crate::support::{invoke_request, stream_cut_after_first_item, Response, Server};
 
 const DIR: &str = "tests/fixtures/python";
 
@@ -178,32 +176,18 @@ fn a_plugin_written_for_etl_uvicorns_cooperative_shutdown_runs_unchanged() {
 #[test]
 fn a_python_stream_stopped_by_sigterm_ends_with_the_shutdown_abort_line() {
     let mut s = serve_python("etl_cancel:stream_units", DIR);
-    let mut stream = TcpStream::connect(s.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    stream
-        .write_all(invoke_request(r#"{"units":500}"#).as_bytes())
-        .unwrap();
-    // The head comes with the first item: the stream has started.
-    let mut reader = BufReader::new(stream);
-    assert_eq!(read_head(&mut reader).unwrap().0, 200);
-    let mut body = read_chunk(&mut reader).unwrap().expect("the first item");
-    let signalled = Instant::now();
-    s.signal(SIGTERM);
-    while let Some(chunk) = read_chunk(&mut reader).unwrap() {
-        body.extend(chunk);
-    }
+    let raw = invoke_request(r#"{"units":500}"#);
+    let mut signalled = None;
+    let lines = stream_cut_after_first_item(s.addr, &raw, || {
+        signalled = Some(Instant::now());
+        s.signal(SIGTERM);
+    });
+    let signalled = signalled.expect("signalled after the first item");
     assert!(
         signalled.elapsed() < Duration::from_secs(3),
         "{:?}",
         signalled.elapsed()
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8(body)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     let (last, items) = lines.split_last().unwrap();
     assert!(!items.is_empty());
     for (i, item) in items.iter().enumerate() {

@@ -292,25 +292,8 @@ fn an_idle_server_exits_at_once() {
 #[test]
 fn a_stream_cut_by_shutdown_ends_with_the_shutdown_abort_line() {
     let mut s = Server::start(&plugin("ticker"), &[]);
-    let mut conn = s.connect();
     let raw = invoke_request(r#"{"count":100000,"interval_ms":20}"#);
-    conn.stream_mut().write_all(raw.as_bytes()).unwrap();
-    let mut reader = std::io::BufReader::new(conn.stream_mut().try_clone().unwrap());
-    let (status, _) = support::read_head(&mut reader).unwrap();
-    assert_eq!(status, 200);
-    // The first item is out: the stream is running.
-    let mut body = support::read_chunk(&mut reader)
-        .unwrap()
-        .expect("a first item");
-    s.signal(SIGTERM);
-    while let Some(chunk) = support::read_chunk(&mut reader).unwrap() {
-        body.extend_from_slice(&chunk);
-    }
-    let lines: Vec<serde_json::Value> = String::from_utf8(body)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = support::stream_cut_after_first_item(s.addr, &raw, || s.signal(SIGTERM));
     assert!(
         lines.len() >= 2,
         "some items, then the last line: {lines:?}"
@@ -470,7 +453,6 @@ fn a_client_that_goes_away_cancels_its_invocation() {
     // 20 s of work; the client gives up once it is inside the plugin, by
     // closing the socket.
     let raw = invoke_request(r#"{"units":2000,"unit_ms":10}"#);
-    use std::io::Write;
     let before = calls_handed(&s);
     conn.stream_mut().write_all(raw.as_bytes()).unwrap();
     wait_handed(&s, before);
@@ -748,7 +730,6 @@ fn a_client_that_leaves_a_long_inline_call_cancels_it() {
     // 20 s of cooperative work, run inline; its client then leaves.
     let (s, conn) = long_call_inline(&[], |s| {
         let mut conn = s.connect();
-        use std::io::Write;
         let raw = invoke_request(r#"{"units":2000,"unit_ms":10}"#);
         conn.stream_mut().write_all(raw.as_bytes()).unwrap();
         conn

@@ -548,6 +548,34 @@ pub fn read_head(r: &mut impl BufRead) -> std::io::Result<(u16, HashMap<String, 
     Ok((status, headers))
 }
 
+/// Sends `raw`, a streaming `/invoke`, on a new connection to `addr`; once
+/// its first item has arrived (the stream is running), calls `then` (a
+/// signal, say), and reads the stream to its end. Returns its NDJSON lines,
+/// each parsed.
+pub fn stream_cut_after_first_item(addr: SocketAddr, raw: &str, then: impl FnOnce()) -> Vec<Value> {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(raw.as_bytes()).expect("write request");
+    let mut reader = BufReader::new(stream);
+    let (status, _) = read_head(&mut reader).expect("a response head");
+    assert_eq!(status, 200);
+    let mut body = read_chunk(&mut reader)
+        .expect("a first chunk")
+        .expect("a first item");
+    then();
+    while let Some(chunk) = read_chunk(&mut reader).expect("the rest of the stream") {
+        body.extend_from_slice(&chunk);
+    }
+    Response {
+        status,
+        headers: HashMap::new(),
+        body,
+    }
+    .lines()
+}
+
 /// Reads one chunk of a chunked body: `None` at its end.
 pub fn read_chunk(r: &mut impl BufRead) -> std::io::Result<Option<Vec<u8>>> {
     let mut line = String::new();
