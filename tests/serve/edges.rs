@@ -608,10 +608,11 @@ fn server_end_state(server: std::net::SocketAddr, client: std::net::SocketAddr) 
 fn an_answer_closing_its_connection_survives_bytes_the_server_never_read() {
     // The server closes after this answer (`Connection: close`) while the
     // client sends more than the request: a pipelined request, sent once
-    // the answer has begun, which the server will not read. Closing the socket with those bytes unread would reset the
-    // connection and throw away what the kernel had not yet sent of the
-    // answer, here most of a 200 KB 422. The server ends its writing side
-    // and discards what comes until the client closes instead.
+    // the answer has begun, which the server will not read. Closing the
+    // socket with those bytes unread would reset the connection and throw
+    // away what the kernel had not yet sent of the answer, here most of a
+    // 200 KB 422. The server ends its writing side and discards what comes
+    // until the client closes instead.
     let s = Server::start(&plugin("wordcount"), &[]);
     let mut stream = connect_with_small_receive_buffer(s.addr);
     let body = format!(r#"{{"text":["{}"]}}"#, "x".repeat(200_000));
@@ -661,7 +662,8 @@ fn a_client_that_uploads_its_whole_body_before_reading_gets_the_413() {
     // The 413 is sent before the body is read. A client that writes the
     // whole body before it reads (as many do) must still find the answer:
     // the server throws the body away until the client is done, rather
-    // than resetting the connection under its writes.
+    // than resetting the connection under its writes. (It does so for the
+    // head timeout, 5 s by default: far longer than 16 MiB takes here.)
     let s = Server::start(&plugin("wordcount"), &["--max-body-size", "1KiB"]);
     let mut stream = TcpStream::connect(s.addr).unwrap();
     stream
@@ -683,4 +685,39 @@ fn a_client_that_uploads_its_whole_body_before_reading_gets_the_413() {
         .expect("the whole body is taken, not reset");
     let r = support::read_response(&mut BufReader::new(stream)).expect("the 413");
     assert_eq!(r.status, 413, "{}", r.text());
+}
+
+#[test]
+fn a_client_that_keeps_sending_after_its_answer_is_cut_at_the_head_timeout() {
+    // The lingering close reads what a client still sends after its last
+    // answer for the head timeout only: a client that never stops cannot
+    // hold the connection, its task and its descriptor, any longer.
+    let s = Server::start(&plugin("wordcount"), &["--timeout-keep-alive", "1"]);
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(invoke_request(r#"{"text":"a"}"#).as_bytes())
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    assert_eq!(support::read_response(&mut reader).unwrap().status, 200);
+    // The server has ended its writing side: the end of the stream.
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    let ended = Instant::now();
+    // A byte every 20 ms, until a write fails: the server has let go of
+    // the socket, and its kernel resets what arrives after.
+    let cut = loop {
+        if stream.write_all(b"y").is_err() {
+            break ended.elapsed();
+        }
+        assert!(ended.elapsed() < Duration::from_secs(10), "never cut");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        cut > Duration::from_millis(500) && cut < Duration::from_secs(5),
+        "cut {cut:?} after the answer, with a 1 s head timeout"
+    );
 }
