@@ -95,7 +95,9 @@ pub struct Cli {
           value_parser = clap::value_parser!(u32).range(1..=65536), help_heading = "Limits")]
     pub plugin_threads: u32,
 
-    /// Close a connection that waits this long for its next request.
+    /// Close a connection that waits this long for its next request. The
+    /// smaller of this and --header-read-timeout also bounds how long a
+    /// connection the server ends waits for its client to close.
     /// Seconds (5, 2.5) or a duration (5s, 500ms).
     #[arg(long, env = "UVICORN_TIMEOUT_KEEP_ALIVE", value_name = "DURATION", default_value = "5",
           value_parser = parse_duration, help_heading = "Limits")]
