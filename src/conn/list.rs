@@ -9,18 +9,15 @@ use std::sync::{Arc, Mutex, Weak};
 use super::Conn;
 use crate::sync::lock;
 
-/// How many bytes sent on socket `fd` its peer has not acknowledged yet
-/// (`SIOCOUTQ`); on an error, as if some were left.
-fn unacknowledged(fd: RawFd) -> usize {
-    let mut unsent: nix::libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ for a socket) writes one int; the caller
-    // holds the descriptor open.
-    let rc = unsafe { nix::libc::ioctl(fd, nix::libc::TIOCOUTQ, &mut unsent) };
-    if rc == 0 {
-        usize::try_from(unsent).unwrap_or(1)
-    } else {
-        1
-    }
+/// One of a socket's queue lengths: `FIONREAD`, the bytes received and not
+/// yet read, or `TIOCOUTQ` (`SIOCOUTQ`), the bytes sent and not yet
+/// acknowledged by the peer. `None` on an error.
+fn queued(fd: RawFd, which: nix::libc::Ioctl) -> Option<usize> {
+    let mut n: nix::libc::c_int = 0;
+    // SAFETY: both requests write one int; the callers hold the descriptor
+    // open (peek_socket holds the lock it is closed under).
+    let rc = unsafe { nix::libc::ioctl(fd, which, &mut n) };
+    (rc == 0).then(|| usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 /// Every connection accepted and not yet closed, so that the shutdown can
@@ -75,14 +72,10 @@ impl Connections {
                 continue;
             }
             let shut = conn.peek_socket(|fd| {
-                let mut unread: nix::libc::c_int = 0;
-                // SAFETY: FIONREAD writes one int; the descriptor is open
-                // (peek_socket holds the lock it is closed under).
-                let rc = unsafe { nix::libc::ioctl(fd, nix::libc::FIONREAD, &mut unread) };
                 // Reads then end, so hyper closes the connection itself.
-                // SAFETY: as above.
-                rc == 0
-                    && unread == 0
+                // SAFETY: the descriptor is open (peek_socket holds the
+                // lock it is closed under).
+                queued(fd, nix::libc::FIONREAD) == Some(0)
                     && unsafe { nix::libc::shutdown(fd, nix::libc::SHUT_RDWR) } == 0
             });
             closed += usize::from(shut == Some(true));
@@ -98,7 +91,8 @@ impl Connections {
         let mut census = Census::default();
         for conn in list.iter().filter_map(Weak::upgrade) {
             let owes = conn.peek_socket(|fd| {
-                !conn.lingering.load(Ordering::Relaxed) || unacknowledged(fd) != 0
+                !conn.lingering.load(Ordering::Relaxed)
+                    || queued(fd, nix::libc::TIOCOUTQ) != Some(0)
             });
             if owes != Some(true) {
                 continue;
