@@ -75,6 +75,11 @@ impl Listener for TcpListener {
     }
     fn accept_queued(closing: &Self::Closing) -> std::io::Result<Self::Io> {
         let (s, _) = closing.accept()?;
+        // A connection is given a copy of its listener's filter when its
+        // handshake completes. One that completed as `drop_every_packet`
+        // was attached can carry the filter, and would then drop its
+        // client's request and every retry of it: take it off.
+        let _ = detach_filter(&s);
         let _ = s.set_nodelay(true);
         s.set_nonblocking(true)?;
         tokio::net::TcpStream::from_std(s)
@@ -114,29 +119,57 @@ impl Listener for UnixListener {
 /// queue: a client's SYN goes unanswered, its retry (a second later) finds
 /// the socket closed and its connect is refused, so it knows it sent
 /// nothing. Without it, a handshake completed between the last `accept(2)`
-/// and the close would be reset after its client wrote a request.
+/// and the close would be reset after its client wrote a request. A
+/// handshake the kernel completes just as the filter goes on leaves a
+/// connection with a copy of it, which `accept_queued` takes off.
 fn drop_every_packet(listener: &std::net::TcpListener) -> std::io::Result<()> {
+    attach_filter(listener, 0)
+}
+
+/// Attaches to `socket` a one-instruction classic BPF filter that keeps
+/// the first `keep` bytes of every packet: 0 drops them all.
+fn attach_filter(socket: &impl AsRawFd, keep: u32) -> std::io::Result<()> {
     use nix::libc;
-    // One classic BPF instruction: return 0, "keep none of the packet".
-    let mut drop_all = [libc::sock_filter {
+    let mut program = [libc::sock_filter {
         code: (libc::BPF_RET | libc::BPF_K) as u16,
         jt: 0,
         jf: 0,
-        k: 0,
+        k: keep,
     }];
-    let program = libc::sock_fprog {
+    let fprog = libc::sock_fprog {
         len: 1,
-        filter: drop_all.as_mut_ptr(),
+        filter: program.as_mut_ptr(),
     };
-    // SAFETY: `program` and the instruction it points to outlive the call,
+    // SAFETY: `fprog` and the instruction it points to outlive the call,
     // and the kernel copies the program before returning.
     let rc = unsafe {
         libc::setsockopt(
-            listener.as_raw_fd(),
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_ATTACH_FILTER,
-            std::ptr::addr_of!(program).cast(),
+            std::ptr::addr_of!(fprog).cast(),
             std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Takes the socket filter off `socket`, if it has one.
+fn detach_filter(socket: &impl AsRawFd) -> std::io::Result<()> {
+    let unused: nix::libc::c_int = 0;
+    // SAFETY: the kernel ignores the option's value for SO_DETACH_FILTER,
+    // and `unused` outlives the call.
+    let rc = unsafe {
+        nix::libc::setsockopt(
+            socket.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            nix::libc::SO_DETACH_FILTER,
+            std::ptr::addr_of!(unused).cast(),
+            std::mem::size_of_val(&unused) as nix::libc::socklen_t,
         )
     };
     if rc == 0 {
@@ -287,5 +320,48 @@ impl Retry {
             info!(failures = self.failures, "accept works again");
             self.failures = 0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How many instructions the filter on `socket` has: 0 without one.
+    fn filter_len(socket: &impl AsRawFd) -> nix::libc::socklen_t {
+        let mut len: nix::libc::socklen_t = 0;
+        // SAFETY: with a length of 0 the kernel writes only `len`, the
+        // filter's length (SO_GET_FILTER has SO_ATTACH_FILTER's number).
+        let rc = unsafe {
+            nix::libc::getsockopt(
+                socket.as_raw_fd(),
+                nix::libc::SOL_SOCKET,
+                nix::libc::SO_ATTACH_FILTER,
+                std::ptr::null_mut(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        len
+    }
+
+    /// The kernel copies a listener's filter into each connection it
+    /// completes; a connection taken while closing the listener must not
+    /// keep it, or a request sent on it is dropped unseen. (The filter
+    /// here keeps every packet, so that the handshakes complete.)
+    #[tokio::test]
+    async fn a_connection_taken_while_closing_does_not_keep_the_listeners_filter() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        attach_filter(&listener, u32::MAX).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _first = std::net::TcpStream::connect(addr).unwrap();
+        let _second = std::net::TcpStream::connect(addr).unwrap();
+
+        // The premise: a plain accept hands over the inherited filter.
+        let (plain, _) = listener.accept().unwrap();
+        assert_eq!(filter_len(&plain), 1, "the kernel copies the filter");
+
+        let queued = <TcpListener as Listener>::accept_queued(&listener).unwrap();
+        assert_eq!(filter_len(&queued), 0, "accept_queued takes it off");
     }
 }
