@@ -12,7 +12,8 @@
 
 use std::future::Future;
 use std::io::ErrorKind;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::pin::Pin;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -23,7 +24,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tracing::{debug, info, warn};
 
 use crate::app::App;
-use crate::conn::{ConnIo, Connections, Replay};
+use crate::conn::{Conn, ConnIo, Connections, Replay};
 use crate::routes;
 
 /// Per-connection limits.
@@ -53,6 +54,8 @@ pub trait Listener: Send + 'static {
     /// kernel itself (the runtime's readiness state may lag): `WouldBlock`
     /// when there are none.
     fn accept_queued(closing: &Self::Closing) -> std::io::Result<Self::Io>;
+    /// A connection of this kind from `fd`, a duplicate of one's descriptor.
+    fn from_fd(fd: OwnedFd) -> std::io::Result<Self::Io>;
 }
 
 impl Listener for TcpListener {
@@ -84,6 +87,9 @@ impl Listener for TcpListener {
         s.set_nonblocking(true)?;
         tokio::net::TcpStream::from_std(s)
     }
+    fn from_fd(fd: OwnedFd) -> std::io::Result<Self::Io> {
+        tokio::net::TcpStream::from_std(fd.into())
+    }
 }
 
 impl Listener for UnixListener {
@@ -110,6 +116,9 @@ impl Listener for UnixListener {
         let (s, _) = closing.accept()?;
         s.set_nonblocking(true)?;
         tokio::net::UnixStream::from_std(s)
+    }
+    fn from_fd(fd: OwnedFd) -> std::io::Result<Self::Io> {
+        tokio::net::UnixStream::from_std(fd.into())
     }
 }
 
@@ -209,37 +218,38 @@ pub async fn accept_until<L: Listener>(
         .max_header_size(limits.max_header_size);
     let serve = |stream: L::Io| {
         let (io, conn) = ConnIo::new(stream, connections, &limits);
+        let socket = conn.clone();
         let service = service_fn(move |req| routes::handle(app, conn.clone(), req));
         let mut builder = builder.clone();
-        let served = builder
-            .serve_connection(TokioIo::new(io), service)
-            .without_shutdown();
         tokio::spawn(async move {
-            match served.await {
-                Ok(parts) => {
-                    let mut io = parts.io.into_inner();
-                    if parts.read_buf.is_empty() || !app.drain.is_draining() {
-                        // As hyper would have: the end of the writing
-                        // side, then a lingering close (ConnIo).
-                        let _ = std::future::poll_fn(|cx| {
-                            std::pin::Pin::new(&mut io).poll_shutdown(cx)
-                        })
-                        .await;
-                        return;
+            let connection = builder
+                .serve_connection(TokioIo::new(io), service)
+                .without_shutdown();
+            let parts = match served(connection, &socket).await {
+                Ok(parts) => parts,
+                Err((e, copy)) => {
+                    debug!(error = %e, "connection ended with an error");
+                    if let Some(Ok(stream)) = copy.map(L::from_fd) {
+                        let (mut io, _) = ConnIo::new(stream, connections, &limits);
+                        close(&mut io).await;
                     }
-                    // The drain closed the connection after one answer,
-                    // with more requests read behind it: answer them too.
-                    let replay = Replay::new(parts.read_buf, io);
-                    // The end of the buffer is a read EOF: the answers to
-                    // the requests before it must still be written.
-                    let replayed = builder
-                        .half_close(true)
-                        .serve_connection(TokioIo::new(replay), parts.service);
-                    if let Err(e) = replayed.await {
-                        debug!(error = %e, "connection ended with an error after its pipelined requests");
-                    }
+                    return;
                 }
-                Err(e) => debug!(error = %e, "connection ended with an error"),
+            };
+            let mut io = parts.io.into_inner();
+            if parts.read_buf.is_empty() || !app.drain.is_draining() {
+                return close(&mut io).await;
+            }
+            // The drain closed the connection after one answer, with more
+            // requests read behind it: answer them too.
+            let replay = Replay::new(parts.read_buf, io);
+            // The end of the buffer is a read EOF: the answers to the
+            // requests before it must still be written.
+            let replayed = builder
+                .half_close(true)
+                .serve_connection(TokioIo::new(replay), parts.service);
+            if let Err(e) = replayed.await {
+                debug!(error = %e, "connection ended with an error after its pipelined requests");
             }
         });
     };
@@ -281,6 +291,43 @@ pub async fn accept_until<L: Listener>(
             }
         }
     }
+}
+
+/// Awaits hyper's `connection`. Over a request it could not parse, hyper
+/// answers (400, 431), stops reading and ends the connection, closing the
+/// socket without the lingering close: the error then comes with a copy
+/// of the socket's descriptor, taken before hyper closes its own, for the
+/// caller to close as after any answer, so that the rest of the request
+/// does not reset that answer away. Other errors (a reset, a timeout)
+/// leave no answer to keep.
+async fn served<T>(
+    connection: impl Future<Output = hyper::Result<T>>,
+    conn: &Conn,
+) -> Result<T, (hyper::Error, Option<OwnedFd>)> {
+    let mut connection = std::pin::pin!(connection);
+    std::future::poll_fn(|cx| {
+        connection.as_mut().poll(cx).map_err(|e| {
+            let copy = e
+                .is_parse()
+                .then(|| {
+                    // SAFETY: the descriptor is open while the connection
+                    // is, and hyper's `connection` still holds it.
+                    conn.peek_socket(|fd| {
+                        unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()
+                    })
+                })
+                .flatten()
+                .and_then(Result::ok);
+            (e, copy)
+        })
+    })
+    .await
+}
+
+/// Ends a connection as hyper would have: the end of the writing side,
+/// which `ConnIo` makes a lingering close.
+async fn close<S: AsyncWrite + Unpin>(io: &mut S) {
+    let _ = std::future::poll_fn(|cx| Pin::new(&mut *io).poll_shutdown(cx)).await;
 }
 
 /// Accept failures in a row, and the wait before the next try: out of

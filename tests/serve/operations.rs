@@ -464,6 +464,48 @@ fn a_request_head_over_the_limit_gets_431() {
     assert_eq!(support::request(s.addr, ok.as_bytes()).status, 200);
 }
 
+/// A client that writes a whole request before it reads, as most do, gets
+/// hyper's 400 or 431 whole, however much of the request hyper never read:
+/// the server reads and throws away the rest instead of resetting the
+/// connection under the answer.
+#[test]
+fn a_request_hyper_refuses_is_answered_however_much_of_it_follows() {
+    let s = Server::start(&plugin("wordcount"), &["--max-header-size", "8KiB"]);
+    let rest = vec![b'x'; 4 << 20];
+    let too_large = format!(
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: {}",
+        "x".repeat(9000)
+    );
+    let malformed = "GET /healthz HTTP/1.1\r\nHost t\r\n\r\n".to_owned();
+    for (head, status) in [(too_large, 431), (malformed, 400)] {
+        let stream = TcpStream::connect(s.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let rest = rest.clone();
+        let wrote = std::thread::spawn(move || {
+            writer.write_all(head.as_bytes())?;
+            writer.write_all(&rest)?;
+            writer.shutdown(std::net::Shutdown::Write)
+        });
+        let r = read_response(&mut BufReader::new(&stream)).expect("a whole answer");
+        assert_eq!(r.status, status);
+        let mut after = Vec::new();
+        let end = (&stream).read_to_end(&mut after);
+        assert!(
+            end.is_ok() && after.is_empty(),
+            "{end:?}, {} bytes",
+            after.len()
+        );
+        wrote
+            .join()
+            .unwrap()
+            .expect("the server took the whole request");
+    }
+    assert_eq!(s.get("/healthz").status, 200);
+}
+
 #[test]
 fn a_request_line_over_the_head_limit_gets_414() {
     let s = Server::start(&plugin("wordcount"), &["--max-header-size", "8KiB"]);
