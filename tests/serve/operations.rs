@@ -467,43 +467,61 @@ fn a_request_head_over_the_limit_gets_431() {
 /// A client that writes a whole request before it reads, as most do, gets
 /// hyper's 400 or 431 whole, however much of the request hyper never read:
 /// the server reads and throws away the rest instead of resetting the
-/// connection under the answer.
+/// connection under the answer. (The Unix socket: in
+/// `it_serves_on_a_unix_socket`.)
 #[test]
 fn a_request_hyper_refuses_is_answered_however_much_of_it_follows() {
     let s = Server::start(&plugin("wordcount"), &["--max-header-size", "8KiB"]);
-    let rest = vec![b'x'; 4 << 20];
+    for (head, status) in refused_heads() {
+        let stream = TcpStream::connect(s.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let writer = stream.try_clone().unwrap();
+        assert_answered_whole(stream, writer, head, status);
+    }
+    assert_eq!(s.get("/healthz").status, 200);
+}
+
+/// Request heads hyper refuses, with the status of its answer: one too
+/// large (its last header goes on in the bytes that follow it, past any
+/// `--max-header-size`), one malformed.
+fn refused_heads() -> [(String, u16); 2] {
     let too_large = format!(
         "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: {}",
         "x".repeat(9000)
     );
     let malformed = "GET /healthz HTTP/1.1\r\nHost t\r\n\r\n".to_owned();
-    for (head, status) in [(too_large, 431), (malformed, 400)] {
-        let stream = TcpStream::connect(s.addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut writer = stream.try_clone().unwrap();
-        let rest = rest.clone();
-        let wrote = std::thread::spawn(move || {
-            writer.write_all(head.as_bytes())?;
-            writer.write_all(&rest)?;
-            writer.shutdown(std::net::Shutdown::Write)
-        });
-        let r = read_response(&mut BufReader::new(&stream)).expect("a whole answer");
-        assert_eq!(r.status, status);
-        let mut after = Vec::new();
-        let end = (&stream).read_to_end(&mut after);
-        assert!(
-            end.is_ok() && after.is_empty(),
-            "{end:?}, {} bytes",
-            after.len()
-        );
-        wrote
-            .join()
-            .unwrap()
-            .expect("the server took the whole request");
-    }
-    assert_eq!(s.get("/healthz").status, 200);
+    [(too_large, 431), (malformed, 400)]
+}
+
+/// Writes `head` and 4 MiB more on `writer` (from a thread), and reads on
+/// `reader`, the same connection, an answer of `status`, then the end of
+/// the connection without a reset; the server must take every byte.
+fn assert_answered_whole(
+    reader: impl Read,
+    mut writer: impl Write + Send + 'static,
+    head: String,
+    status: u16,
+) {
+    let wrote = std::thread::spawn(move || {
+        writer.write_all(head.as_bytes())?;
+        writer.write_all(&vec![b'x'; 4 << 20])
+    });
+    let mut reader = BufReader::new(reader);
+    let r = read_response(&mut reader).expect("a whole answer");
+    assert_eq!(r.status, status);
+    let mut after = Vec::new();
+    let end = reader.read_to_end(&mut after);
+    assert!(
+        end.is_ok() && after.is_empty(),
+        "{end:?}, {} bytes",
+        after.len()
+    );
+    wrote
+        .join()
+        .unwrap()
+        .expect("the server took the whole request");
 }
 
 #[test]
@@ -820,6 +838,14 @@ fn it_serves_on_a_unix_socket() {
     let r = read_response(&mut BufReader::new(stream)).unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["output"]["words"], 4);
+    for (head, status) in refused_heads() {
+        let stream = UnixStream::connect(&sock).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let writer = stream.try_clone().unwrap();
+        assert_answered_whole(stream, writer, head, status);
+    }
 
     // A second instance on the same path refuses to take the live socket.
     let out = support::etl_serve()
