@@ -293,13 +293,15 @@ pub async fn accept_until<L: Listener>(
     }
 }
 
-/// Awaits hyper's `connection`. Over a request it could not parse, hyper
-/// answers (400, 431), stops reading and ends the connection, closing the
-/// socket without the lingering close: the error then comes with a copy
-/// of the socket's descriptor, taken before hyper closes its own, for the
-/// caller to close as after any answer, so that the rest of the request
-/// does not reset that answer away. Other errors (a reset, a timeout)
-/// leave no answer to keep.
+/// Awaits hyper's `connection`, run `without_shutdown`. Over a request it
+/// could not parse, hyper answers (400, 431), stops reading, and returns
+/// the error without the shutdown, so the socket would close without the
+/// lingering close: the error then comes with a copy of the socket's
+/// descriptor, taken before hyper drops its own, for the caller to close
+/// as after any answer, so that the rest of the request does not reset
+/// that answer away. Other errors (a reset, a timeout) leave no answer to
+/// keep. (The replay's connection needs none of this: run to its end,
+/// hyper shuts the socket down before it returns a parse error.)
 async fn served<T>(
     connection: impl Future<Output = hyper::Result<T>>,
     conn: &Conn,

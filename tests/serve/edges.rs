@@ -527,6 +527,45 @@ fn requests_pipelined_behind_one_cut_by_sigterm_are_answered_too() {
     );
 }
 
+#[test]
+fn a_malformed_request_pipelined_behind_one_cut_by_sigterm_gets_its_400_whole() {
+    // Behind the request in the plugin: a malformed one, then 4 MiB the
+    // server never parses. Both answers arrive, then a clean close: what
+    // follows is read and thrown away rather than reset under the 400.
+    let mut s = Server::start(&plugin("slow"), &[]);
+    let one = invoke_request(r#"{"units":100000}"#).replace("Connection: close\r\n", "");
+    let stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    // More than hyper buffers ahead (about 400 KB): the rest waits unread
+    // in the socket when the server ends the connection.
+    let wrote = std::thread::spawn(move || {
+        writer.write_all(format!("{one}GET /id HTTP/1.1\r\nHost t\r\n\r\n").as_bytes())?;
+        writer.write_all(&vec![b'x'; 4 << 20])
+    });
+    s.wait_in_flight(1);
+    s.signal(SIGTERM);
+    let mut reader = BufReader::new(stream);
+    let cut = support::read_response(&mut reader).expect("the cut request's answer");
+    assert_eq!(cut.status, 503);
+    let refused = support::read_response(&mut reader).expect("the malformed one's answer");
+    assert_eq!(refused.status, 400);
+    let mut rest = Vec::new();
+    reader
+        .read_to_end(&mut rest)
+        .expect("a clean close, not a reset");
+    assert!(rest.is_empty(), "nothing after the last answer: {rest:?}");
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
+    // Bytes still coming when the server exits may be refused (see
+    // docs/shutdown.md); the answers were already whole.
+    let _ = wrote.join().unwrap();
+}
+
 /// The id an answer to `GET /id` carries: a JSON string.
 fn s_id(r: &support::Response) -> serde_json::Value {
     let id = r.json();
