@@ -516,7 +516,7 @@ fn requests_pipelined_behind_one_cut_by_sigterm_are_answered_too() {
         assert_eq!(r.json()["plugin_error"]["error_type"], "shutdown");
     }
     assert_eq!(answers[2].json(), s_id(&answers[2]));
-    assert_clean_close(&mut reader);
+    support::assert_clean_close(&mut reader);
     assert_eq!(
         s.wait_exit(Duration::from_secs(10)).unwrap().code(),
         Some(0)
@@ -548,7 +548,7 @@ fn a_malformed_request_pipelined_behind_one_cut_by_sigterm_gets_its_400_whole() 
     assert_eq!(cut.status, 503);
     let refused = support::read_response(&mut reader).expect("the malformed one's answer");
     assert_eq!(refused.status, 400);
-    assert_clean_close(&mut reader);
+    support::assert_clean_close(&mut reader);
     assert_eq!(
         s.wait_exit(Duration::from_secs(10)).unwrap().code(),
         Some(0)
@@ -556,16 +556,6 @@ fn a_malformed_request_pipelined_behind_one_cut_by_sigterm_gets_its_400_whole() 
     // Bytes still coming when the server exits may be refused (see
     // docs/shutdown.md); the answers were already whole.
     let _ = wrote.join().unwrap();
-}
-
-/// Reads the end of the connection: a clean close with nothing after the
-/// last answer, not a reset.
-fn assert_clean_close(reader: &mut impl Read) {
-    let mut rest = Vec::new();
-    reader
-        .read_to_end(&mut rest)
-        .expect("a clean close, not a reset");
-    assert!(rest.is_empty(), "nothing after the last answer: {rest:?}");
 }
 
 /// The id an answer to `GET /id` carries: a JSON string.

@@ -511,13 +511,7 @@ fn assert_answered_whole(
     let mut reader = BufReader::new(reader);
     let r = read_response(&mut reader).expect("a whole answer");
     assert_eq!(r.status, status);
-    let mut after = Vec::new();
-    let end = reader.read_to_end(&mut after);
-    assert!(
-        end.is_ok() && after.is_empty(),
-        "{end:?}, {} bytes",
-        after.len()
-    );
+    support::assert_clean_close(&mut reader);
     wrote
         .join()
         .unwrap()

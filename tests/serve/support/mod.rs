@@ -490,6 +490,16 @@ pub fn request(addr: SocketAddr, raw: &[u8]) -> Response {
     read_response(&mut BufReader::new(stream)).expect("a complete response")
 }
 
+/// Reads the end of the connection after the last answer: a clean close
+/// with nothing more, not a reset.
+pub fn assert_clean_close(reader: &mut impl Read) {
+    let mut rest = Vec::new();
+    reader
+        .read_to_end(&mut rest)
+        .expect("a clean close, not a reset");
+    assert!(rest.is_empty(), "nothing after the last answer: {rest:?}");
+}
+
 /// Reads one response from `r`: status line, headers, and a body framed by
 /// Content-Length, chunked encoding, or the end of the connection.
 pub fn read_response(r: &mut impl BufRead) -> std::io::Result<Response> {
