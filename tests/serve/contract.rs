@@ -193,6 +193,46 @@ fn malformed_json_missing_body_and_wrong_content_type() {
 }
 
 #[test]
+fn a_body_nests_as_deep_as_the_reference_parses_and_deeper_gets_its_400() {
+    let s = Server::start(&plugin("wordcount"), &[]);
+    // `levels` arrays, one in the other, inside the body's object.
+    let nested = |levels: usize| format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+    let inner = 999; // with the body's object: 1000 levels, the limit
+    for text in [r#""a""#, r#""a\n""#] {
+        // (An escape sends the body past the validation fast path.)
+        for body in [
+            format!(r#"{{"text":{text},"extra":{}}}"#, nested(inner)),
+            format!(
+                r#"{{"text":{text},"invocation_settings":{{"k":{}}}}}"#,
+                nested(inner - 1)
+            ),
+        ] {
+            let r = s.post_json("/invoke", &body);
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(r.json()["output"]["words"], 1);
+            let deeper = body.replacen('[', "[[", 1).replacen(']', "]]", 1);
+            let r = s.post_json("/invoke", &deeper);
+            assert_eq!(
+                (r.status, r.text()),
+                (
+                    400,
+                    r#"{"detail":"There was an error parsing the body"}"#.into()
+                )
+            );
+        }
+    }
+    // A declared input nested past serde_json's own 128 levels is checked
+    // like any other value, and echoed whole in the 422.
+    let r = s.post_json("/invoke", &format!(r#"{{"text":{}}}"#, nested(inner)));
+    assert_eq!(r.status, 422);
+    let expected = format!(
+        r#"{{"detail":[{{"type":"string_type","loc":["body","text"],"msg":"Input should be a valid string","input":{}}}]}}"#,
+        nested(inner)
+    );
+    assert_eq!(r.text(), expected);
+}
+
+#[test]
 fn bodies_decode_as_the_reference_decodes_them() {
     // Recorded from etl-uvicorn 0.1.0: bytes that do not decode are a 400,
     // whatever the charset says; a UTF-8 BOM and UTF-16 or UTF-32 (with

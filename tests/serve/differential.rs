@@ -30,6 +30,11 @@ const DELIBERATE: &[(&str, &[&str], &str)] = &[
         &["wordcount_c", "wordcount"],
         "both hosts hand the plugin the exact integer; the reference's Python function computes with it, the C and Rust wordcounts cannot hold it in 64 bits (through the Python bridge, the same Python function does)",
     ),
+    (
+        "POST /invoke nested 1000 deep",
+        &["wordcount_c", "wordcount", "etl_python"],
+        "the reference's parser stops at Python's recursion limit less its own frames (962 levels with Python 3.11); etl-serve parses up to 1000 levels, so every body the reference parses",
+    ),
 ];
 
 /// etl-uvicorn serving `wordcount`, stopped when dropped.
@@ -264,6 +269,11 @@ fn cases() -> Vec<Case> {
             json,
             r#"{"text":"a","invocation_settings":1,"invocation_context":1}"#,
         ),
+        // Nesting, within and past what the reference's parser takes
+        // (Python's recursion limit).
+        invoke("nested 500 deep", json, nested_in("extra", 499)),
+        invoke("input nested 300 deep", json, nested_in("text", 299)),
+        invoke("nested 2000 deep", json, nested_in("extra", 1999)),
         // Routes.
         get("/metadata"),
         get("/schema"),
@@ -297,7 +307,18 @@ fn cases() -> Vec<Case> {
         json,
         r#"{"text":"a","repeat":1000000000000000000000000000000}"#,
     ));
+    cases.push(invoke("nested 1000 deep", json, nested_in("extra", 999)));
     cases
+}
+
+/// A body whose `field` is `levels` arrays, one in the other.
+fn nested_in(field: &str, levels: usize) -> String {
+    let (open, close) = ("[".repeat(levels), "]".repeat(levels));
+    if field == "text" {
+        format!(r#"{{"text":{open}{close}}}"#)
+    } else {
+        format!(r#"{{"text":"a","{field}":{open}{close}}}"#)
+    }
 }
 
 /// Status, content type and body of `case` sent to `addr`.

@@ -218,12 +218,16 @@ mod bad_input {
             r.json()["status_code_text"],
             "[InputError] a number in the request does not fit in 64 bits"
         );
-        // 100 000 levels of nesting: refused by the parser, no stack overflow.
+        // 100 000 levels of nesting: past the 1000 the parser takes, the
+        // reference's 400, and no stack overflow.
         let deep = format!(r#"{{"text":{}}}"#, "[".repeat(100_000));
         let r = s.post_json("/invoke", &deep);
         assert_eq!(
-            (r.status, r.json()["reason"].clone()),
-            (422, json!("malformed_envelope"))
+            (r.status, r.json()),
+            (
+                400,
+                json!({"detail": "There was an error parsing the body"})
+            )
         );
         assert_eq!(s.get("/healthz").status, 200);
     }

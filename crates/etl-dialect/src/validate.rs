@@ -8,7 +8,8 @@
 //! 2. the body decoded as text the way Python's `json.loads` decodes bytes
 //!    (UTF-8 with or without a BOM, UTF-16 or UTF-32 by BOM or by where the
 //!    zero bytes fall; any `charset` is ignored): a body that does not
-//!    decode gets `400 {"detail":"There was an error parsing the body"}`;
+//!    decode, or that nests arrays and objects deeper than [`MAX_DEPTH`],
+//!    gets `400 {"detail":"There was an error parsing the body"}`;
 //! 3. malformed JSON: `{"detail":"Invalid JSON body","reason":"malformed_envelope"}`;
 //! 4. the reserved fields checked and set aside for the plugin (`reserved`),
 //!    whatever the content type;
@@ -27,6 +28,8 @@ mod decode;
 mod fast;
 mod fastapi;
 mod lax;
+
+pub use decode::MAX_DEPTH;
 
 use fastapi::{detail, error, not_a_dict, to_fastapi};
 pub mod reserved;
@@ -136,6 +139,10 @@ impl InputModel {
     /// The input for the plugin and the reserved fields, or the 4xx (or,
     /// for unusable reserved fields, 500) to answer.
     ///
+    /// Parsing, checking and echoing a body recurse once per level of its
+    /// nesting: at [`MAX_DEPTH`], that takes about 3 MiB of stack in a
+    /// debug build and under 1 MiB in release.
+    ///
     /// # Errors
     /// A [`Rejection`] carrying the answer, as the module docs list.
     pub fn prepare(&self, content_type: Option<&str>, body: &[u8]) -> Result<Prepared, Rejection> {
@@ -157,24 +164,34 @@ impl InputModel {
         let json_type = is_json_content_type(content_type);
         if json_type {
             if let Some(fast) = self.plan.as_ref().and_then(|plan| plan.prepare(body)) {
-                let parse = |raw: &serde_json::value::RawValue| -> Value {
-                    serde_json::from_str(raw.get()).expect("the fast path read valid JSON")
+                let parse = |raw: Option<&serde_json::value::RawValue>| {
+                    raw.map(|raw| decode::parse(raw.get())).transpose()
                 };
-                let settings = fast.settings.map(parse);
-                let context = fast.context.map(parse);
-                let reserved =
-                    reserved::check(settings.as_ref(), context.as_ref(), self.require_sealed)?;
-                return Ok(Prepared {
-                    input: fast.input,
-                    reserved,
-                });
+                // The fast path only skipped them; should they not parse
+                // after all, the general path answers.
+                if let (Ok(settings), Ok(context)) = (parse(fast.settings), parse(fast.context)) {
+                    let reserved =
+                        reserved::check(settings.as_ref(), context.as_ref(), self.require_sealed)?;
+                    return Ok(Prepared {
+                        input: fast.input,
+                        reserved,
+                    });
+                }
             }
         }
         let text = decode::json_text(body).map_err(|()| Rejection {
             status: 400,
             body: json!({"detail": "There was an error parsing the body"}),
         })?;
-        let mut value = serde_json::from_str::<Value>(&text).map_err(|_| Rejection {
+        if decode::nests_deeper_than(&text, MAX_DEPTH) {
+            // Where the reference's parser runs out of Python's recursion
+            // limit.
+            return Err(Rejection {
+                status: 400,
+                body: json!({"detail": "There was an error parsing the body"}),
+            });
+        }
+        let mut value = decode::parse(&text).map_err(|_| Rejection {
             status: 422,
             body: json!({"detail": "Invalid JSON body", "reason": "malformed_envelope"}),
         })?;
@@ -353,7 +370,7 @@ fn is_json_content_type(content_type: Option<&str>) -> bool {
 mod tests {
     use super::*;
 
-    fn wordcount() -> InputModel {
+    pub(super) fn wordcount() -> InputModel {
         InputModel::new(&json!({
             "type": "object", "required": ["text"],
             "properties": {"text": {"type": "string"}, "repeat": {"type": "integer", "default": 1}}
@@ -361,13 +378,13 @@ mod tests {
         .unwrap()
     }
 
-    const JSON: Option<&str> = Some("application/json");
+    pub(super) const JSON: Option<&str> = Some("application/json");
 
-    fn reject(m: &InputModel, ct: Option<&str>, body: &str) -> Value {
+    pub(super) fn reject(m: &InputModel, ct: Option<&str>, body: &str) -> Value {
         m.prepare(ct, body.as_bytes()).unwrap_err().body
     }
 
-    fn accept(m: &InputModel, body: &str) -> Value {
+    pub(super) fn accept(m: &InputModel, body: &str) -> Value {
         serde_json::from_slice(&m.prepare(JSON, body.as_bytes()).unwrap().input).unwrap()
     }
 
@@ -535,12 +552,5 @@ mod tests {
             serde_json::from_slice::<Value>(&m.prepare(None, b"").unwrap().input).unwrap(),
             json!({"n": 4})
         );
-    }
-
-    #[test]
-    fn deep_nesting_is_a_clean_rejection() {
-        let m = wordcount();
-        let deep = "[".repeat(100_000);
-        assert_eq!(reject(&m, JSON, &deep)["reason"], "malformed_envelope");
     }
 }

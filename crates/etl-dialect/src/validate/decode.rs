@@ -2,9 +2,21 @@
 //! decodes them (Python's `json.loads` on bytes): RFC 8259 allows only
 //! UTF-8 on the wire, but the reference also takes UTF-16 and UTF-32, told
 //! apart by a byte order mark or, without one, by where the zero bytes of
-//! the first characters fall (JSON text starts with ASCII).
+//! the first characters fall (JSON text starts with ASCII). And how deep
+//! that text may nest ([`MAX_DEPTH`]), and its parse within that bound.
 
 use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The deepest nesting of arrays and objects a body may have; a deeper one
+/// gets the 400 of a body that does not parse. The reference parses with
+/// Python's `json`, which gives up at Python's recursion limit of 1000,
+/// less the frames of its own call path (at 963 levels with Python 3.11).
+/// etl-serve takes the round figure, so that every body the reference
+/// parses, it parses too.
+pub const MAX_DEPTH: usize = 1000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Encoding {
@@ -57,6 +69,40 @@ pub fn json_text(body: &[u8]) -> Result<Cow<'_, str>, ()> {
     }
 }
 
+/// Whether the JSON `text` nests arrays and objects more than `limit`
+/// levels deep. Brackets inside strings do not count. Exact for valid
+/// JSON; for text that is not, parsing fails anyway.
+pub fn nests_deeper_than(text: &str, limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for b in text.bytes() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if in_string => escaped = true,
+            b'"' => in_string = !in_string,
+            _ if in_string => {}
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// `text` parsed, without serde_json's own limit of 128 levels: the caller
+/// has checked it against [`MAX_DEPTH`] instead.
+pub fn parse(text: &str) -> serde_json::Result<Value> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    de.disable_recursion_limit();
+    let value = Value::deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
+}
+
 /// The encoding of `body`, and the length of its byte order mark.
 fn detect(body: &[u8]) -> (Encoding, usize) {
     const BE: bool = true;
@@ -87,6 +133,8 @@ fn detect(body: &[u8]) -> (Encoding, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::validate::tests::{accept, reject, wordcount, JSON};
+    use serde_json::json;
 
     fn utf16(s: &str, big_endian: bool) -> Vec<u8> {
         s.encode_utf16()
@@ -139,6 +187,20 @@ mod tests {
     }
 
     #[test]
+    fn nesting_is_counted_outside_strings() {
+        assert!(!nests_deeper_than(r#"{"a":[1,{"b":[]}]}"#, 4));
+        assert!(nests_deeper_than(r#"{"a":[1,{"b":[]}]}"#, 3));
+        assert!(!nests_deeper_than(r#"["[[[", "\"[[[", {"k\\": "{{"}]"#, 2));
+        assert!(nests_deeper_than(r#"["\\", [[]]]"#, 2));
+        let deep = |n| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(!nests_deeper_than(&deep(MAX_DEPTH), MAX_DEPTH));
+        assert!(nests_deeper_than(&deep(MAX_DEPTH + 1), MAX_DEPTH));
+        // Past serde_json's own limit (within a test thread's stack).
+        assert!(serde_json::from_str::<Value>(&deep(200)).is_err());
+        assert_eq!(parse(&deep(200)).map(|v| v.is_array()).ok(), Some(true));
+    }
+
+    #[test]
     fn what_does_not_decode_is_an_error() {
         for body in [
             &b"{\"text\":\"\xff\xfe\"}"[..],
@@ -149,6 +211,66 @@ mod tests {
             &[0xFF, 0xFE, 0x00, 0xD8, b'}', 0],
         ] {
             assert_eq!(json_text(body), Err(()), "{body:?}");
+        }
+    }
+
+    /// `levels` arrays, one in the other.
+    fn nested(levels: usize) -> String {
+        format!("{}{}", "[".repeat(levels), "]".repeat(levels))
+    }
+
+    #[test]
+    fn bodies_nest_as_deep_as_the_reference_parses_and_deeper_get_its_400() {
+        // With the stack etl-serve gives its threads: a test thread's 2 MiB
+        // is too little for MAX_DEPTH in a debug build.
+        std::thread::Builder::new()
+            .stack_size(8 << 20)
+            .spawn(deep_bodies)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    fn deep_bodies() {
+        let parse_error = json!({"detail": "There was an error parsing the body"});
+        for m in [wordcount(), wordcount().without_fast_path()] {
+            // Inside the body's object, which is the first level.
+            let inner = MAX_DEPTH - 1;
+            for field in ["extra", "invocation_settings", "invocation_context"] {
+                let within = format!(r#"{{"text":"a","{field}":{{"k":{}}}}}"#, nested(inner - 1));
+                let past = format!(r#"{{"text":"a","{field}":{{"k":{}}}}}"#, nested(inner));
+                if field == "extra" {
+                    assert_eq!(accept(&m, &within), json!({"text": "a", "repeat": 1}));
+                } else {
+                    // The reserved fields' own checks answer, not the parser.
+                    let answer = m.prepare(JSON, within.as_bytes()).map(|_| ());
+                    assert_ne!(
+                        answer.map_err(|r| r.body),
+                        Err(parse_error.clone()),
+                        "{field}"
+                    );
+                }
+                let refused = m.prepare(JSON, past.as_bytes()).unwrap_err();
+                assert_eq!(
+                    (refused.status, refused.body),
+                    (400, parse_error.clone()),
+                    "{field}"
+                );
+            }
+            // Past serde_json's own limit of 128, a declared input is
+            // checked like any other value.
+            let deep_text = format!(r#"{{"text":{}}}"#, nested(200));
+            assert_eq!(
+                reject(&m, JSON, &deep_text)["detail"][0]["type"],
+                "string_type"
+            );
+            // Brackets inside strings are text.
+            let brackets = format!(r#"{{"text":"{}"}}"#, "[".repeat(2 * MAX_DEPTH));
+            assert_eq!(
+                accept(&m, &brackets)["text"].as_str().unwrap().len(),
+                2 * MAX_DEPTH
+            );
+            assert_eq!(reject(&m, JSON, &"[".repeat(100_000)), parse_error);
         }
     }
 }

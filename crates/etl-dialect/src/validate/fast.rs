@@ -14,9 +14,11 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Map, Number, Value};
+
+use super::decode::{nests_deeper_than, MAX_DEPTH};
 
 /// At most this many declared inputs: a plan keeps what it found on the
 /// stack.
@@ -255,11 +257,15 @@ impl<'de> Visitor<'de> for Fields<'_, '_, 'de> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(index) = map.next_key_seed(Key(self.0))? {
-            match index {
-                Some(i) => self.1[i] = Some(map.next_value()?),
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
+            let raw: &RawValue = map.next_value()?;
+            // Inside the body's object: one level less than the body may
+            // nest. Deeper goes to the general path, which refuses it.
+            let text = raw.get();
+            if text.starts_with(['[', '{']) && nests_deeper_than(text, MAX_DEPTH - 1) {
+                return Err(de::Error::custom("for the general path"));
+            }
+            if let Some(i) = index {
+                self.1[i] = Some(raw);
             }
         }
         Ok(())
