@@ -233,6 +233,30 @@ fn a_body_nests_as_deep_as_the_reference_parses_and_deeper_gets_its_400() {
 }
 
 #[test]
+fn a_lone_surrogate_anywhere_in_a_body_is_the_invalid_json_422() {
+    let s = Server::start(&plugin("wordcount"), &[]);
+    for field in ["text", "extra", "invocation_settings", "invocation_context"] {
+        let value = r#"{"tenant_id":"\ud800"}"#;
+        let body = match field {
+            "text" => r#"{"text":"a\ud800"}"#.to_owned(),
+            _ => format!(r#"{{"text":"a","{field}":{value}}}"#),
+        };
+        let r = s.post_json("/invoke", &body);
+        assert_eq!(
+            (r.status, r.json()),
+            (
+                422,
+                json!({"detail":"Invalid JSON body","reason":"malformed_envelope"})
+            ),
+            "{field}"
+        );
+        // A pair is one character.
+        let r = s.post_json("/invoke", &body.replace(r"\ud800", r"\ud83d\ude00"));
+        assert_eq!(r.status, 200, "{field}: {}", r.text());
+    }
+}
+
+#[test]
 fn bodies_decode_as_the_reference_decodes_them() {
     // Recorded from etl-uvicorn 0.1.0: bytes that do not decode are a 400,
     // whatever the charset says; a UTF-8 BOM and UTF-16 or UTF-32 (with

@@ -31,9 +31,19 @@ const DELIBERATE: &[(&str, &[&str], &str)] = &[
         "both hosts hand the plugin the exact integer; the reference's Python function computes with it, the C and Rust wordcounts cannot hold it in 64 bits (through the Python bridge, the same Python function does)",
     ),
     (
+        "POST /invoke lone surrogate",
+        &["wordcount_c", "wordcount", "etl_python"],
+        "a lone surrogate escape is not text a plugin can be handed (RFC 8259 section 8.2); the reference answers a plain-text 500, etl-serve the Invalid JSON body 422",
+    ),
+    (
         "POST /invoke nested 1000 deep",
         &["wordcount_c", "wordcount", "etl_python"],
         "the reference's parser stops at Python's recursion limit less its own frames (962 levels with Python 3.11); etl-serve parses up to 1000 levels, so every body the reference parses",
+    ),
+    (
+        "POST /invoke lone surrogate in an unknown field",
+        &["wordcount_c", "wordcount", "etl_python"],
+        "etl-serve refuses a lone surrogate anywhere in a body, the same wherever it is; the reference drops the unknown field unread and serves",
     ),
 ];
 
@@ -307,7 +317,13 @@ fn cases() -> Vec<Case> {
         json,
         r#"{"text":"a","repeat":1000000000000000000000000000000}"#,
     ));
+    cases.push(invoke("lone surrogate", json, r#"{"text":"a\ud800"}"#));
     cases.push(invoke("nested 1000 deep", json, nested_in("extra", 999)));
+    cases.push(invoke(
+        "lone surrogate in an unknown field",
+        json,
+        r#"{"text":"a","extra":"\ud800"}"#,
+    ));
     cases
 }
 

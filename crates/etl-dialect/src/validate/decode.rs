@@ -214,6 +214,20 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_lone_surrogate_anywhere_is_malformed_json_on_both_paths() {
+        let malformed = json!({"detail": "Invalid JSON body", "reason": "malformed_envelope"});
+        for m in [wordcount(), wordcount().without_fast_path()] {
+            for field in ["extra", "invocation_settings", "invocation_context"] {
+                let lone = format!(r#"{{"text":"a","{field}":{{"tenant_id":"\ud800"}}}}"#);
+                let r = m.prepare(JSON, lone.as_bytes()).map(|_| ()).unwrap_err();
+                assert_eq!((r.status, r.body), (422, malformed.clone()), "{field}");
+                let pair = lone.replace(r"\ud800", r"\ud83d\ude00");
+                assert!(m.prepare(JSON, pair.as_bytes()).is_ok(), "{field}");
+            }
+        }
+    }
+
     /// `levels` arrays, one in the other.
     fn nested(levels: usize) -> String {
         format!("{}{}", "[".repeat(levels), "]".repeat(levels))

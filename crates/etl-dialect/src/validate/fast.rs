@@ -258,10 +258,16 @@ impl<'de> Visitor<'de> for Fields<'_, '_, 'de> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(index) = map.next_key_seed(Key(self.0))? {
             let raw: &RawValue = map.next_value()?;
-            // Inside the body's object: one level less than the body may
-            // nest. Deeper goes to the general path, which refuses it.
+            // Skipping a value checks less than parsing it. What the
+            // general path may refuse goes there: nesting deeper than the
+            // body may (less the body's own object), and a `\u` escape
+            // outside the declared inputs (their strings take no escapes
+            // here), which may be a lone surrogate.
             let text = raw.get();
-            if text.starts_with(['[', '{']) && nests_deeper_than(text, MAX_DEPTH - 1) {
+            let declared = index.is_some_and(|i| i < MAX_FIELDS);
+            if (text.starts_with(['[', '{']) && nests_deeper_than(text, MAX_DEPTH - 1))
+                || (!declared && text.contains("\\u"))
+            {
                 return Err(de::Error::custom("for the general path"));
             }
             if let Some(i) = index {
