@@ -190,6 +190,58 @@ mod bad_input {
         assert_eq!(request(s.addr, chunked).status, 200);
     }
 
+    /// Everything the server sends on a new connection for `raw`, until it
+    /// closes.
+    fn exchange(addr: std::net::SocketAddr, raw: &[u8]) -> String {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        c.write_all(raw).unwrap();
+        let mut out = Vec::new();
+        c.read_to_end(&mut out).expect("a close, not a reset");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[test]
+    fn framing_http_allows_and_the_reference_refuses_is_served() {
+        // The differences from etl-uvicorn in docs/operations.md.
+        let s = Server::start(&plugin("wordcount"), &[]);
+        let id = r#""995355281551620c1e2a7cab3da49c91""#;
+        // Content-Length beside Transfer-Encoding: the body is read by the
+        // chunks, and the connection closes after the answer (RFC 9112,
+        // section 6.3), so the request behind it is not read.
+        let both = "POST /invoke HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nc\r\n{\"text\":\"a\"}\r\n0\r\n\r\nGET /id HTTP/1.1\r\nHost: a\r\n\r\n";
+        let answer = exchange(s.addr, both.as_bytes());
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
+        // An HTTP/1.0 request is answered in HTTP/1.0, and may keep its
+        // connection when it asks to.
+        let answer = exchange(
+            s.addr,
+            b"GET /id HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /id HTTP/1.0\r\n\r\n",
+        );
+        assert_eq!(answer.matches("HTTP/1.0 200 OK\r\n").count(), 2, "{answer}");
+        assert!(answer.ends_with(id), "{answer}");
+        // Bare LF line ends (RFC 9112, section 2.2).
+        let answer = exchange(s.addr, b"GET /id HTTP/1.1\nHost: a\nConnection: close\n\n");
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.ends_with(id),
+            "{answer}"
+        );
+        // HTTP/2 with prior knowledge: closed without an answer.
+        let answer = exchange(s.addr, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert_eq!(answer, "");
+        // A request line without a version (HTTP/0.9): 400.
+        let answer = exchange(s.addr, b"GET /id\r\n\r\n");
+        assert!(
+            answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{answer}"
+        );
+        assert_eq!(s.get("/healthz").status, 200);
+    }
+
     #[test]
     fn huge_numbers_and_deep_nesting_are_clean_rejections() {
         let s = Server::start(&plugin("wordcount"), &[]);
