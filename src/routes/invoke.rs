@@ -2,6 +2,7 @@
 //! called (inline when `inline` allows it, else on the blocking pool), and
 //! the envelope written. Streaming plugins continue in `stream`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,10 +41,12 @@ pub async fn invoke(
     // Counted from the head, but refused only once the body is read, so
     // that the connection stays usable and the client reads the 400 whole.
     let deadline = deadline(&head.headers);
-    let content_type = head
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
+    // A parameter may carry bytes past ASCII (`charset="\xff"`), which
+    // `to_str` refuses; the media type before it still counts.
+    let content_type = head.headers.get(header::CONTENT_TYPE).map(|v| {
+        v.to_str()
+            .map_or_else(|_| String::from_utf8_lossy(v.as_bytes()), Cow::Borrowed)
+    });
     let (body, _held) = match read_body(body, &app.body).await {
         Ok(read) => read,
         Err(response) => return response,
@@ -68,7 +71,7 @@ pub async fn invoke(
     if let Some(limit) = inline::pool_full() {
         return threads_busy(limit);
     }
-    let prepared = match app.inputs.prepare(content_type, &body) {
+    let prepared = match app.inputs.prepare(content_type.as_deref(), &body) {
         Ok(prepared) => prepared,
         Err(rejection) => {
             let body = serde_json::to_vec(&rejection.body).expect("a Value always serialises");

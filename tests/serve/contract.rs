@@ -184,6 +184,19 @@ fn malformed_json_missing_body_and_wrong_content_type() {
     assert_eq!(r.json()["detail"][0]["type"], "model_attributes_type");
     assert_eq!(r.json()["detail"][0]["input"], r#"{"text":"a b"}"#);
 
+    // A media type is read however its parameters are spelt: a byte past
+    // ASCII in one (UTF-8 or not) leaves the body JSON, as with FastAPI.
+    for charset in [&b"\"\xc3\xbf\""[..], b"\"\xff\""] {
+        let raw = [
+            &b"POST /invoke HTTP/1.1\r\nHost: a\r\nConnection: close\r\nContent-Length: 12\r\nContent-Type: application/json; charset="[..],
+            charset,
+            b"\r\n\r\n{\"text\":\"a\"}",
+        ]
+        .concat();
+        let r = support::request(s.addr, &raw);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
     // A raw control character: a clean 422.
     let r = s.post_json("/invoke", "{\"text\":\"\u{0}\"}");
     assert_eq!(
