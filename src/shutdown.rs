@@ -2,8 +2,9 @@
 //! timeline (also in docs/shutdown.md):
 //!
 //! 1. SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C) arrives. The
-//!    very first thing done is to set the cancel flags, the process-wide one
-//!    and every in-flight invocation's, so cooperative plugins stop at once.
+//!    very first thing done is to start the drain below and set the cancel
+//!    flags, the process-wide one and every in-flight invocation's, so
+//!    cooperative plugins stop at once.
 //! 2. The drain: `/readyz` answers 503, every response carries
 //!    `Connection: close`, and a new `/invoke` or `/precheck` is answered at
 //!    once with the 503 shutdown-abort without calling the plugin. The
@@ -222,12 +223,13 @@ impl Drain {
         self.in_flight.zero().await;
     }
 
-    /// Starts the drain that ends at `deadline`: cancel flags first, then
-    /// the phase. Returns how many invocations were inside the plugin.
+    /// Starts the drain that ends at `deadline`: the phase first, then the
+    /// cancel flags, so that a call a flag stopped is answered as part of
+    /// the drain (with `Connection: close`). Returns how many invocations
+    /// were inside the plugin.
     fn begin(&self, deadline: Instant) -> usize {
-        let cancelled = invocation::cancel_all(deadline);
         self.advance(Phase::Draining);
-        cancelled
+        invocation::cancel_all(deadline)
     }
 
     fn expire(&self) {
@@ -437,6 +439,47 @@ fn exit_now(code: u8) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_its_flag_stopped_sees_the_drain_begun() {
+        // The answer to a call the drain's flag stopped carries
+        // `Connection: close` only if the route sees the drain: the phase
+        // must be visible by the time any flag is. The process-wide flag
+        // never clears, so this runs in a process of its own.
+        const NAME: &str = "shutdown::tests::a_call_its_flag_stopped_sees_the_drain_begun";
+        if std::env::var_os("ETL_SERVE_ALONE").is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--test-threads", "1"])
+                .env("ETL_SERVE_ALONE", "1")
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "{stdout}"
+            );
+            return;
+        }
+        for _ in 0..100 {
+            assert!(!invocation::shutting_down());
+            let drain = Drain::default();
+            let spinning = Arc::new(std::sync::Barrier::new(2));
+            let watcher = {
+                let (drain, spinning) = (drain.clone(), spinning.clone());
+                std::thread::spawn(move || {
+                    spinning.wait();
+                    while !invocation::shutting_down() {
+                        std::hint::spin_loop();
+                    }
+                    drain.is_draining()
+                })
+            };
+            spinning.wait();
+            drain.begin(Instant::now());
+            assert!(watcher.join().unwrap(), "a flag was set before the phase");
+            invocation::reset_for_test();
+        }
+    }
 
     #[tokio::test]
     async fn idle_waits_for_every_guard() {

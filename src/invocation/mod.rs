@@ -106,6 +106,13 @@ pub fn shutting_down() -> bool {
     PROCESS_CANCEL.load(Ordering::Acquire) != 0
 }
 
+/// Clears the process-wide flag again, for a test that runs alone in its
+/// process.
+#[cfg(test)]
+pub fn reset_for_test() {
+    PROCESS_CANCEL.store(0, Ordering::SeqCst);
+}
+
 /// Records the graceful `deadline`, sets the process-wide flag, then every
 /// live invocation's flag. Returns how many invocations were live. An
 /// invocation that registers after this sees the process-wide flag and sets
