@@ -657,6 +657,77 @@ fn python_types_make_the_reference_schema_id_and_422s() {
     }
 }
 
+/// Through the Python bridge, what the reference's serializer cannot
+/// write: a value nested past 256 levels, either in the copy of a request
+/// it makes for its debug log (made whatever the log level) or in an
+/// output, and an output holding a value JSON has no form for. The
+/// reference answers a plain-text 500. etl-serve serves such an input, and
+/// answers such an output with a failure envelope that names the cause
+/// (docs/operations.md, "Where etl-serve answers differently").
+#[test]
+fn python_values_the_reference_cannot_serialize_get_whole_answers() {
+    let dir = "tests/fixtures/python";
+    let json = Some("application/json");
+    let objects = |levels: usize| {
+        let (open, close) = (r#"{"a":"#.repeat(levels - 1), "}".repeat(levels - 1));
+        format!("{open}{{}}{close}")
+    };
+    let crash = (
+        500,
+        Some("text/plain; charset=utf-8".to_owned()),
+        b"Internal Server Error".to_vec(),
+    );
+
+    let app = "etl_types:depth";
+    let (reference, ours) = (Reference::serving(app, dir), serve_python(app, dir));
+    let input = |levels| invoke("", json, format!(r#"{{"value":{}}}"#, objects(levels)));
+    assert_same_answers(&reference, &ours, &[input(256)], app);
+    for levels in [257, 961] {
+        assert_eq!(answer(reference.addr, &input(levels)), crash, "{levels}");
+        let (status, _, body) = answer(ours.addr, &input(levels));
+        let body = String::from_utf8_lossy(&body);
+        let levels_out = format!(r#""output":{{"levels":{levels}}}"#);
+        assert_eq!(status, 200, "{levels}: {body}");
+        assert!(
+            body.contains(r#""status_code":200,"#) && body.contains(&levels_out),
+            "{levels}: {body}"
+        );
+    }
+
+    let unwritable = [
+        (
+            "etl_types:nest",
+            r#"{"levels":257}"#,
+            "Maximum serialization depth exceeded",
+        ),
+        (
+            "etl_types:opaque",
+            "{}",
+            "Unable to serialize unknown type: <class 'object'>",
+        ),
+    ];
+    for (app, body, why) in unwritable {
+        let (reference, ours) = (Reference::serving(app, dir), serve_python(app, dir));
+        if app == "etl_types:nest" {
+            let written = invoke("", json, r#"{"levels":256}"#);
+            assert_same_answers(&reference, &ours, &[written], app);
+        }
+        let case = invoke("", json, body);
+        assert_eq!(answer(reference.addr, &case), crash, "{app}");
+        let (status, _, body) = answer(ours.addr, &case);
+        let body = String::from_utf8_lossy(&body);
+        let text = r#""status_code_text":"[PythonBridgeError] PydanticSerializationError: "#;
+        assert_eq!(status, 200, "{app}: {body}");
+        assert!(
+            body.contains(r#""status_code":500,"#)
+                && body.contains(text)
+                && body.contains(why)
+                && body.contains(r#""output":null"#),
+            "{app}: {body}"
+        );
+    }
+}
+
 #[test]
 fn a_python_plugin_that_cannot_be_loaded_is_refused_with_its_traceback() {
     let venv = reference_venv();
