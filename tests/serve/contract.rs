@@ -598,6 +598,19 @@ fn a_panicking_rust_plugin_answers_a_500_envelope_and_keeps_serving() {
 }
 
 #[test]
+fn a_rust_plugin_takes_an_input_as_deep_as_the_host_accepts() {
+    let s = Server::start(&plugin("panicky"), &[]);
+    // The body is a level more: 1000 at most, the host's limit. serde_json
+    // on its own stops at 128, which the SDK lifts.
+    for levels in [1, 129, 999] {
+        let nested = format!("{}{}", "[".repeat(levels), "]".repeat(levels));
+        let body = format!(r#"{{"panic":false,"nested":{nested}}}"#);
+        let e = s.post_json("/invoke", &body).json();
+        assert_eq!(e["output"], json!({"calm": true, "levels": levels}), "{e}");
+    }
+}
+
+#[test]
 fn an_explicit_id_is_served_as_is() {
     let s = Server::start(&fixture(None), &[]);
     assert_eq!(s.get("/id").json(), json!("faulty-explicit-id"));

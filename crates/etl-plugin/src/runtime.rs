@@ -364,7 +364,7 @@ impl<A: Adapter> Runtime<A> {
                 Error::with_status(422, format!("invalid input: not UTF-8 ({e})"))
                     .with_type("InputError")
             })?;
-            let input: A::Input = serde_json::from_str(text).map_err(|e| {
+            let input: A::Input = parse_input(text).map_err(|e| {
                 Error::with_status(422, format!("invalid input: {e}")).with_type("InputError")
             })?;
             A::run(p, input, raw)
@@ -404,4 +404,16 @@ impl<A: Adapter> Runtime<A> {
             ),
         }
     }
+}
+
+/// A plugin's input, parsed from the request the host hands over. serde_json
+/// stops at 128 levels of nesting by default; the host has already refused
+/// a body nested deeper than 1000 (docs/abi.md, "What `request` holds"), and
+/// calls run on 8 MiB stacks, so the input is parsed as deep as it comes.
+fn parse_input<T: DeserializeOwned>(text: &str) -> Result<T, serde_json::Error> {
+    let mut parser = serde_json::Deserializer::from_str(text);
+    parser.disable_recursion_limit();
+    let input = T::deserialize(&mut parser)?;
+    parser.end()?;
+    Ok(input)
 }
