@@ -174,6 +174,16 @@ fn a_plugin_written_for_etl_uvicorns_cooperative_shutdown_runs_unchanged() {
 }
 
 #[test]
+fn a_python_plugin_raising_plugin_shutdown_itself_gets_the_shutdown_abort() {
+    let s = serve_python("etl_cancel:give_up", DIR);
+    let mut conn = s.connect();
+    let r = conn.send("POST", "/invoke", Some("{}")).unwrap();
+    assert_shutdown_abort(&r);
+    assert_eq!(r.header("connection"), None, "the server is not draining");
+    assert_eq!(conn.send("GET", "/id", None).unwrap().status, 200);
+}
+
+#[test]
 fn a_python_stream_stopped_by_sigterm_ends_with_the_shutdown_abort_line() {
     let mut s = serve_python("etl_cancel:stream_units", DIR);
     let raw = invoke_request(r#"{"units":500}"#);
