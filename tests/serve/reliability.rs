@@ -243,6 +243,55 @@ mod bad_input {
     }
 
     #[test]
+    fn heads_the_reference_parses_otherwise_get_what_the_docs_say() {
+        // The rows on request heads in docs/operations.md, "Where etl-serve
+        // answers differently".
+        let s = Server::start(&plugin("wordcount"), &[]);
+        let with_fields = |n: usize| {
+            let extra: String = (2..n).map(|i| format!("X-{i}: v\r\n")).collect();
+            format!("GET /id HTTP/1.1\r\nHost: a\r\n{extra}Connection: close\r\n\r\n")
+        };
+        assert_eq!(request(s.addr, with_fields(100).as_bytes()).status, 200);
+        assert_eq!(request(s.addr, with_fields(101).as_bytes()).status, 431);
+        // A method is a case-sensitive token: one the route does not take.
+        for method in ["FOO", "get"] {
+            let raw = format!("{method} /id HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+            let r = request(s.addr, raw.as_bytes());
+            assert_eq!(
+                (r.status, r.header("allow")),
+                (405, Some("GET")),
+                "{method}"
+            );
+        }
+        // Heads hyper cannot parse: its 400, with no body.
+        for raw in [
+            &b"GET /id HTTP/1.1\r\nHost: a\r\nX-A : b\r\n\r\n"[..],
+            b"GET /id HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n",
+            b"GET /id HTTP/2.0\r\nHost: a\r\n\r\n",
+            b"POST /invoke HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\n{",
+            b"POST /invoke HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n{}",
+        ] {
+            let r = request(s.addr, raw);
+            let what = String::from_utf8_lossy(raw);
+            assert_eq!((r.status, r.body.len()), (400, 0), "{what}");
+            assert_eq!(r.header("content-length"), Some("0"), "{what}");
+        }
+        // The same Content-Length twice is one.
+        let body = r#"{"text":"a"}"#;
+        let twice = format!("POST /invoke HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 12\r\nContent-Length: 12\r\nConnection: close\r\n\r\n{body}");
+        assert_eq!(request(s.addr, twice.as_bytes()).status, 200);
+        // A chunked body whose framing breaks: a 400 that says so.
+        let broken = b"POST /invoke HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\n";
+        let r = request(s.addr, broken);
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            r.json(),
+            json!({"detail": "cannot read the request body: error reading a body from connection"})
+        );
+        assert_eq!(s.get("/healthz").status, 200);
+    }
+
+    #[test]
     fn huge_numbers_and_deep_nesting_are_clean_rejections() {
         let s = Server::start(&plugin("wordcount"), &[]);
         // Beyond f64: not a number JSON can carry here.
