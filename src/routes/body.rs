@@ -124,11 +124,12 @@ pub async fn read_body(
         let Some(frame) = frame else {
             break;
         };
+        // A body whose framing broke leaves the connection unusable.
         let frame = frame.map_err(|e| {
-            detail(
+            unread_rest(detail(
                 StatusCode::BAD_REQUEST,
                 &format!("cannot read the request body: {e}"),
-            )
+            ))
         })?;
         // Trailers carry nothing the plugin reads.
         let Ok(data) = frame.into_data() else {
