@@ -184,6 +184,26 @@ fn a_python_plugin_raising_plugin_shutdown_itself_gets_the_shutdown_abort() {
 }
 
 #[test]
+fn a_python_plugin_takes_values_as_deep_as_the_host_accepts() {
+    // Bodies of 1000 levels, the host's limit: the value in an input, and
+    // in each reserved field. Python's default recursion limit would stop
+    // the bridge's JSON parser near 990.
+    let s = serve_python("etl_types:depth", DIR);
+    let value = format!("{}{{}}{}", r#"{"a":"#.repeat(998), "}".repeat(998));
+    for field in ["value", "invocation_settings", "invocation_context"] {
+        let levels = if field == "value" { 999 } else { 1 };
+        let body = if field == "value" {
+            format!(r#"{{"value":{value}}}"#)
+        } else {
+            format!(r#"{{"value":{{}},"{field}":{value}}}"#)
+        };
+        let e = s.post_json("/invoke", &body).json();
+        assert_eq!(e["status_code"], 200, "{field}: {e}");
+        assert_eq!(e["output"], json!({ "levels": levels }), "{field}");
+    }
+}
+
+#[test]
 fn a_python_stream_stopped_by_sigterm_ends_with_the_shutdown_abort_line() {
     let mut s = serve_python("etl_cancel:stream_units", DIR);
     let raw = invoke_request(r#"{"units":500}"#);

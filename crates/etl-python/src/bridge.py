@@ -204,11 +204,21 @@ def _map_inputs_can_act(func):
 _plugin = None
 
 
+# Python's recursion limit while the bridge runs. The host hands over
+# values nested up to 1000 levels, its limit on a body; json.loads recurses
+# once per level, and the default limit of 1000 frames, less the bridge's
+# own, stops it near 990.
+_RECURSION_LIMIT = 1100
+
+
 def load(app, method_name, plugin_id, plugin_id_method, precheck_app, precheck_method):
     """Imports the plugin; returns its inputs and outputs schemas as JSON
     text, its id, whether it streams, and the schema of what a request may
     carry as JSON text."""
     global _plugin
+    # Before the import, so that a plugin that sets a limit of its own keeps it.
+    if sys.getrecursionlimit() < _RECURSION_LIMIT:
+        sys.setrecursionlimit(_RECURSION_LIMIT)
     _provide_shutdown_module()
     _plugin = _Plugin(app, method_name, plugin_id, plugin_id_method, precheck_app, precheck_method)
     return (
