@@ -289,6 +289,29 @@ fn an_idle_server_exits_at_once() {
     }
 }
 
+/// As a container runs it: not root, no capabilities. Recent kernels let
+/// only a process with CAP_NET_ADMIN put a filter on a TCP socket, so the
+/// listener closes without one (docs/reliability.md, "The closing race"):
+/// said once, as information, and the drain is as usual.
+#[test]
+fn an_unprivileged_server_drains_and_exits_whether_or_not_it_may_filter() {
+    let mut cmd = support::etl_serve_unprivileged();
+    cmd.arg("--plugin")
+        .arg(plugin("wordcount"))
+        .args(["--host", "127.0.0.1", "--port", "0"]);
+    let mut s = Server::spawn(cmd).unwrap_or_else(|f| panic!("did not start: {f:?}"));
+    assert_eq!(s.get("/id").status, 200);
+    s.signal(SIGTERM);
+    let status = s.wait_exit(Duration::from_secs(10)).expect("it exits");
+    let logs = s.logs();
+    assert_eq!(status.code(), Some(0), "{logs}");
+    assert!(logs.contains("drained"), "{logs}");
+    assert!(
+        !logs.contains("cannot stop new handshakes"),
+        "a kernel that refuses the filter is no warning: {logs}"
+    );
+}
+
 #[test]
 fn a_stream_cut_by_shutdown_ends_with_the_shutdown_abort_line() {
     let mut s = Server::start(&plugin("ticker"), &[]);

@@ -239,10 +239,27 @@ pub struct Failed {
 }
 
 pub fn etl_serve() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_etl-serve"));
-    cmd.env_remove("RUST_LOG");
+    without_inherited_settings(Command::new(env!("CARGO_BIN_EXE_etl-serve")))
+}
+
+/// etl-serve as the user a container runs it as (65532, with no
+/// capabilities), through `setpriv`, when the tests run as root; else as
+/// the tests' own user.
+pub fn etl_serve_unprivileged() -> Command {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { nix::libc::geteuid() } != 0 {
+        return etl_serve();
+    }
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65532", "--regid=65532", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_etl-serve"));
+    without_inherited_settings(cmd)
+}
+
+/// `cmd` without the settings the tests' own environment could pass on.
+fn without_inherited_settings(mut cmd: Command) -> Command {
     for (k, _) in std::env::vars() {
-        if k.starts_with("UVICORN_") || k.starts_with("ETL_SERVE_") {
+        if k.starts_with("UVICORN_") || k.starts_with("ETL_SERVE_") || k == "RUST_LOG" {
             cmd.env_remove(k);
         }
     }
@@ -616,10 +633,5 @@ pub fn as_pid_1() -> Option<Command> {
     let mut cmd = Command::new("unshare");
     cmd.args(["--pid", "--fork", "--kill-child"])
         .arg(env!("CARGO_BIN_EXE_etl-serve"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("UVICORN_") || k.starts_with("ETL_SERVE_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    Some(cmd)
+    Some(without_inherited_settings(cmd))
 }
