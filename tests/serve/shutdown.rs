@@ -295,11 +295,7 @@ fn an_idle_server_exits_at_once() {
 /// said once, as information, and the drain is as usual.
 #[test]
 fn an_unprivileged_server_drains_and_exits_whether_or_not_it_may_filter() {
-    let mut cmd = support::etl_serve_unprivileged();
-    cmd.arg("--plugin")
-        .arg(plugin("wordcount"))
-        .args(["--host", "127.0.0.1", "--port", "0"]);
-    let mut s = Server::spawn(cmd).unwrap_or_else(|f| panic!("did not start: {f:?}"));
+    let mut s = Server::start_unprivileged(&plugin("wordcount"), &[]);
     assert_eq!(s.get("/id").status, 200);
     s.signal(SIGTERM);
     let status = s.wait_exit(Duration::from_secs(10)).expect("it exits");

@@ -242,20 +242,6 @@ pub fn etl_serve() -> Command {
     without_inherited_settings(Command::new(env!("CARGO_BIN_EXE_etl-serve")))
 }
 
-/// etl-serve as the user a container runs it as (65532, with no
-/// capabilities), through `setpriv`, when the tests run as root; else as
-/// the tests' own user.
-pub fn etl_serve_unprivileged() -> Command {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { nix::libc::geteuid() } != 0 {
-        return etl_serve();
-    }
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid=65532", "--regid=65532", "--clear-groups", "--"])
-        .arg(env!("CARGO_BIN_EXE_etl-serve"));
-    without_inherited_settings(cmd)
-}
-
 /// `cmd` without the settings the tests' own environment could pass on.
 fn without_inherited_settings(mut cmd: Command) -> Command {
     for (k, _) in std::env::vars() {
@@ -288,6 +274,56 @@ impl Server {
             .args(args);
         cmd.envs(env.iter().copied());
         Server::spawn(cmd)
+    }
+
+    /// Starts etl-serve on `plugin` with extra `args` as the user a
+    /// container runs it as (65532, with no capabilities), through
+    /// `setpriv`, when the tests run as root; else as the tests' own user.
+    /// The binary and the plugin are run from copies in a directory that
+    /// user can read, wherever the workspace is, removed once it listens.
+    pub fn start_unprivileged(plugin: &Path, args: &[&str]) -> Server {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { nix::libc::geteuid() } != 0 {
+            return Server::start(plugin, args);
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir =
+            std::env::temp_dir().join(format!("etl-serve-unprivileged-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let open = std::fs::Permissions::from_mode(0o755);
+        std::fs::set_permissions(&dir, open.clone()).unwrap();
+        let copy = |from: &Path| {
+            let to = dir.join(from.file_name().unwrap());
+            std::fs::copy(from, &to).unwrap();
+            std::fs::set_permissions(&to, open.clone()).unwrap();
+            to
+        };
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=65532", "--regid=65532", "--clear-groups", "--"])
+            .arg(copy(Path::new(env!("CARGO_BIN_EXE_etl-serve"))))
+            .arg("--plugin")
+            .arg(copy(plugin))
+            .args(["--host", "127.0.0.1", "--port", "0"])
+            .args(args);
+        let started = Server::spawn(without_inherited_settings(cmd));
+        // Listening, it has both files open and mapped.
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = started.unwrap_or_else(|f| panic!("etl-serve did not start: {f:?}"));
+        let status = std::fs::read_to_string(format!("/proc/{}/status", s.pid())).unwrap();
+        let line = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .unwrap()
+                .to_owned()
+        };
+        assert!(line("Uid:").contains("65532"), "{}", line("Uid:"));
+        assert!(
+            line("CapEff:").ends_with("0000000000000000"),
+            "{}",
+            line("CapEff:")
+        );
+        s
     }
 
     /// Starts `cmd` (an etl-serve command line, possibly behind a wrapper
