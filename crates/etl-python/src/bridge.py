@@ -485,6 +485,9 @@ def _run(func, request_json, flag):
     try:
         output = _call(func, call.kwargs, flag)
         envelope = call.envelope(status_code=200, output=output)
+        # Written here, so that an output pydantic cannot serialize is a
+        # failure as the reference reports it in a stream.
+        output_json = _field_json(envelope, "output")
     except BaseException as exc:
         if _stopped(exc, flag):
             return (SHUTDOWN, None, None, None, None) + call.news(call.envelope(status_code=503))
@@ -494,7 +497,7 @@ def _run(func, request_json, flag):
         return (status, text, category, plugin_error, None) + call.news(
             call.envelope(status_code=status)
         )
-    return (200, None, None, None, _field_json(envelope, "output")) + call.news(envelope)
+    return (200, None, None, None, output_json) + call.news(envelope)
 
 
 def stream(request_json, settings_json, context_json, flag, sink):
