@@ -262,6 +262,25 @@ mod bad_input {
         };
         assert_eq!(request(s.addr, with_fields(100).as_bytes()).status, 200);
         assert_eq!(request(s.addr, with_fields(101).as_bytes()).status, 431);
+        // The default --max-header-size, 64 KiB: a head just under it is
+        // served, one over it is 431, a request line that long alone 414.
+        let with_header = |n: usize| {
+            let big = "x".repeat(n);
+            format!("GET /id HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\nConnection: close\r\n\r\n")
+        };
+        assert_eq!(
+            request(s.addr, with_header(63 * 1024).as_bytes()).status,
+            200
+        );
+        assert_eq!(
+            request(s.addr, with_header(65 * 1024).as_bytes()).status,
+            431
+        );
+        let line = format!(
+            "GET /id?{} HTTP/1.1\r\nHost: a\r\n\r\n",
+            "x".repeat(64 * 1024)
+        );
+        assert_eq!(request(s.addr, line.as_bytes()).status, 414);
         // A method is a case-sensitive token: one the route does not take.
         for method in ["FOO", "get"] {
             let raw = format!("{method} /id HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
@@ -276,15 +295,22 @@ mod bad_input {
         let body = r#"{"text":"a"}"#;
         let twice = format!("POST /invoke HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 12\r\nContent-Length: 12\r\nConnection: close\r\n\r\n{body}");
         assert_eq!(request(s.addr, twice.as_bytes()).status, 200);
-        // A chunked body whose framing breaks: a 400 that says so, and
-        // that the connection ends.
-        let broken = b"POST /invoke HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
-        let r = request(s.addr, broken);
-        assert_eq!((r.status, r.header("connection")), (400, Some("close")));
-        assert_eq!(
-            r.json(),
-            json!({"detail": "cannot read the request body: error reading a body from connection"})
-        );
+        // A chunked body whose framing breaks (a size that is not hex, or
+        // one too large): a 400 that says so, and that the connection ends.
+        for size in ["zz", "fffffffffffffffffff"] {
+            let broken = format!("POST /invoke HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{size}\r\n");
+            let r = request(s.addr, broken.as_bytes());
+            assert_eq!(
+                (r.status, r.header("connection")),
+                (400, Some("close")),
+                "{size}"
+            );
+            assert_eq!(
+                r.json(),
+                json!({"detail": "cannot read the request body: error reading a body from connection"}),
+                "{size}"
+            );
+        }
         assert_eq!(s.get("/healthz").status, 200);
     }
 
