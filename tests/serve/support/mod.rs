@@ -287,8 +287,14 @@ impl Server {
             return Server::start(plugin, args);
         }
         use std::os::unix::fs::PermissionsExt;
-        let dir =
-            std::env::temp_dir().join(format!("etl-serve-unprivileged-{}", std::process::id()));
+        // One directory per call, so that calls from tests running at once
+        // do not remove each other's copies.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "etl-serve-unprivileged-{}-{call}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let open = std::fs::Permissions::from_mode(0o755);
         std::fs::set_permissions(&dir, open.clone()).unwrap();
