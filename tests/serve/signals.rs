@@ -37,8 +37,7 @@ fn with_plugin(mut cmd: Command, args: &[&str]) -> Command {
 
 #[test]
 fn a_signal_while_the_plugin_initialises_stops_startup_at_once() {
-    let mut commands = vec![(support::etl_serve(), false)];
-    commands.extend(support::as_pid_1().map(|c| (c, true)));
+    let commands = [(support::etl_serve(), false), (support::as_pid_1(), true)];
     for (cmd, as_pid_1) in commands {
         // An init that takes 30 s.
         let mut p = Spawned::new(with_plugin(cmd, &["--plugin-config", "slow_init"]));
@@ -73,8 +72,7 @@ fn a_signal_while_the_plugin_initialises_stops_startup_at_once() {
 
 #[test]
 fn other_signals_are_logged_and_ignored_and_sigquit_drains() {
-    let mut commands = vec![(support::etl_serve(), false)];
-    commands.extend(support::as_pid_1().map(|c| (c, true)));
+    let commands = [(support::etl_serve(), false), (support::as_pid_1(), true)];
     for (cmd, as_pid_1) in commands {
         let mut s = Server::spawn(with_plugin(cmd, &[])).expect("starts");
         let pid = etl_serve_pid(s.pid(), as_pid_1);
@@ -110,9 +108,7 @@ fn other_signals_are_logged_and_ignored_and_sigquit_drains() {
 
 #[test]
 fn a_plugin_abort_as_pid_1_exits_134_with_one_line() {
-    let Some(cmd) = support::as_pid_1() else {
-        return;
-    };
+    let cmd = support::as_pid_1();
     let mut s = Server::spawn(with_plugin(cmd, &[])).expect("starts");
     let raw = invoke_request(r#"{"mode":"abort"}"#);
     let addr = s.addr;

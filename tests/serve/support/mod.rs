@@ -659,21 +659,30 @@ pub fn read_chunk(r: &mut impl BufRead) -> std::io::Result<Option<Vec<u8>>> {
 
 pub mod load;
 
-/// A command that runs etl-serve as PID 1 of a new PID namespace
-/// (`unshare --pid --fork`), or `None` where that is not permitted.
-pub fn as_pid_1() -> Option<Command> {
-    let probe = Command::new("unshare")
-        .args(["--pid", "--fork", "true"])
-        .output();
-    match probe {
-        Ok(out) if out.status.success() => {}
-        other => {
-            eprintln!("SKIPPED: `unshare --pid --fork` is not permitted here ({other:?}); PID 1 behaviour untested");
-            return None;
-        }
-    }
+/// A command that runs etl-serve as PID 1 of a new PID namespace:
+/// `unshare --pid --fork` as root, or, for any other user, inside a user
+/// namespace of its own (`--user --map-root-user`). Fails the test where
+/// neither is permitted, rather than leave PID 1 behaviour untested.
+pub fn as_pid_1() -> Command {
+    let permitted = |namespaces: &[&str]| {
+        Command::new("unshare")
+            .args(namespaces)
+            .args(["--pid", "--fork", "true"])
+            .output()
+    };
+    let namespaces: &[&str] = match permitted(&[]) {
+        Ok(out) if out.status.success() => &[],
+        _ => match permitted(&["--user", "--map-root-user"]) {
+            Ok(out) if out.status.success() => &["--user", "--map-root-user"],
+            other => panic!(
+                "PID 1 behaviour needs `unshare --pid --fork`, as root or in an \
+                 unprivileged user namespace, and neither is permitted here: {other:?}"
+            ),
+        },
+    };
     let mut cmd = Command::new("unshare");
-    cmd.args(["--pid", "--fork", "--kill-child"])
+    cmd.args(namespaces)
+        .args(["--pid", "--fork", "--kill-child"])
         .arg(env!("CARGO_BIN_EXE_etl-serve"));
-    Some(without_inherited_settings(cmd))
+    without_inherited_settings(cmd)
 }
