@@ -69,17 +69,18 @@ impl Listener for TcpListener {
     }
     fn stop_new_connections(self) -> Option<Self::Closing> {
         let std = self.into_std().ok()?;
-        // Without the filter, the closing race stays open for the
-        // microseconds between the last accept and the close.
         match drop_every_packet(&std) {
             Ok(()) => {}
             // Recent kernels allow a filter on a TCP socket only with
             // CAP_NET_ADMIN, which a container rarely has: expected, so not
             // a warning (docs/reliability.md, "The closing race").
-            Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => info!(
-                "no socket filter on the listener without CAP_NET_ADMIN: \
-                 a handshake completed as it closes may be reset"
-            ),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EPERM) => match queue_at_most_one(&std) {
+                Ok(()) => info!(
+                    "no socket filter on the listener without CAP_NET_ADMIN: \
+                     its backlog is cut to 0 instead"
+                ),
+                Err(e) => warn!(error = %e, "cannot cut the listening socket's backlog"),
+            },
             Err(e) => warn!(error = %e, "cannot stop new handshakes on the listening socket"),
         }
         Some(std)
@@ -141,6 +142,18 @@ impl Listener for UnixListener {
 /// connection with a copy of it, which `accept_queued` takes off.
 fn drop_every_packet(listener: &std::net::TcpListener) -> std::io::Result<()> {
     attach_filter(listener, 0)
+}
+
+/// Where [`drop_every_packet`] is refused: sets the listener's backlog to
+/// 0, so that the kernel completes a new handshake only while its accept
+/// queue is empty, and drops the SYN of any other (its client's retry, a
+/// second later, is refused). The closing race then leaves at most the one
+/// connection completed after the last accept, where without it every
+/// handshake completed while the closing thread waits for a core would be
+/// reset. A connection already queued stays queued.
+fn queue_at_most_one(listener: &std::net::TcpListener) -> std::io::Result<()> {
+    let none = nix::sys::socket::Backlog::new(0)?;
+    Ok(nix::sys::socket::listen(listener, none)?)
 }
 
 /// Attaches to `socket` a one-instruction classic BPF filter that keeps
@@ -409,7 +422,10 @@ mod tests {
     #[tokio::test]
     async fn a_connection_taken_while_closing_does_not_keep_the_listeners_filter() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        attach_filter(&listener, u32::MAX).unwrap();
+        attach_filter(&listener, u32::MAX).expect(
+            "a socket filter on a TCP socket needs CAP_NET_ADMIN on recent kernels: \
+             run the tests as root, as .ci/run does",
+        );
         let addr = listener.local_addr().unwrap();
         let _first = std::net::TcpStream::connect(addr).unwrap();
         let _second = std::net::TcpStream::connect(addr).unwrap();
@@ -420,5 +436,34 @@ mod tests {
 
         let queued = <TcpListener as Listener>::accept_queued(&listener).unwrap();
         assert_eq!(filter_len(&queued), 0, "accept_queued takes it off");
+    }
+
+    /// Without the filter, a backlog of 0 lets the kernel queue one new
+    /// connection, and drops the handshake of the next until it is
+    /// accepted.
+    #[test]
+    fn with_no_backlog_the_kernel_queues_one_connection_at_a_time() {
+        use std::net::TcpStream;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let soon = Duration::from_millis(300);
+        // The premise: with the usual backlog, two handshakes complete
+        // without an accept.
+        let _first = TcpStream::connect_timeout(&addr, soon).unwrap();
+        let _second = TcpStream::connect_timeout(&addr, soon).unwrap();
+
+        queue_at_most_one(&listener).unwrap();
+        // Both stay queued, to be accepted.
+        listener.accept().unwrap();
+        listener.accept().unwrap();
+        let _third = TcpStream::connect_timeout(&addr, soon).unwrap();
+        // The queue holds one: the next SYN is dropped, and a client's
+        // first retry comes only after a second.
+        let fourth = TcpStream::connect_timeout(&addr, soon);
+        assert_eq!(
+            fourth.map_err(|e| e.kind()).err(),
+            Some(ErrorKind::TimedOut),
+            "a second queued connection"
+        );
     }
 }

@@ -83,12 +83,16 @@ enum Attempt {
     Reset,
 }
 
-/// Runs one round and returns what became of every request.
+/// Runs one round and returns what became of every request. With
+/// `ETL_SERVE_SOAK_UNPRIVILEGED` set, the server runs as a container runs
+/// it (`Server::start_unprivileged`).
 pub fn round(r: &Round) -> Outcomes {
-    let server = Server::start(
-        &plugin("slow"),
-        &["--graceful-timeout", r.graceful_timeout, "--no-access-log"],
-    );
+    let args = ["--graceful-timeout", r.graceful_timeout, "--no-access-log"];
+    let server = if std::env::var_os("ETL_SERVE_SOAK_UNPRIVILEGED").is_some() {
+        Server::start_unprivileged(&plugin("slow"), &args)
+    } else {
+        Server::start(&plugin("slow"), &args)
+    };
     let addr = server.addr;
     let stop = Arc::new(AtomicBool::new(false));
     let totals = Arc::new(Mutex::new(Outcomes::default()));
