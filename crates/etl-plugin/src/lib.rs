@@ -88,6 +88,19 @@
 //! work with [`Context::is_cancelled`] or [`Context::raise_if_cancelled`];
 //! returning [`Error::shutdown`] makes the caller get a retryable 503 instead
 //! of a failure. [`CancellationToken`] is `Copy + Send` for worker threads.
+//!
+//! # Numbers
+//!
+//! The host hands `invoke` the request's numbers as they were sent, every
+//! digit. A typed field takes what fits it: `u128` and `i128` hold integers
+//! up to 128 bits. A `serde_json::Value` in the input keeps what serde_json
+//! keeps: an integer beyond 64 bits becomes the nearest `f64`, unless the
+//! plugin's crate enables serde_json's `arbitrary_precision` feature (the
+//! reference host, in Python, keeps such integers whole). Cargo unifies
+//! features across the packages it builds together, and etl-serve enables
+//! that one: an example built with it (`cargo build --workspace`, or as the
+//! Dockerfile builds) keeps them whole, and the same plugin built alone
+//! (`-p wordcount`, or in a repository of its own) does not.
 
 use etl_abi as abi;
 pub use schemars::{self, JsonSchema};
