@@ -58,9 +58,14 @@ impl Connections {
     }
 
     /// When [`Connections::want_descriptors`] was said since the last call:
-    /// closes every open connection that is idle and has nothing unread in
+    /// ends every open connection that is idle and has nothing unread in
     /// its socket, so that its descriptor comes back, and returns how many.
     /// Its client sees the connection end between requests.
+    ///
+    /// Only the reading side is shut: reads then end, and hyper closes the
+    /// connection itself. The writing side stays open because "idle" can be
+    /// a moment late: a task that has just read a request marks it as
+    /// started only once the read returns, and that request is answered.
     pub fn close_idle_if_short(&self) -> usize {
         if !self.want_descriptors.swap(false, Ordering::Relaxed) {
             return 0;
@@ -72,11 +77,10 @@ impl Connections {
                 continue;
             }
             let shut = conn.peek_socket(|fd| {
-                // Reads then end, so hyper closes the connection itself.
                 // SAFETY: the descriptor is open (peek_socket holds the
                 // lock it is closed under).
                 queued(fd, nix::libc::FIONREAD) == Some(0)
-                    && unsafe { nix::libc::shutdown(fd, nix::libc::SHUT_RDWR) } == 0
+                    && unsafe { nix::libc::shutdown(fd, nix::libc::SHUT_RD) } == 0
             });
             closed += usize::from(shut == Some(true));
         }
@@ -101,5 +105,46 @@ impl Connections {
             census.busy += usize::from(conn.busy());
         }
         census
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::Connections;
+    use crate::conn::ConnIo;
+    use crate::server::ConnLimits;
+
+    /// The task of a connection that looks idle may have read a request an
+    /// instant before: ending the connection for its descriptor must leave
+    /// that request's answer a way out.
+    #[tokio::test]
+    async fn an_idle_connection_ended_for_its_descriptor_can_still_answer() {
+        let (server, mut client) = tokio::net::UnixStream::pair().unwrap();
+        let all = Connections::default();
+        let limits = ConnLimits {
+            head_timeout: Duration::from_secs(60),
+            max_header_size: 64 * 1024,
+            write_timeout: Duration::from_secs(60),
+        };
+        let (mut io, _conn) = ConnIo::new(server, &all, &limits);
+        assert_eq!(
+            all.close_idle_if_short(),
+            0,
+            "only when descriptors are short"
+        );
+
+        all.want_descriptors();
+        assert_eq!(all.close_idle_if_short(), 1);
+        let mut buf = [0u8; 16];
+        assert_eq!(io.read(&mut buf).await.unwrap(), 0, "reads end");
+        io.write_all(b"an answer").await.unwrap();
+        io.flush().await.unwrap();
+        let mut got = [0u8; 9];
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"an answer");
     }
 }
