@@ -471,10 +471,16 @@ fn out_of_descriptors_the_queued_connections_are_still_answered_at_shutdown() {
     assert_eq!(status.code(), Some(0), "{}", s.logs());
     // One warning per run of failures, not one per try (the old loop
     // logged twenty a second), and tries that back off: a run under 30 s
-    // takes at most a dozen.
+    // takes at most a dozen. How many runs there are depends on how the
+    // descriptors come back; each ends with "accept works again", but the
+    // last may end with the queue empty instead.
     let logs = s.logs();
     let warnings = logs.matches("accept failed").count();
-    assert!((1..=3).contains(&warnings), "{logs}");
+    let recovered = logs.matches("accept works again").count();
+    assert!(
+        warnings >= 1 && (recovered..=recovered + 1).contains(&warnings),
+        "{warnings} warnings, {recovered} recoveries: {logs}"
+    );
     for line in logs.lines().filter(|l| l.contains("accept works again")) {
         let tries: u32 = line
             .split("failures=")
