@@ -123,7 +123,13 @@ mod tests {
     /// that request's answer a way out.
     #[tokio::test]
     async fn an_idle_connection_ended_for_its_descriptor_can_still_answer() {
-        let (server, mut client) = tokio::net::UnixStream::pair().unwrap();
+        // TCP, as etl-serve serves it: shutdown(2) of one side means
+        // something else on other sockets.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
         let all = Connections::default();
         let limits = ConnLimits {
             head_timeout: Duration::from_secs(60),
