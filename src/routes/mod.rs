@@ -8,7 +8,7 @@
 //! | `GET /id`        | the plugin id as a JSON string                       |
 //! | `GET /precheck`  | the precheck envelope                                |
 //! | `GET /metadata`  | `{"api_version": "3", "identifier": ..., "capabilities": [...]}` (`app::metadata`) |
-//! | `GET /openapi.json`, `GET /docs`, `GET /redoc` | the OpenAPI document and a page about it |
+//! | `GET /openapi.json`, `GET /docs`, `GET /redoc` (and `HEAD`) | the OpenAPI document and a page about it |
 //! | `GET /`          | 307 to `/docs`                                       |
 //! | one of the above with a trailing slash | 307 to it, as the reference (`location: http://HOST/id`) |
 //! | `GET /healthz`   | 200 while the process runs                           |
@@ -121,8 +121,12 @@ pub async fn handle(
             (Route::id, &Method::GET) => json(StatusCode::OK, app.id_body.clone()),
             (Route::metadata, &Method::GET) => json(StatusCode::OK, app.metadata_body.clone()),
             (Route::precheck, &Method::GET) => precheck::precheck(app, &request_id).await,
-            (Route::openapi, &Method::GET) => json(StatusCode::OK, app.openapi_body.clone()),
-            (Route::docs, &Method::GET) => with_type(
+            // These two take HEAD as well, as the reference's do (hyper
+            // sends a HEAD answer's head only).
+            (Route::openapi, &Method::GET | &Method::HEAD) => {
+                json(StatusCode::OK, app.openapi_body.clone())
+            }
+            (Route::docs, &Method::GET | &Method::HEAD) => with_type(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
                 app.docs_body.clone(),
@@ -144,10 +148,12 @@ pub async fn handle(
                     StatusCode::METHOD_NOT_ALLOWED,
                     br#"{"detail":"Method Not Allowed"}"#,
                 );
-                let allow = if route == Route::invoke {
-                    "POST"
-                } else {
-                    "GET"
+                let allow = match route {
+                    Route::invoke => "POST",
+                    // The reference names the two in either order (a
+                    // Python set's, which changes from run to run).
+                    Route::openapi | Route::docs => "GET, HEAD",
+                    _ => "GET",
                 };
                 r.headers_mut()
                     .insert(header::ALLOW, HeaderValue::from_static(allow));
@@ -188,7 +194,6 @@ pub async fn handle(
     Ok(response)
 }
 
-/// The route a path names, as a metrics label.
 /// The path with its percent-escapes decoded, as the reference routes it
 /// (`/%69d` is `/id`). Nearly every path has none and is borrowed.
 fn decoded_path(path: &str) -> Cow<'_, str> {
@@ -253,6 +258,7 @@ fn without_trailing_slash(req: &Request<Incoming>) -> Option<HeaderValue> {
     HeaderValue::from_str(&location).ok()
 }
 
+/// The route a path names, as a metrics label.
 fn route_of(path: &str) -> Route {
     match path {
         "/invoke" => Route::invoke,

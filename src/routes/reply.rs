@@ -64,10 +64,15 @@ pub fn internal_error(why: &str) -> Response<Body> {
     json(StatusCode::OK, envelope::write(&c, &outcome).into())
 }
 
+/// A 307 to `to`. Its `content-length: 0` is written out because hyper
+/// leaves an empty body's length out of a HEAD answer, and the reference
+/// sends it.
 pub fn redirect(to: HeaderValue) -> Response<Body> {
     let mut r = Response::new(Body::Full(None));
     *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-    r.headers_mut().insert(header::LOCATION, to);
+    let headers = r.headers_mut();
+    headers.insert(header::LOCATION, to);
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
     r
 }
 

@@ -762,6 +762,71 @@ fn routes_are_matched_as_the_reference_matches_them() {
 }
 
 #[test]
+fn head_and_allow_are_answered_as_the_reference_answers_them() {
+    // Recorded from etl-uvicorn 0.1.0: its OpenAPI document and pages take
+    // HEAD (and name it in `allow`); the plugin's routes take one method.
+    let s = Server::start(&plugin("wordcount"), &[]);
+    let send = |method: &str, target: &str| {
+        let mut stream = std::net::TcpStream::connect(s.addr).unwrap();
+        write!(
+            stream,
+            "{method} {target} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        )
+        .unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let (status, headers) = support::read_head(&mut reader).unwrap();
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut rest).unwrap();
+        (status, headers, rest)
+    };
+    for target in ["/openapi.json", "/docs", "/redoc"] {
+        let whole = s.get(target);
+        let (status, headers, rest) = send("HEAD", target);
+        assert_eq!(status, 200, "HEAD {target}");
+        assert!(rest.is_empty(), "HEAD {target} sent a body");
+        assert_eq!(
+            headers.get("content-type").map(String::as_str),
+            whole.header("content-type"),
+            "HEAD {target}"
+        );
+        assert_eq!(
+            headers.get("content-length"),
+            Some(&whole.body.len().to_string()),
+            "HEAD {target}"
+        );
+    }
+    let (status, headers, rest) = send("HEAD", "/docs/");
+    assert_eq!(status, 307);
+    assert_eq!(headers["location"], "http://t/docs");
+    assert_eq!(headers["content-length"], "0");
+    assert!(rest.is_empty());
+    for (method, target, allow) in [
+        ("DELETE", "/openapi.json", "GET, HEAD"),
+        ("POST", "/docs", "GET, HEAD"),
+        ("PUT", "/redoc", "GET, HEAD"),
+        ("HEAD", "/schema", "GET"),
+        ("HEAD", "/id", "GET"),
+        ("HEAD", "/metadata", "GET"),
+        ("HEAD", "/precheck", "GET"),
+        ("HEAD", "/", "GET"),
+        ("HEAD", "/invoke", "POST"),
+    ] {
+        let (status, headers, rest) = send(method, target);
+        assert_eq!(status, 405, "{method} {target}");
+        assert_eq!(headers["allow"], allow, "{method} {target}");
+        let body: &[u8] = if method == "HEAD" {
+            b""
+        } else {
+            br#"{"detail":"Method Not Allowed"}"#
+        };
+        assert_eq!(rest, body, "{method} {target}");
+    }
+    // A deliberate difference (docs/operations.md): there is no Swagger UI,
+    // so no page for its OAuth2 sign-in to come back to.
+    assert_eq!(send("GET", "/docs/oauth2-redirect").0, 404);
+}
+
+#[test]
 fn an_optional_field_reports_its_own_type_error() {
     // Recorded from etl-uvicorn 0.1.0 for `fail_at: Optional[int] = None`
     // (`anyOf: [integer, null]`): pydantic reports the integer's own error,

@@ -10,6 +10,7 @@
 
 use crate::support;
 
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -138,6 +139,14 @@ fn get(target: &'static str) -> Case {
         target,
         content_type: None,
         body: Vec::new(),
+    }
+}
+
+fn head(target: &'static str) -> Case {
+    Case {
+        name: format!("HEAD {target}"),
+        method: "HEAD",
+        ..get(target)
     }
 }
 
@@ -294,6 +303,20 @@ fn cases() -> Vec<Case> {
         get("/id/?x=1"),
         get("/nothere"),
         get("/invoke"),
+        // HEAD, where the reference takes it and where it does not.
+        head("/openapi.json"),
+        head("/docs"),
+        head("/redoc"),
+        head("/docs/"),
+        head("/schema"),
+        head("/invoke"),
+        Case {
+            name: "DELETE /openapi.json".into(),
+            method: "DELETE",
+            target: "/openapi.json",
+            content_type: None,
+            body: Vec::new(),
+        },
         Case {
             name: "POST /id".into(),
             method: "POST",
@@ -337,8 +360,17 @@ fn nested_in(field: &str, levels: usize) -> String {
     }
 }
 
-/// Status, content type and body of `case` sent to `addr`.
-fn answer(addr: SocketAddr, case: &Case) -> (u16, Option<String>, Vec<u8>) {
+/// What is compared of an answer.
+#[derive(Debug, PartialEq)]
+struct Answer {
+    status: u16,
+    content_type: Option<String>,
+    allow: Option<String>,
+    body: Vec<u8>,
+}
+
+/// What `addr` answers to `case`.
+fn answer(addr: SocketAddr, case: &Case) -> Answer {
     let mut raw = format!(
         "{} {} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
         case.method,
@@ -351,12 +383,34 @@ fn answer(addr: SocketAddr, case: &Case) -> (u16, Option<String>, Vec<u8>) {
     raw.push_str("\r\n");
     let mut raw = raw.into_bytes();
     raw.extend_from_slice(&case.body);
-    let r = support::request(addr, &raw);
-    (
-        r.status,
-        r.header("content-type").map(str::to_owned),
-        r.body,
-    )
+    let r = if case.method == "HEAD" {
+        // The head alone: the body its length announces is not sent.
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.write_all(&raw).unwrap();
+        let mut reader = std::io::BufReader::new(stream);
+        let (status, headers) = support::read_head(&mut reader).unwrap();
+        let mut body = Vec::new();
+        reader.read_to_end(&mut body).unwrap();
+        support::Response {
+            status,
+            headers,
+            body,
+        }
+    } else {
+        support::request(addr, &raw)
+    };
+    Answer {
+        status: r.status,
+        content_type: r.header("content-type").map(str::to_owned),
+        // The reference lists the methods in a Python set's order, which
+        // changes from run to run.
+        allow: r.header("allow").map(|allow| {
+            let mut methods: Vec<&str> = allow.split(", ").collect();
+            methods.sort_unstable();
+            methods.join(", ")
+        }),
+        body: r.body,
+    }
 }
 
 #[test]
@@ -424,17 +478,19 @@ fn compare(reference: &Reference, name: &str) {
             (false, Some(case)) => deliberate_seen.push(*case),
             (true, Some(case)) => differences.push(format!(
                 "{name}, {case}: listed as a deliberate difference, but both answer {}",
-                String::from_utf8_lossy(&mine.2)
+                String::from_utf8_lossy(&mine.body)
             )),
             (false, None) => differences.push(format!(
-                "{name}, {}:\n  etl-uvicorn: {} {:?} {}\n  etl-serve:   {} {:?} {}",
+                "{name}, {}:\n  etl-uvicorn: {} {:?} allow {:?} {}\n  etl-serve:   {} {:?} allow {:?} {}",
                 case.name,
-                theirs.0,
-                theirs.1,
-                String::from_utf8_lossy(&theirs.2),
-                mine.0,
-                mine.1,
-                String::from_utf8_lossy(&mine.2)
+                theirs.status,
+                theirs.content_type,
+                theirs.allow,
+                String::from_utf8_lossy(&theirs.body),
+                mine.status,
+                mine.content_type,
+                mine.allow,
+                String::from_utf8_lossy(&mine.body)
             )),
         }
     }
@@ -493,19 +549,19 @@ fn python_failures_are_classified_as_the_reference_classifies_them() {
 }
 
 /// Sends each case to both servers and asserts the same status, content
-/// type and body bytes (the body compared first, as the most telling).
+/// type, `allow` and body bytes (the body compared first, as the most telling).
 fn assert_same_answers(reference: &Reference, ours: &Server, cases: &[Case], label: &str) {
     for case in cases {
         let (theirs, mine) = (answer(reference.addr, case), answer(ours.addr, case));
         assert_eq!(
-            String::from_utf8_lossy(&mine.2),
-            String::from_utf8_lossy(&theirs.2),
+            String::from_utf8_lossy(&mine.body),
+            String::from_utf8_lossy(&theirs.body),
             "{label}: {}",
             case.name
         );
         assert_eq!(
-            (mine.0, mine.1),
-            (theirs.0, theirs.1),
+            (mine.status, mine.content_type, mine.allow),
+            (theirs.status, theirs.content_type, theirs.allow),
             "{label}: {}",
             case.name
         );
@@ -680,11 +736,12 @@ fn python_values_the_reference_cannot_serialize_get_whole_answers() {
         let (open, close) = (r#"{"a":"#.repeat(levels - 1), "}".repeat(levels - 1));
         format!("{open}{{}}{close}")
     };
-    let crash = (
-        500,
-        Some("text/plain; charset=utf-8".to_owned()),
-        b"Internal Server Error".to_vec(),
-    );
+    let crash = Answer {
+        status: 500,
+        content_type: Some("text/plain; charset=utf-8".to_owned()),
+        allow: None,
+        body: b"Internal Server Error".to_vec(),
+    };
 
     let app = "etl_types:depth";
     let (reference, ours) = (Reference::serving(app, dir), serve_python(app, dir));
@@ -692,7 +749,7 @@ fn python_values_the_reference_cannot_serialize_get_whole_answers() {
     assert_same_answers(&reference, &ours, &[input(256)], app);
     for levels in [257, 961] {
         assert_eq!(answer(reference.addr, &input(levels)), crash, "{levels}");
-        let (status, _, body) = answer(ours.addr, &input(levels));
+        let Answer { status, body, .. } = answer(ours.addr, &input(levels));
         let body = String::from_utf8_lossy(&body);
         let levels_out = format!(r#""output":{{"levels":{levels}}}"#);
         assert_eq!(status, 200, "{levels}: {body}");
@@ -725,7 +782,7 @@ fn python_values_the_reference_cannot_serialize_get_whole_answers() {
         }
         let case = invoke("", json, body);
         assert_eq!(answer(reference.addr, &case), crash, "{app}");
-        let (status, _, body) = answer(ours.addr, &case);
+        let Answer { status, body, .. } = answer(ours.addr, &case);
         let body = String::from_utf8_lossy(&body);
         let text = r#""status_code_text":"[PydanticSerializationError] "#;
         assert_eq!(status, 200, "{app}: {body}");
