@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, UnixListener};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::cli::Cli;
 use crate::conn::Connections;
@@ -175,6 +175,12 @@ impl App {
 /// nothing has been served then.
 pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
     cli.check_limits().map_err(Fatal::Config)?;
+    for name in crate::cli::unread_uvicorn_variables().map_err(Fatal::Config)? {
+        warn!(
+            variable = %name,
+            "{name} is set, and etl-serve does not read it: it has no effect here"
+        );
+    }
     let workers = runtime_workers();
     let plugin_threads = cli.plugin_threads as usize;
     inline::set_plugin_threads(plugin_threads);

@@ -327,6 +327,50 @@ fn ignore_empty_variables() {
     }
 }
 
+/// The variables of etl-uvicorn's own options, which the Python bridge
+/// reads in its place (crates/etl-python); etl-serve's flags read the
+/// other `UVICORN_*` variables it knows.
+const BRIDGE_VARIABLES: [&str; 8] = [
+    "UVICORN_APP",
+    "UVICORN_APP_DIR",
+    "UVICORN_METHOD_NAME",
+    "UVICORN_PLUGIN_ID",
+    "UVICORN_PLUGIN_ID_METHOD",
+    "UVICORN_PRECHECK_APP",
+    "UVICORN_PRECHECK_APP_METHOD",
+    "UVICORN_SEALED_DAG_NODE_SETTINGS_V2",
+];
+
+/// The `UVICORN_*` variables set (and not empty) that nothing in etl-serve
+/// reads, sorted: a pod spec written for etl-uvicorn may carry any of
+/// uvicorn's. The caller logs them, so that none is dropped unseen.
+///
+/// # Errors
+/// One line for a variable that would have turned TLS on under uvicorn:
+/// serving plain HTTP in its place would send in the clear what was meant
+/// to be encrypted.
+pub fn unread_uvicorn_variables() -> Result<Vec<String>, String> {
+    let cmd = Cli::command();
+    let read: Vec<&std::ffi::OsStr> = cmd.get_arguments().filter_map(|a| a.get_env()).collect();
+    let mut unread: Vec<String> = std::env::vars_os()
+        .filter(|(_, value)| !value.is_empty())
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| name.starts_with("UVICORN_"))
+        .filter(|name| !read.iter().any(|r| *r == name.as_str()))
+        .filter(|name| !BRIDGE_VARIABLES.contains(&name.as_str()))
+        .collect();
+    unread.sort();
+    if let Some(tls) = unread
+        .iter()
+        .find(|name| *name == "UVICORN_SSL_CERTFILE" || *name == "UVICORN_SSL_KEYFILE")
+    {
+        return Err(format!(
+            "{tls} is set, but etl-serve serves plain HTTP only: terminate TLS in front of it (an ingress or a sidecar) and unset the variable"
+        ));
+    }
+    Ok(unread)
+}
+
 /// An IP address, or a host name resolved to its first IPv4 address (its
 /// first address when it has no IPv4 one): uvicorn binds a name with an
 /// IPv4 socket.
@@ -386,13 +430,14 @@ fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{s}` is too large"))
 }
 
-/// A boolean as environment variables spell it.
+/// A boolean as environment variables spell it, with every spelling
+/// click (and so uvicorn) takes.
 fn parse_bool(s: &str) -> Result<bool, String> {
     match s.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
+        "1" | "true" | "t" | "yes" | "y" | "on" => Ok(true),
+        "0" | "false" | "f" | "no" | "n" | "off" => Ok(false),
         _ => Err(format!(
-            "`{s}` is not a boolean (true/false, 1/0, yes/no, on/off)"
+            "`{s}` is not a boolean (true/false, 1/0, yes/no, on/off, t/f, y/n)"
         )),
     }
 }
@@ -425,6 +470,9 @@ mod tests {
     fn booleans() {
         assert_eq!(parse_bool("FALSE"), Ok(false));
         assert_eq!(parse_bool("1"), Ok(true));
+        // click's short spellings, which uvicorn takes.
+        assert_eq!(parse_bool(" Y"), Ok(true));
+        assert_eq!(parse_bool("f"), Ok(false));
         assert!(parse_bool("maybe").is_err());
     }
 

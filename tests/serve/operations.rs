@@ -135,6 +135,61 @@ fn a_host_name_and_empty_variables_work_as_with_uvicorn() {
 }
 
 #[test]
+fn uvicorn_variables_etl_serve_does_not_read_are_named_and_tls_is_refused() {
+    // A pod spec written for etl-uvicorn may set any of uvicorn's
+    // variables. Each one nothing here reads is named in a warning; the
+    // Python bridge's (UVICORN_METHOD_NAME) and empty ones are not.
+    let s = Server::start_with(
+        &plugin("wordcount"),
+        &[],
+        &[
+            ("UVICORN_WORKERS", "4"),
+            ("UVICORN_ROOT_PATH", "/api"),
+            ("UVICORN_METHOD_NAME", "run"),
+            ("UVICORN_PROXY_HEADERS", ""),
+            ("UVICORN_BACKLOG", "64"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(s.get("/healthz").status, 200);
+    let unread = |name: &str| format!("{name} is set, and etl-serve does not read it");
+    for name in ["UVICORN_ROOT_PATH", "UVICORN_WORKERS"] {
+        assert!(
+            s.wait_for_log(&unread(name), Duration::from_secs(10)),
+            "{}",
+            s.logs()
+        );
+    }
+    let logs = s.logs();
+    for name in [
+        "UVICORN_METHOD_NAME",
+        "UVICORN_PROXY_HEADERS",
+        "UVICORN_BACKLOG",
+    ] {
+        assert!(!logs.contains(&unread(name)), "{name}: {logs}");
+    }
+
+    // Serving plain HTTP where TLS was configured would send in the clear
+    // what was meant to be encrypted: refused, in one line.
+    for var in ["UVICORN_SSL_CERTFILE", "UVICORN_SSL_KEYFILE"] {
+        let out = support::etl_serve()
+            .args(["--plugin", plugin("wordcount").to_str().unwrap()])
+            .env(var, "/etc/tls/server.pem")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{var}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        assert_eq!(
+            last,
+            format!("etl-serve: error: {var} is set, but etl-serve serves plain HTTP only: terminate TLS in front of it (an ingress or a sidecar) and unset the variable"),
+            "{err}"
+        );
+        assert!(!err.contains("listening"), "{err}");
+    }
+}
+
+#[test]
 fn every_bad_value_is_one_line_naming_the_flag_or_variable() {
     // (flags, environment, what the error line must name)
     type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
