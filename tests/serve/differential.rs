@@ -73,6 +73,11 @@ impl Reference {
     /// etl-uvicorn serving `app` (with its options), importable from `dir`
     /// (of the workspace).
     fn serving(app: &str, dir: &str) -> Reference {
+        Reference::serving_with(app, dir, &[])
+    }
+
+    /// As [`Reference::serving`], with these environment variables.
+    fn serving_with(app: &str, dir: &str, vars: &[(&str, &str)]) -> Reference {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
         let venv = reference_venv();
         let port = TcpListener::bind("127.0.0.1:0")
@@ -81,10 +86,11 @@ impl Reference {
             .unwrap()
             .port();
         let child = Command::new(venv.join("bin/etl-uvicorn"))
-            .args(app.split(' '))
+            .args(app.split_whitespace())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--log-level", "warning", "--no-access-log"])
             .env("PYTHONPATH", workspace.join(dir))
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -717,6 +723,51 @@ fn python_types_make_the_reference_schema_id_and_422s() {
         let reference = Reference::serving(&app, dir);
         assert_same_answers(&reference, &serve_python(&app, dir), &cases, &app);
     }
+}
+
+#[test]
+fn python_options_from_etl_uvicorns_variables_work_as_in_the_reference() {
+    // etl-uvicorn reads every option it is not given from its UVICORN_
+    // variable (click's prefix), the APP included; a pod spec may set them.
+    let dir = "tests/fixtures/python";
+    let vars = [
+        ("UVICORN_APP", "etl_types:counter"),
+        ("UVICORN_METHOD_NAME", "run"),
+        ("UVICORN_PLUGIN_ID", "etl_types:PLUGIN_ID"),
+        ("UVICORN_SEALED_DAG_NODE_SETTINGS_V2", "y"),
+    ];
+    let reference = Reference::serving_with("", dir, &vars);
+    let venv = reference_venv();
+    let pythonpath = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+    let mut env = vec![
+        ("VIRTUAL_ENV", venv.to_str().unwrap()),
+        ("PYTHONPATH", pythonpath.to_str().unwrap()),
+    ];
+    env.extend(vars);
+    let ours = Server::start_with(&plugin("etl_python"), &[], &env)
+        .unwrap_or_else(|f| panic!("etl-serve with the Python bridge did not start: {f:?}"));
+    let json = Some("application/json");
+    let cases = [
+        get("/id"),
+        get("/metadata"),
+        get("/schema"),
+        invoke("n", json, r#"{"n":2}"#),
+    ];
+    assert_same_answers(&reference, &ours, &cases, "UVICORN_ variables");
+    // Not the defaults: each variable was read.
+    let metadata = String::from_utf8(answer(ours.addr, &get("/metadata")).body).unwrap();
+    assert!(
+        metadata.contains(r#""identifier":"fixed_plugin_id""#)
+            && metadata.contains("invoke_with_sealed_dag_node_settings_v2"),
+        "{metadata}"
+    );
+    let output = answer(ours.addr, &invoke("n", json, r#"{"n":2}"#)).body;
+    assert!(
+        String::from_utf8(output).unwrap().contains(r#""x":20"#),
+        "the method named by UVICORN_METHOD_NAME ran"
+    );
+    // None of them is reported as unread.
+    assert!(!ours.logs().contains("does not read it"), "{}", ours.logs());
 }
 
 /// Through the Python bridge, what the reference's serializer cannot

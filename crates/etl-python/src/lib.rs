@@ -8,7 +8,9 @@
 //! `--plugin-config` takes etl-uvicorn's own words: the APP (`module:attr`)
 //! and its options `--app-dir`, `--method-name`, `--plugin-id`,
 //! `--plugin-id-method`, `--precheck-app`, `--precheck-app-method`,
-//! `--sealed-dag-node-settings-v2`. The bridge embeds CPython (through pyo3), puts the
+//! `--sealed-dag-node-settings-v2`; what they leave out comes from the
+//! variables etl-uvicorn reads for it (`UVICORN_APP`,
+//! `UVICORN_METHOD_NAME`, ...). The bridge embeds CPython (through pyo3), puts the
 //! working directory, `--app-dir` and the `VIRTUAL_ENV`'s site-packages on
 //! the import path (`PYTHONPATH` is honoured by Python itself), and lets
 //! the reference host's own package, imported from there, wrap the function
@@ -106,8 +108,34 @@ struct Config {
     sealed_settings_v2: bool,
 }
 
+/// etl-uvicorn reads each of its options from a variable too (click's
+/// `UVICORN_` prefix) when the command line does not give it, and so does
+/// the bridge: a pod spec written for etl-uvicorn keeps its meaning.
+const VARIABLES: [&str; 6] = [
+    "UVICORN_APP_DIR",
+    "UVICORN_METHOD_NAME",
+    "UVICORN_PLUGIN_ID",
+    "UVICORN_PLUGIN_ID_METHOD",
+    "UVICORN_PRECHECK_APP",
+    "UVICORN_PRECHECK_APP_METHOD",
+];
+
+/// A boolean variable as click reads it.
+fn click_bool(var: &str, value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "t" | "yes" | "y" | "on" => Ok(true),
+        "0" | "false" | "f" | "no" | "n" | "off" => Ok(false),
+        _ => Err(format!(
+            "{var}: `{value}` is not a boolean (1, true, t, yes, y, on; 0, false, f, no, n, off)"
+        )),
+    }
+}
+
 impl Config {
-    fn parse(text: &str) -> Result<Config, String> {
+    /// Reads `text`, the words of `--plugin-config`, and where they leave
+    /// an option out, its variable through `env` (which answers `None` for
+    /// a variable that is unset or empty, as click counts it).
+    fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Config, String> {
         let words = shlex::split(text).ok_or("unbalanced quotes in --plugin-config")?;
         let mut config = Config::default();
         let mut words = words.into_iter();
@@ -146,10 +174,29 @@ impl Config {
             };
             *slot = Some(value);
         }
+        let slots = [
+            &mut config.app_dir,
+            &mut config.method_name,
+            &mut config.plugin_id,
+            &mut config.plugin_id_method,
+            &mut config.precheck_app,
+            &mut config.precheck_app_method,
+        ];
+        for (var, slot) in VARIABLES.into_iter().zip(slots) {
+            if slot.is_none() {
+                *slot = env(var);
+            }
+        }
+        const SEALED: &str = "UVICORN_SEALED_DAG_NODE_SETTINGS_V2";
+        if !config.sealed_settings_v2 {
+            if let Some(value) = env(SEALED) {
+                config.sealed_settings_v2 = click_bool(SEALED, &value)?;
+            }
+        }
         if config.app.is_empty() {
-            return Err(
-                "--plugin-config must name the APP, as for etl-uvicorn: `module:attr`".into(),
-            );
+            config.app = env("UVICORN_APP").ok_or(
+                "--plugin-config (or UVICORN_APP) must name the APP, as for etl-uvicorn: `module:attr`",
+            )?;
         }
         Ok(config)
     }
@@ -170,7 +217,8 @@ unsafe extern "C" fn init(ctx: *const abi::EtlInitCtx) -> i32 {
     let Ok(text) = std::str::from_utf8(unsafe { ctx.config.as_bytes() }) else {
         return fail("--plugin-config is not valid UTF-8");
     };
-    let config = match Config::parse(text) {
+    let variable = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let config = match Config::parse(text, variable) {
         Ok(c) => c,
         Err(why) => return fail(&why),
     };
@@ -362,27 +410,92 @@ fn log(host: *const abi::EtlHostApi, level: i32, message: &str) {
 mod tests {
     use super::Config;
 
+    /// No variable set.
+    fn none(_: &str) -> Option<String> {
+        None
+    }
+
     #[test]
     fn plugin_config_takes_etl_uvicorns_words() {
-        let c = Config::parse("wc:Counter --method-name run --plugin-id 'ids:the id'").unwrap();
+        let c = Config::parse(
+            "wc:Counter --method-name run --plugin-id 'ids:the id'",
+            none,
+        )
+        .unwrap();
         assert_eq!(c.app, "wc:Counter");
         assert_eq!(c.method_name.as_deref(), Some("run"));
         assert_eq!(c.plugin_id.as_deref(), Some("ids:the id"));
         assert_eq!(
-            Config::parse("--app-dir=src m:f")
+            Config::parse("--app-dir=src m:f", none)
                 .unwrap()
                 .app_dir
                 .as_deref(),
             Some("src")
         );
-        let c = Config::parse("m:f --precheck-app m:ready --sealed-dag-node-settings-v2").unwrap();
+        let c = Config::parse(
+            "m:f --precheck-app m:ready --sealed-dag-node-settings-v2",
+            none,
+        )
+        .unwrap();
         assert_eq!(c.precheck_app.as_deref(), Some("m:ready"));
         assert!(c.sealed_settings_v2);
-        assert!(Config::parse("").is_err());
-        assert!(Config::parse("m:f --reload")
+        assert!(Config::parse("", none).is_err());
+        assert!(Config::parse("m:f --reload", none)
             .unwrap_err()
             .contains("--reload"));
-        assert!(Config::parse("m:f --method-name").is_err());
-        assert!(Config::parse("m:f other:g").is_err());
+        assert!(Config::parse("m:f --method-name", none).is_err());
+        assert!(Config::parse("m:f other:g", none).is_err());
+    }
+
+    #[test]
+    fn options_left_out_come_from_etl_uvicorns_variables() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let c = Config::parse(
+            "",
+            env(&[
+                ("UVICORN_APP", "wc:Counter"),
+                ("UVICORN_METHOD_NAME", "run"),
+                ("UVICORN_PLUGIN_ID", "the-id"),
+                ("UVICORN_PRECHECK_APP", "wc:ready"),
+                ("UVICORN_SEALED_DAG_NODE_SETTINGS_V2", " Y"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.app, "wc:Counter");
+        assert_eq!(c.method_name.as_deref(), Some("run"));
+        assert_eq!(c.plugin_id.as_deref(), Some("the-id"));
+        assert_eq!(c.precheck_app.as_deref(), Some("wc:ready"));
+        assert!(c.sealed_settings_v2);
+        // The words win over the variables.
+        let c = Config::parse(
+            "m:f --method-name call",
+            env(&[
+                ("UVICORN_APP", "wc:Counter"),
+                ("UVICORN_METHOD_NAME", "run"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (c.app.as_str(), c.method_name.as_deref()),
+            ("m:f", Some("call"))
+        );
+        let off = Config::parse(
+            "m:f",
+            env(&[("UVICORN_SEALED_DAG_NODE_SETTINGS_V2", "off")]),
+        );
+        assert!(!off.unwrap().sealed_settings_v2);
+        let bad = Config::parse(
+            "m:f",
+            env(&[("UVICORN_SEALED_DAG_NODE_SETTINGS_V2", "maybe")]),
+        );
+        assert!(bad
+            .unwrap_err()
+            .starts_with("UVICORN_SEALED_DAG_NODE_SETTINGS_V2: `maybe`"));
     }
 }
