@@ -181,6 +181,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, Fatal> {
             "{name} is set, and etl-serve does not read it: it has no effect here"
         );
     }
+    for (name, value) in crate::cli::otel_exporters_asked() {
+        warn!(
+            variable = name,
+            "{name}={value} is set, and etl-serve exports nothing over OpenTelemetry: its metrics are at /metrics, and the access log names each request by its x-request-id"
+        );
+    }
     let workers = runtime_workers();
     let plugin_threads = cli.plugin_threads as usize;
     inline::set_plugin_threads(plugin_threads);

@@ -371,6 +371,25 @@ pub fn unread_uvicorn_variables() -> Result<Vec<String>, String> {
     Ok(unread)
 }
 
+/// The OpenTelemetry exporters asked for, as `(variable, value)`:
+/// etl-uvicorn exports traces and metrics of every request when
+/// `OTEL_TRACES_EXPORTER` or `OTEL_METRICS_EXPORTER` names one (`otlp`,
+/// `console`), and etl-serve exports nothing over OpenTelemetry, so the
+/// caller says so.
+pub fn otel_exporters_asked() -> Vec<(&'static str, String)> {
+    ["OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER"]
+        .into_iter()
+        .filter_map(|var| {
+            let value = std::env::var(var).ok()?;
+            let asked = value
+                .split(',')
+                .map(str::trim)
+                .any(|exporter| !exporter.is_empty() && exporter != "none");
+            asked.then_some((var, value))
+        })
+        .collect()
+}
+
 /// An IP address, or a host name resolved to its first IPv4 address (its
 /// first address when it has no IPv4 one): uvicorn binds a name with an
 /// IPv4 socket.

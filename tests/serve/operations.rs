@@ -135,7 +135,7 @@ fn a_host_name_and_empty_variables_work_as_with_uvicorn() {
 }
 
 #[test]
-fn uvicorn_variables_etl_serve_does_not_read_are_named_and_tls_is_refused() {
+fn variables_etl_serve_does_not_read_are_named_and_tls_is_refused() {
     // A pod spec written for etl-uvicorn may set any of uvicorn's
     // variables. Each one nothing here reads is named in a warning; the
     // Python bridge's (UVICORN_METHOD_NAME) and empty ones are not.
@@ -148,6 +148,8 @@ fn uvicorn_variables_etl_serve_does_not_read_are_named_and_tls_is_refused() {
             ("UVICORN_METHOD_NAME", "run"),
             ("UVICORN_PROXY_HEADERS", ""),
             ("UVICORN_BACKLOG", "64"),
+            ("OTEL_TRACES_EXPORTER", "otlp"),
+            ("OTEL_METRICS_EXPORTER", "none"),
         ],
     )
     .unwrap();
@@ -160,7 +162,17 @@ fn uvicorn_variables_etl_serve_does_not_read_are_named_and_tls_is_refused() {
             s.logs()
         );
     }
+    // etl-uvicorn would export traces over OTLP; etl-serve says it will not.
+    assert!(
+        s.wait_for_log(
+            "OTEL_TRACES_EXPORTER=otlp is set, and etl-serve exports nothing over OpenTelemetry",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        s.logs()
+    );
     let logs = s.logs();
+    assert!(!logs.contains("OTEL_METRICS_EXPORTER="), "{logs}");
     for name in [
         "UVICORN_METHOD_NAME",
         "UVICORN_PROXY_HEADERS",
