@@ -401,6 +401,12 @@ fn past_the_concurrency_limit_invocations_get_503_at_once() {
         r.json().get("plugin_error").is_none(),
         "not a shutdown-abort"
     );
+    // Unlike uvicorn's limit (docs/operations.md), open connections and
+    // the other routes do not count: at the limit, with one more
+    // connection open and idle, a controller still reads /schema.
+    let mut idle = s.connect();
+    assert_eq!(idle.send("GET", "/id", None).unwrap().status, 200);
+    assert_eq!(s.get("/schema").status, 200);
     assert_eq!(long.join().unwrap().0.status, 200);
     // Once the first is done there is room again.
     assert_eq!(s.post_json("/invoke", r#"{"units":1}"#).status, 200);
