@@ -350,12 +350,17 @@ fn set_backlog(listener: &impl std::os::fd::AsFd, backlog: u32) -> std::io::Resu
 /// Binds a Unix socket at `path`, replacing a stale socket file left by an
 /// earlier run but never another kind of file, nor the socket of a server
 /// that is still listening on it.
+///
+/// The socket's mode is uvicorn's: `0o666`, so that a client running as
+/// another user (a sidecar) may connect, or the stale file's mode when it
+/// replaces one. What may reach it is then the directory's to decide.
 fn bind_unix(path: &PathBuf) -> Result<UnixListener, Fatal> {
-    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let bind_error = |error| Fatal::Bind {
         addr: format!("unix:{}", path.display()),
         error,
     };
+    let mut mode = 0o666;
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(Fatal::Config(format!(
@@ -369,9 +374,12 @@ fn bind_unix(path: &PathBuf) -> Result<UnixListener, Fatal> {
                 path.display()
             )));
         }
+        mode = meta.permissions().mode() & 0o7777;
         std::fs::remove_file(path).map_err(bind_error)?;
     }
-    UnixListener::bind(path).map_err(bind_error)
+    let listener = UnixListener::bind(path).map_err(bind_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_error)?;
+    Ok(listener)
 }
 
 /// What `--check` prints.

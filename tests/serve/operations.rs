@@ -5,6 +5,7 @@ use crate::support;
 
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -884,9 +885,11 @@ fn check_mode_reports_a_plugin_without_serving_it() {
 fn it_serves_on_a_unix_socket() {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     let sock = dir.join(format!("etl-serve-{}.sock", std::process::id()));
-    // A stale socket from an earlier run is replaced.
+    // A stale socket from an earlier run is replaced, and its mode kept,
+    // as uvicorn keeps it.
     let _ = std::fs::remove_file(&sock);
     drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o640)).unwrap();
 
     let mut cmd = support::etl_serve();
     cmd.arg("--plugin")
@@ -898,6 +901,7 @@ fn it_serves_on_a_unix_socket() {
         "{}",
         s.logs()
     );
+    assert_eq!(socket_mode(&sock), 0o640);
     let mut stream = UnixStream::connect(&sock).unwrap();
     stream
         .write_all(invoke_request(r#"{"text":"over a unix socket"}"#).as_bytes())
@@ -942,6 +946,23 @@ fn it_serves_on_a_unix_socket() {
     );
     assert!(!sock.exists(), "the socket file is removed at exit");
 
+    // A new socket may be reached by any user, as uvicorn's (0o666): a
+    // sidecar running as another user connects.
+    let mut cmd = support::etl_serve();
+    cmd.arg("--plugin")
+        .arg(plugin("wordcount"))
+        .arg("--uds")
+        .arg(&sock);
+    let mut s = support::Spawned::new(cmd);
+    assert!(
+        s.wait_for_log("listening on unix:", Duration::from_secs(30)),
+        "{}",
+        s.logs()
+    );
+    assert_eq!(socket_mode(&sock), 0o666);
+    s.signal(SIGTERM);
+    assert!(s.wait_exit(Duration::from_secs(10)).is_some());
+
     // A path that is not a socket is never replaced.
     let file = dir.join(format!("etl-serve-{}.notasocket", std::process::id()));
     std::fs::write(&file, "precious").unwrap();
@@ -958,6 +979,11 @@ fn it_serves_on_a_unix_socket() {
         String::from_utf8_lossy(&out.stderr).contains("is not a socket; refusing to replace it")
     );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious");
+}
+
+/// The permission bits of the socket file at `path`.
+fn socket_mode(path: &std::path::Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
 }
 
 #[test]
