@@ -328,8 +328,9 @@ fn ignore_empty_variables() {
 }
 
 /// The variables of etl-uvicorn's own options, which the Python bridge
-/// reads in its place (crates/etl-python); etl-serve's flags read the
-/// other `UVICORN_*` variables it knows.
+/// reads in its place (`VARIABLES` in crates/etl-python, with the APP's and
+/// the sealed-settings flag's); etl-serve's flags read the other
+/// `UVICORN_*` variables it knows.
 const BRIDGE_VARIABLES: [&str; 8] = [
     "UVICORN_APP",
     "UVICORN_APP_DIR",

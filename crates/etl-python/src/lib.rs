@@ -110,7 +110,9 @@ struct Config {
 
 /// etl-uvicorn reads each of its options from a variable too (click's
 /// `UVICORN_` prefix) when the command line does not give it, and so does
-/// the bridge: a pod spec written for etl-uvicorn keeps its meaning.
+/// the bridge: a pod spec written for etl-uvicorn keeps its meaning. The
+/// host names the same ones (`BRIDGE_VARIABLES` in its `cli.rs`), so as
+/// not to warn that nothing reads them.
 const VARIABLES: [&str; 6] = [
     "UVICORN_APP_DIR",
     "UVICORN_METHOD_NAME",
