@@ -10,7 +10,7 @@
 //! | `GET /metadata`  | `{"api_version": "3", "identifier": ..., "capabilities": [...]}` (`app::metadata`) |
 //! | `GET /openapi.json`, `GET /docs`, `GET /redoc` (and `HEAD`) | the OpenAPI document and a page about it |
 //! | `GET /`          | 307 to `/docs`                                       |
-//! | one of the above with a trailing slash | 307 to it, as the reference (`location: http://HOST/id`) |
+//! | one of the above with a trailing slash | 307 to it, as the reference (`location: http://HOST/id`; see [`scheme`]) |
 //! | `GET /healthz`   | 200 while the process runs                           |
 //! | `GET /readyz`    | 200 while serving, 503 once shutdown started          |
 //! | anything else    | 404 `{"detail":"Not Found"}`, or 405 for a known path |
@@ -139,7 +139,7 @@ pub async fn handle(
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 METRICS.encode(app.drain.in_flight()).into(),
             ),
-            (Route::other, _) => match without_trailing_slash(&req) {
+            (Route::other, _) => match without_trailing_slash(&req, pending.conn()) {
                 Some(location) => redirect(location),
                 None => fixed(StatusCode::NOT_FOUND, br#"{"detail":"Not Found"}"#),
             },
@@ -225,8 +225,9 @@ fn decoded_path(path: &str) -> Cow<'_, str> {
 
 /// For a path that is one of the reference's routes plus a trailing slash,
 /// where the reference redirects (307): the location, built as it builds
-/// it, from the `Host` header, the path without the slash and the query.
-fn without_trailing_slash(req: &Request<Incoming>) -> Option<HeaderValue> {
+/// it, from the scheme ([`scheme`]), the `Host` header, the path without
+/// the slash and the query.
+fn without_trailing_slash(req: &Request<Incoming>, conn: &Conn) -> Option<HeaderValue> {
     let path = decoded_path(req.uri().path());
     let bare = path.strip_suffix('/').filter(|p| !p.is_empty())?;
     let reference_route = matches!(
@@ -252,10 +253,45 @@ fn without_trailing_slash(req: &Request<Incoming>) -> Option<HeaderValue> {
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
     {
-        Some(host) => format!("http://{host}{bare}{query}"),
+        Some(host) => format!("{}://{host}{bare}{query}", scheme(req, conn)),
         None => format!("{bare}{query}"),
     };
     HeaderValue::from_str(&location).ok()
+}
+
+/// The scheme the client used, as uvicorn takes it by default: `http`,
+/// unless a proxy on this host (the peer is `127.0.0.1` or `::1`) names
+/// `https`, `ws` or `wss` in the last `X-Forwarded-Proto`, as a sidecar
+/// that ends TLS does.
+fn scheme(req: &Request<Incoming>, conn: &Conn) -> &'static str {
+    let forwarded = req
+        .headers()
+        .get_all("x-forwarded-proto")
+        .iter()
+        .next_back();
+    let named = match forwarded.map(|v| v.as_bytes().trim_ascii()) {
+        Some(b"https") => "https",
+        Some(b"ws") => "ws",
+        Some(b"wss") => "wss",
+        _ => return "http",
+    };
+    let from_this_host = conn.peek_socket(|fd| {
+        use nix::sys::socket::{getpeername, SockaddrStorage};
+        use std::net::{Ipv4Addr, Ipv6Addr};
+        let Ok(peer) = getpeername::<SockaddrStorage>(fd) else {
+            return false;
+        };
+        match (peer.as_sockaddr_in(), peer.as_sockaddr_in6()) {
+            (Some(v4), _) => v4.ip() == Ipv4Addr::LOCALHOST,
+            (_, Some(v6)) => v6.ip() == Ipv6Addr::LOCALHOST,
+            _ => false,
+        }
+    });
+    if from_this_host == Some(true) {
+        named
+    } else {
+        "http"
+    }
 }
 
 /// The route a path names, as a metrics label.

@@ -762,6 +762,56 @@ fn routes_are_matched_as_the_reference_matches_them() {
 }
 
 #[test]
+fn a_proxy_on_this_host_names_the_scheme_of_a_redirect() {
+    // Recorded from etl-uvicorn 0.1.0, whose proxy headers are on by
+    // default for a peer at 127.0.0.1 or ::1: the last X-Forwarded-Proto,
+    // trimmed, if it is exactly http, https, ws or wss.
+    let s = Server::start(&plugin("wordcount"), &[]);
+    let from = |source: [u8; 4], protos: &[&str]| {
+        use nix::sys::socket::{
+            bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn,
+        };
+        use std::os::fd::AsRawFd;
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::empty(),
+            None,
+        )
+        .unwrap();
+        let [a, b, c, d] = source;
+        bind(fd.as_raw_fd(), &SockaddrIn::new(a, b, c, d, 0)).unwrap();
+        let std::net::SocketAddr::V4(server) = s.addr else {
+            panic!("the test servers listen on 127.0.0.1");
+        };
+        connect(fd.as_raw_fd(), &SockaddrIn::from(server)).unwrap();
+        let mut stream = std::net::TcpStream::from(fd);
+        let mut head = String::from("GET /id/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\n");
+        for proto in protos {
+            head.push_str(&format!("X-Forwarded-Proto: {proto}\r\n"));
+        }
+        stream.write_all(format!("{head}\r\n").as_bytes()).unwrap();
+        let r = support::read_response(&mut std::io::BufReader::new(stream)).unwrap();
+        assert_eq!(r.status, 307);
+        r.header("location").unwrap().to_owned()
+    };
+    let here = [127, 0, 0, 1];
+    for (protos, location) in [
+        (&["https"][..], "https://t/id"),
+        (&["wss"], "wss://t/id"),
+        (&[" https "], "https://t/id"),
+        (&["HTTPS"], "http://t/id"),
+        (&["ftp"], "http://t/id"),
+        (&["https", "http"], "http://t/id"),
+        (&[], "http://t/id"),
+    ] {
+        assert_eq!(from(here, protos), location, "{protos:?}");
+    }
+    // Another address, even on loopback, is not a proxy it trusts.
+    assert_eq!(from([127, 0, 0, 2], &["https"]), "http://t/id");
+}
+
+#[test]
 fn head_and_allow_are_answered_as_the_reference_answers_them() {
     // Recorded from etl-uvicorn 0.1.0: its OpenAPI document and pages take
     // HEAD (and name it in `allow`); the plugin's routes take one method.
