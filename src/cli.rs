@@ -342,8 +342,8 @@ const BRIDGE_VARIABLES: [&str; 8] = [
     "UVICORN_SEALED_DAG_NODE_SETTINGS_V2",
 ];
 
-/// The `UVICORN_*` variables set (and not empty) that nothing in etl-serve
-/// reads, sorted: a pod spec written for etl-uvicorn may carry any of
+/// The `UVICORN_*` variables (and `FORWARDED_ALLOW_IPS`) set, and not
+/// empty, that nothing in etl-serve reads, sorted: a pod spec written for etl-uvicorn may carry any of
 /// uvicorn's. The caller logs them, so that none is dropped unseen.
 ///
 /// # Errors
@@ -356,7 +356,8 @@ pub fn unread_uvicorn_variables() -> Result<Vec<String>, String> {
     let mut unread: Vec<String> = std::env::vars_os()
         .filter(|(_, value)| !value.is_empty())
         .filter_map(|(name, _)| name.into_string().ok())
-        .filter(|name| name.starts_with("UVICORN_"))
+        // uvicorn also reads FORWARDED_ALLOW_IPS, without the prefix.
+        .filter(|name| name.starts_with("UVICORN_") || name == "FORWARDED_ALLOW_IPS")
         .filter(|name| !read.iter().any(|r| *r == name.as_str()))
         .filter(|name| !BRIDGE_VARIABLES.contains(&name.as_str()))
         .collect();

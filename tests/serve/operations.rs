@@ -146,6 +146,7 @@ fn variables_etl_serve_does_not_read_are_named_and_tls_is_refused() {
         &[
             ("UVICORN_WORKERS", "4"),
             ("UVICORN_ROOT_PATH", "/api"),
+            ("FORWARDED_ALLOW_IPS", "*"),
             ("UVICORN_METHOD_NAME", "run"),
             ("UVICORN_PROXY_HEADERS", ""),
             ("UVICORN_BACKLOG", "64"),
@@ -156,7 +157,11 @@ fn variables_etl_serve_does_not_read_are_named_and_tls_is_refused() {
     .unwrap();
     assert_eq!(s.get("/healthz").status, 200);
     let unread = |name: &str| format!("{name} is set, and etl-serve does not read it");
-    for name in ["UVICORN_ROOT_PATH", "UVICORN_WORKERS"] {
+    for name in [
+        "FORWARDED_ALLOW_IPS",
+        "UVICORN_ROOT_PATH",
+        "UVICORN_WORKERS",
+    ] {
         assert!(
             s.wait_for_log(&unread(name), Duration::from_secs(10)),
             "{}",
