@@ -951,8 +951,8 @@ fn it_serves_on_a_unix_socket() {
     );
     assert!(!sock.exists(), "the socket file is removed at exit");
 
-    // A new socket may be reached by any user, as uvicorn's (0o666): a
-    // sidecar running as another user connects.
+    // A new socket may be reached by any user, as uvicorn's (0o666), so
+    // that a sidecar running as another user can connect.
     let mut cmd = support::etl_serve();
     cmd.arg("--plugin")
         .arg(plugin("wordcount"))
