@@ -10,7 +10,7 @@
 //! | `GET /metadata`  | `{"api_version": "3", "identifier": ..., "capabilities": [...]}` (`app::metadata`) |
 //! | `GET /openapi.json`, `GET /docs`, `GET /redoc` (and `HEAD`) | the OpenAPI document and a page about it |
 //! | `GET /`          | 307 to `/docs`                                       |
-//! | one of the above with a trailing slash | 307 to it, as the reference (`location: http://HOST/id`; see [`scheme`]) |
+//! | one of the above with a trailing slash | 307 to it, as the reference (`location: http://HOST/id`; see `slash`) |
 //! | `GET /healthz`   | 200 while the process runs                           |
 //! | `GET /readyz`    | 200 while serving, 503 once shutdown started          |
 //! | anything else    | 404 `{"detail":"Not Found"}`, or 405 for a known path |
@@ -18,7 +18,7 @@
 //! Paths are matched with their percent-escapes decoded (`/%69d` is `/id`).
 //!
 //! One file per concern: `body` (reading a request body within its
-//! limits), `invoke` (checking and calling a plain `/invoke`), `stream` (a streaming plugin's NDJSON), `precheck`, `reply`
+//! limits), `invoke` (checking and calling a plain `/invoke`), `stream` (a streaming plugin's NDJSON), `precheck`, `slash` (the trailing-slash 307), `reply`
 //! (response bodies and the fixed answers) and `access` (request ids and
 //! the access log). Whether a plugin call runs inline or on the blocking
 //! pool is `inline`'s business.
@@ -44,6 +44,7 @@ pub mod body;
 mod invoke;
 mod precheck;
 mod reply;
+mod slash;
 mod stream;
 
 pub use access::{AccessLine, X_REQUEST_ID};
@@ -139,7 +140,7 @@ pub async fn handle(
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 METRICS.encode(app.drain.in_flight()).into(),
             ),
-            (Route::other, _) => match without_trailing_slash(&req, pending.conn()) {
+            (Route::other, _) => match slash::without_trailing_slash(&req, pending.conn()) {
                 Some(location) => redirect(location),
                 None => fixed(StatusCode::NOT_FOUND, br#"{"detail":"Not Found"}"#),
             },
@@ -196,7 +197,7 @@ pub async fn handle(
 
 /// The path with its percent-escapes decoded, as the reference routes it
 /// (`/%69d` is `/id`). Nearly every path has none and is borrowed.
-fn decoded_path(path: &str) -> Cow<'_, str> {
+pub(super) fn decoded_path(path: &str) -> Cow<'_, str> {
     if !path.contains('%') {
         return Cow::Borrowed(path);
     }
@@ -223,79 +224,8 @@ fn decoded_path(path: &str) -> Cow<'_, str> {
     Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
-/// For a path that is one of the reference's routes plus a trailing slash,
-/// where the reference redirects (307): the location, built as it builds
-/// it, from the scheme ([`scheme`]), the `Host` header, the path without
-/// the slash and the query.
-fn without_trailing_slash(req: &Request<Incoming>, conn: &Conn) -> Option<HeaderValue> {
-    let path = decoded_path(req.uri().path());
-    let bare = path.strip_suffix('/').filter(|p| !p.is_empty())?;
-    let reference_route = matches!(
-        route_of(bare),
-        Route::invoke
-            | Route::schema
-            | Route::id
-            | Route::precheck
-            | Route::metadata
-            | Route::openapi
-            | Route::docs
-    );
-    if !reference_route {
-        return None;
-    }
-    let query = req
-        .uri()
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
-    let location = match req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-    {
-        Some(host) => format!("{}://{host}{bare}{query}", scheme(req, conn)),
-        None => format!("{bare}{query}"),
-    };
-    HeaderValue::from_str(&location).ok()
-}
-
-/// The scheme the client used, as uvicorn takes it by default: `http`,
-/// unless a proxy on this host (the peer is `127.0.0.1` or `::1`) names
-/// `https`, `ws` or `wss` in the last `X-Forwarded-Proto`, as a sidecar
-/// that ends TLS does.
-fn scheme(req: &Request<Incoming>, conn: &Conn) -> &'static str {
-    let forwarded = req
-        .headers()
-        .get_all("x-forwarded-proto")
-        .iter()
-        .next_back();
-    let named = match forwarded.map(|v| v.as_bytes().trim_ascii()) {
-        Some(b"https") => "https",
-        Some(b"ws") => "ws",
-        Some(b"wss") => "wss",
-        _ => return "http",
-    };
-    let from_this_host = conn.peek_socket(|fd| {
-        use nix::sys::socket::{getpeername, SockaddrStorage};
-        use std::net::{Ipv4Addr, Ipv6Addr};
-        let Ok(peer) = getpeername::<SockaddrStorage>(fd) else {
-            return false;
-        };
-        match (peer.as_sockaddr_in(), peer.as_sockaddr_in6()) {
-            (Some(v4), _) => v4.ip() == Ipv4Addr::LOCALHOST,
-            (_, Some(v6)) => v6.ip() == Ipv6Addr::LOCALHOST,
-            _ => false,
-        }
-    });
-    if from_this_host == Some(true) {
-        named
-    } else {
-        "http"
-    }
-}
-
 /// The route a path names, as a metrics label.
-fn route_of(path: &str) -> Route {
+pub(super) fn route_of(path: &str) -> Route {
     match path {
         "/invoke" => Route::invoke,
         "/schema" => Route::schema,

@@ -762,6 +762,59 @@ fn routes_are_matched_as_the_reference_matches_them() {
 }
 
 #[test]
+fn a_redirect_location_is_built_as_the_reference_builds_it() {
+    // Recorded from etl-uvicorn 0.1.0 (Starlette): a Host header it takes
+    // as valid is kept as sent; any other, or none (HTTP/1.0), gives way
+    // to the address the connection came in on. Every trailing slash goes.
+    let s = Server::start(&plugin("wordcount"), &[]);
+    let here = format!("http://{}", s.addr);
+    for (head, location) in [
+        (
+            "GET /id/ HTTP/1.1\r\nHost: x:0080",
+            "http://x:0080/id".to_owned(),
+        ),
+        (
+            "GET /id/ HTTP/1.1\r\nHost: [::1]:8080",
+            "http://[::1]:8080/id".into(),
+        ),
+        (
+            "GET /id/ HTTP/1.1\r\nHost: [v1.x:y]",
+            "http://[v1.x:y]/id".into(),
+        ),
+        (
+            "GET /id/ HTTP/1.1\r\nHost: T.Example.COM",
+            "http://T.Example.COM/id".into(),
+        ),
+        ("GET /id/// HTTP/1.1\r\nHost: t", "http://t/id".into()),
+        (
+            "GET /docs//?a HTTP/1.1\r\nHost: t",
+            "http://t/docs?a".into(),
+        ),
+        ("GET /id/ HTTP/1.1\r\nHost: ", format!("{here}/id")),
+        ("GET /id/ HTTP/1.1\r\nHost: a b", format!("{here}/id")),
+        ("GET /id/ HTTP/1.1\r\nHost: x:65536", format!("{here}/id")),
+        ("GET /id/ HTTP/1.1\r\nHost: [V1.x]", format!("{here}/id")),
+        ("GET /schema/?q=1 HTTP/1.0", format!("{here}/schema?q=1")),
+        (
+            "GET /id/ HTTP/1.0\r\nX-Forwarded-Proto: https",
+            format!("https://{}/id", s.addr),
+        ),
+    ] {
+        let r = support::request(
+            s.addr,
+            format!("{head}\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
+        assert_eq!(r.status, 307, "{head}");
+        assert_eq!(r.header("location"), Some(location.as_str()), "{head}");
+    }
+    let r = support::request(
+        s.addr,
+        b"GET // HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 404);
+}
+
+#[test]
 fn a_proxy_on_this_host_names_the_scheme_of_a_redirect() {
     // Recorded from etl-uvicorn 0.1.0, whose proxy headers are on by
     // default for a peer at 127.0.0.1 or ::1: the last X-Forwarded-Proto,

@@ -907,6 +907,14 @@ fn it_serves_on_a_unix_socket() {
         s.logs()
     );
     assert_eq!(socket_mode(&sock), 0o640);
+    // Without a Host header, a redirect's location is the path alone: a
+    // Unix socket has no address to name. (etl-uvicorn names its path and
+    // a port of None, `http:///path.sock:None/id?x=1`, which no client can
+    // follow; docs/operations.md lists the difference.)
+    let mut stream = UnixStream::connect(&sock).unwrap();
+    stream.write_all(b"GET /id/?x=1 HTTP/1.0\r\n\r\n").unwrap();
+    let r = read_response(&mut BufReader::new(stream)).unwrap();
+    assert_eq!((r.status, r.header("location")), (307, Some("/id?x=1")));
     let mut stream = UnixStream::connect(&sock).unwrap();
     stream
         .write_all(invoke_request(r#"{"text":"over a unix socket"}"#).as_bytes())
