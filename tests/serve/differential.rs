@@ -768,6 +768,36 @@ fn python_options_from_etl_uvicorns_variables_work_as_in_the_reference() {
     );
     // None of them is reported as unread.
     assert!(!ours.logs().contains("does not read it"), "{}", ours.logs());
+
+    // A value etl-uvicorn would refuse, and no APP at all, stop the start
+    // with one line naming what is wrong.
+    for (vars, says) in [
+        (
+            &[
+                ("UVICORN_APP", "etl_types:counter"),
+                ("UVICORN_SEALED_DAG_NODE_SETTINGS_V2", "maybe"),
+            ][..],
+            "UVICORN_SEALED_DAG_NODE_SETTINGS_V2: `maybe` is not a boolean",
+        ),
+        (&[], "--plugin-config (or UVICORN_APP) must name the APP"),
+    ] {
+        let out = support::etl_serve()
+            .arg("--plugin")
+            .arg(plugin("etl_python"))
+            .args(["--port", "0"])
+            .env("VIRTUAL_ENV", &venv)
+            .env("PYTHONPATH", &pythonpath)
+            .envs(vars.iter().copied())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(65), "{stderr}");
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with("etl-serve: error:"))
+            .unwrap_or_else(|| panic!("{stderr}"));
+        assert!(line.contains(says), "{line}");
+    }
 }
 
 /// Through the Python bridge, what the reference's serializer cannot
