@@ -114,19 +114,21 @@ fn address(named: nix::Result<SockaddrStorage>) -> Option<(IpAddr, u16)> {
 /// IPv6 address or IPvFuture literal, then perhaps a port no larger than
 /// 65535 (leading zeros aside).
 fn valid_host(host: &str) -> bool {
-    let (name, rest) = match host.strip_prefix('[').and_then(|h| h.split_once(']')) {
-        Some((literal, rest)) if ip_literal(literal) => (literal, rest),
-        Some(_) => return false,
+    let (name_ok, rest) = match host.strip_prefix('[') {
+        Some(bracketed) => match bracketed.split_once(']') {
+            Some((literal, rest)) => (ip_literal(literal), rest),
+            None => return false,
+        },
         None => {
             let end = host.find(':').unwrap_or(host.len());
-            (&host[..end], &host[end..])
+            let name = &host[..end];
+            let name_ok = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._~%!$&'()*+,;=-".contains(&b));
+            (name_ok, &host[end..])
         }
     };
-    let name_ok = host.starts_with('[')
-        || (!name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._~%!$&'()*+,;=-".contains(&b)));
     let port_ok = match rest.strip_prefix(':') {
         None => rest.is_empty(),
         Some(port) => {
@@ -183,6 +185,8 @@ mod tests {
             "x:65536",
             "x:0123456",
             "x:8a",
+            "[:1",
+            "[::1]]",
             "[zz]",
             "[::1",
             "[::1]x",
