@@ -389,7 +389,9 @@ fn the_log_level_comes_from_the_flag_or_uvicorn_log_level() {
 fn past_the_concurrency_limit_invocations_get_503_at_once() {
     let s =
         Server::start_with(&plugin("slow"), &[], &[("UVICORN_LIMIT_CONCURRENCY", "1")]).unwrap();
-    let long = s.send_in_background(invoke_request(r#"{"units":10,"unit_ms":100}"#));
+    // Long enough to hold the one place through every check below (it is
+    // checked to be still in flight after them).
+    let long = s.send_in_background(invoke_request(r#"{"units":30,"unit_ms":100}"#));
     s.wait_in_flight(1);
     let t = Instant::now();
     let r = s.post_json("/invoke", r#"{"units":1}"#);
@@ -413,6 +415,12 @@ fn past_the_concurrency_limit_invocations_get_503_at_once() {
     let mut idle = s.connect();
     assert_eq!(idle.send("GET", "/id", None).unwrap().status, 200);
     assert_eq!(s.get("/schema").status, 200);
+    let m = s.get("/metrics").text();
+    assert_eq!(
+        metric(&m, "etl_serve_invocations_in_flight"),
+        1.0,
+        "the limit was reached all along"
+    );
     assert_eq!(long.join().unwrap().0.status, 200);
     // Once the first is done there is room again.
     assert_eq!(s.post_json("/invoke", r#"{"units":1}"#).status, 200);
