@@ -16,6 +16,7 @@ use crate::conn::Connections;
 use crate::inline::{self, InlineCalls, InvokeRescue};
 use crate::openapi;
 use crate::plugin::{LoadError, Plugin};
+use crate::proxy::Proxies;
 use crate::reaper;
 use crate::routes::body::{BodyLimits, MemoryBudget};
 use crate::server::{self, ConnLimits, Listener};
@@ -86,6 +87,8 @@ pub struct App {
     pub limit_concurrency: Option<usize>,
     /// Whether to log one line per request.
     pub access_log: bool,
+    /// The peers trusted to name the client and its scheme.
+    pub proxies: Proxies,
     pub schema_body: Bytes,
     pub id_body: Bytes,
     pub metadata_body: Bytes,
@@ -130,6 +133,17 @@ impl App {
             Bytes::from(serde_json::to_vec(v).expect("a Value always serialises"))
         };
         let openapi = openapi::document(m);
+        let proxies = if cli.proxy_headers() {
+            let (proxies, texts) = Proxies::parse(&cli.forwarded_allow_ips());
+            for text in texts {
+                warn!(
+                    "--forwarded-allow-ips: `{text}` is neither an IP address nor a network (host bits clear, as in 10.0.0.0/8): it trusts no peer, and only an X-Forwarded-For entry written the same way"
+                );
+            }
+            proxies
+        } else {
+            Proxies::none()
+        };
         Ok(App {
             inputs,
             body: BodyLimits {
@@ -139,6 +153,7 @@ impl App {
             },
             limit_concurrency: cli.limit_concurrency.map(|n| n as usize),
             access_log: cli.access_log(),
+            proxies,
             schema_body: json(&m.schema),
             id_body: json(&serde_json::Value::from(m.id.as_str())),
             metadata_body: metadata(m),

@@ -161,7 +161,7 @@ pub struct Cli {
     pub log_format: LogFormat,
 
     /// Log one line per request (method, path, status, duration, bytes,
-    /// request id). On by default.
+    /// request id, client). On by default.
     #[arg(long, env = "UVICORN_ACCESS_LOG", action = ArgAction::Set, num_args = 0..=1,
           default_value = "true", default_missing_value = "true", value_name = "BOOL",
           value_parser = parse_bool, help_heading = "Logging")]
@@ -170,12 +170,49 @@ pub struct Cli {
     /// Turn the access log off (the same as --access-log=false).
     #[arg(long, help_heading = "Logging")]
     pub no_access_log: bool,
+
+    /// Let the proxies --forwarded-allow-ips names say who the client is
+    /// (X-Forwarded-For, in the access log) and which scheme it used
+    /// (X-Forwarded-Proto, in redirects). On by default, as in uvicorn.
+    #[arg(long, env = "UVICORN_PROXY_HEADERS", action = ArgAction::Set, num_args = 0..=1,
+          default_value = "true", default_missing_value = "true", value_name = "BOOL",
+          value_parser = parse_bool, help_heading = "Network")]
+    pub proxy_headers: bool,
+
+    /// Trust no proxy's headers (the same as --proxy-headers=false).
+    #[arg(long, help_heading = "Network")]
+    pub no_proxy_headers: bool,
+
+    /// The proxies trusted with proxy headers, comma-separated: IP addresses,
+    /// networks (10.0.0.0/8), or `*` for every peer. When not given,
+    /// FORWARDED_ALLOW_IPS, else 127.0.0.1,::1 (this host), as in uvicorn.
+    #[arg(
+        long,
+        env = "UVICORN_FORWARDED_ALLOW_IPS",
+        value_name = "LIST",
+        help_heading = "Network"
+    )]
+    pub forwarded_allow_ips: Option<String>,
 }
 
 impl Cli {
     /// Whether to write access log lines.
     pub fn access_log(&self) -> bool {
         self.access_log && !self.no_access_log
+    }
+
+    /// Whether proxies may speak for the client.
+    pub fn proxy_headers(&self) -> bool {
+        self.proxy_headers && !self.no_proxy_headers
+    }
+
+    /// The trusted proxies' list, with uvicorn's fallbacks.
+    pub fn forwarded_allow_ips(&self) -> String {
+        self.forwarded_allow_ips
+            .clone()
+            .or_else(|| std::env::var("FORWARDED_ALLOW_IPS").ok())
+            .filter(|list| !list.is_empty())
+            .unwrap_or_else(|| "127.0.0.1,::1".to_owned())
     }
 }
 
@@ -342,8 +379,8 @@ const BRIDGE_VARIABLES: [&str; 8] = [
     "UVICORN_SEALED_DAG_NODE_SETTINGS_V2",
 ];
 
-/// The `UVICORN_*` variables (and `FORWARDED_ALLOW_IPS`) set, and not
-/// empty, that nothing in etl-serve reads, sorted: a pod spec written for etl-uvicorn may carry any of
+/// The `UVICORN_*` variables set, and not empty, that nothing in etl-serve
+/// reads, sorted: a pod spec written for etl-uvicorn may carry any of
 /// uvicorn's. The caller logs them, so that none is dropped unseen.
 ///
 /// # Errors
@@ -356,8 +393,7 @@ pub fn unread_uvicorn_variables() -> Result<Vec<String>, String> {
     let mut unread: Vec<String> = std::env::vars_os()
         .filter(|(_, value)| !value.is_empty())
         .filter_map(|(name, _)| name.into_string().ok())
-        // uvicorn also reads FORWARDED_ALLOW_IPS, without the prefix.
-        .filter(|name| name.starts_with("UVICORN_") || name == "FORWARDED_ALLOW_IPS")
+        .filter(|name| name.starts_with("UVICORN_"))
         .filter(|name| !read.iter().any(|r| *r == name.as_str()))
         .filter(|name| !BRIDGE_VARIABLES.contains(&name.as_str()))
         .collect();
@@ -498,10 +534,30 @@ mod tests {
     }
 
     #[test]
+    fn proxy_headers_are_on_unless_turned_off() {
+        let parse = |flags: &[&str]| {
+            let args = ["etl-serve", "--plugin", "p.so"].iter().chain(flags);
+            Cli::try_parse_from(args).unwrap().proxy_headers()
+        };
+        assert!(parse(&[]));
+        assert!(parse(&["--proxy-headers"]));
+        assert!(!parse(&["--no-proxy-headers"]));
+        assert!(!parse(&["--proxy-headers=false"]));
+    }
+
+    #[test]
     fn every_flag_but_the_switches_has_an_environment_variable() {
         for arg in Cli::command().get_arguments() {
             let id = arg.get_id().as_str();
-            if ["check", "probe", "no_access_log", "help", "version"].contains(&id) {
+            let switches = [
+                "check",
+                "probe",
+                "no_access_log",
+                "no_proxy_headers",
+                "help",
+                "version",
+            ];
+            if switches.contains(&id) {
                 continue;
             }
             assert!(

@@ -18,6 +18,7 @@ use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGua
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::{LogFormat, LogLevel};
+use crate::proxy::Client;
 use crate::sync::lock;
 
 /// Lines waiting for the log thread before new ones are dropped: at a few
@@ -76,6 +77,7 @@ pub struct Access<'a> {
     pub elapsed: Duration,
     pub bytes: u64,
     pub request_id: &'a str,
+    pub client: Option<&'a Client>,
 }
 
 impl Access<'_> {
@@ -84,6 +86,7 @@ impl Access<'_> {
     /// field of its own as well, for queries.
     pub fn log(&self) {
         let duration_ms = (self.elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
+        let client = self.client.map(tracing::field::display);
         if JSON.load(Ordering::Relaxed) {
             tracing::info!(
                 target: "etl_serve::access",
@@ -93,6 +96,7 @@ impl Access<'_> {
                 duration_ms,
                 bytes = self.bytes,
                 request_id = self.request_id,
+                client,
                 "{} {} {}",
                 self.method,
                 self.path,
@@ -104,6 +108,7 @@ impl Access<'_> {
                 duration_ms,
                 bytes = self.bytes,
                 request_id = self.request_id,
+                client,
                 "{} {} {}",
                 self.method,
                 self.path,

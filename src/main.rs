@@ -10,9 +10,10 @@
 //! (loading a library through the C ABI), `invocation` (the host side of
 //! one call into the plugin), `envelope` and `openapi` (what the routes
 //! answer), `cli`, `probe` (`--probe`, a health check), `logging`,
-//! `metrics`, `crash` (making a plugin crash visible), `unique` (ids
-//! without a contended counter), `sync` (locking that outlives a panic),
-//! and `no_libm` (why the binary does not load libm). How a body becomes
+//! `metrics`, `proxy` (which peers may name the client and its scheme),
+//! `crash` (making a plugin crash visible), `unique` (ids without a
+//! contended counter), `sync` (locking that outlives a panic), and
+//! `no_libm` (why the binary does not load libm). How a body becomes
 //! the plugin's input, and the plugin id, are the `etl-dialect` crate's.
 
 use std::process::ExitCode;
@@ -30,6 +31,7 @@ mod no_libm;
 mod openapi;
 mod plugin;
 mod probe;
+mod proxy;
 mod reaper;
 mod routes;
 mod server;

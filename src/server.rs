@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::time::Duration;
@@ -40,12 +41,17 @@ pub struct ConnLimits {
     pub write_timeout: Duration,
 }
 
+/// A connection just accepted, and its peer's address (`None` on a Unix
+/// socket).
+pub type Accepted<Io> = (Io, Option<SocketAddr>);
+
 /// Something that accepts connections: a TCP or a Unix listener.
 pub trait Listener: Send + 'static {
     type Io: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static;
     /// The listener once it stops taking new connections.
     type Closing: Send;
-    fn accept(&self) -> impl Future<Output = std::io::Result<Self::Io>> + Send;
+    /// A new connection and its peer's address (`None` on a Unix socket).
+    fn accept(&self) -> impl Future<Output = std::io::Result<Accepted<Self::Io>>> + Send;
     /// Makes the kernel complete no new connection, so that the queue of
     /// connections it completed can be emptied for good; `None` when the
     /// listener cannot be taken back from the runtime.
@@ -53,7 +59,7 @@ pub trait Listener: Send + 'static {
     /// Takes one connection the kernel has already queued, asking the
     /// kernel itself (the runtime's readiness state may lag): `WouldBlock`
     /// when there are none.
-    fn accept_queued(closing: &Self::Closing) -> std::io::Result<Self::Io>;
+    fn accept_queued(closing: &Self::Closing) -> std::io::Result<Accepted<Self::Io>>;
     /// A connection of this kind from `fd`, a duplicate of one's descriptor.
     fn from_fd(fd: OwnedFd) -> std::io::Result<Self::Io>;
 }
@@ -61,11 +67,11 @@ pub trait Listener: Send + 'static {
 impl Listener for TcpListener {
     type Io = tokio::net::TcpStream;
     type Closing = std::net::TcpListener;
-    async fn accept(&self) -> std::io::Result<Self::Io> {
-        let (stream, _) = TcpListener::accept(self).await?;
+    async fn accept(&self) -> std::io::Result<Accepted<Self::Io>> {
+        let (stream, peer) = TcpListener::accept(self).await?;
         // Small responses go out at once rather than waiting for an ACK.
         let _ = stream.set_nodelay(true);
-        Ok(stream)
+        Ok((stream, Some(peer)))
     }
     fn stop_new_connections(self) -> Option<Self::Closing> {
         let std = self.into_std().ok()?;
@@ -85,8 +91,8 @@ impl Listener for TcpListener {
         }
         Some(std)
     }
-    fn accept_queued(closing: &Self::Closing) -> std::io::Result<Self::Io> {
-        let (s, _) = closing.accept()?;
+    fn accept_queued(closing: &Self::Closing) -> std::io::Result<Accepted<Self::Io>> {
+        let (s, peer) = closing.accept()?;
         // A connection is given a copy of its listener's filter when its
         // handshake completes. One that completed as `drop_every_packet`
         // was attached can carry the filter, and would then drop its
@@ -94,7 +100,7 @@ impl Listener for TcpListener {
         let _ = detach_filter(&s);
         let _ = s.set_nodelay(true);
         s.set_nonblocking(true)?;
-        tokio::net::TcpStream::from_std(s)
+        Ok((tokio::net::TcpStream::from_std(s)?, Some(peer)))
     }
     fn from_fd(fd: OwnedFd) -> std::io::Result<Self::Io> {
         tokio::net::TcpStream::from_std(fd.into())
@@ -104,8 +110,8 @@ impl Listener for TcpListener {
 impl Listener for UnixListener {
     type Io = tokio::net::UnixStream;
     type Closing = std::os::unix::net::UnixListener;
-    async fn accept(&self) -> std::io::Result<Self::Io> {
-        Ok(UnixListener::accept(self).await?.0)
+    async fn accept(&self) -> std::io::Result<Accepted<Self::Io>> {
+        Ok((UnixListener::accept(self).await?.0, None))
     }
     fn stop_new_connections(self) -> Option<Self::Closing> {
         // A Unix socket is reached through its path: once the path is gone
@@ -121,10 +127,10 @@ impl Listener for UnixListener {
         }
         self.into_std().ok()
     }
-    fn accept_queued(closing: &Self::Closing) -> std::io::Result<Self::Io> {
+    fn accept_queued(closing: &Self::Closing) -> std::io::Result<Accepted<Self::Io>> {
         let (s, _) = closing.accept()?;
         s.set_nonblocking(true)?;
-        tokio::net::UnixStream::from_std(s)
+        Ok((tokio::net::UnixStream::from_std(s)?, None))
     }
     fn from_fd(fd: OwnedFd) -> std::io::Result<Self::Io> {
         tokio::net::UnixStream::from_std(fd.into())
@@ -237,8 +243,8 @@ pub async fn accept_until<L: Listener>(
         .header_read_timeout(None)
         .writev(false)
         .max_header_size(limits.max_header_size);
-    let serve = |stream: L::Io| {
-        let (io, conn) = ConnIo::new(stream, connections, &limits);
+    let serve = |(stream, peer): Accepted<L::Io>| {
+        let (io, conn) = ConnIo::new(stream, peer, connections, &limits);
         let socket = conn.clone();
         let service = service_fn(move |req| routes::handle(app, conn.clone(), req));
         let mut builder = builder.clone();
@@ -251,7 +257,7 @@ pub async fn accept_until<L: Listener>(
                 Err((e, copy)) => {
                     debug!(error = %e, "connection ended with an error");
                     if let Some(Ok(stream)) = copy.map(L::from_fd) {
-                        let (mut io, _) = ConnIo::new(stream, connections, &limits);
+                        let (mut io, _) = ConnIo::new(stream, peer, connections, &limits);
                         close(&mut io).await;
                     }
                     return;
@@ -434,7 +440,7 @@ mod tests {
         let (plain, _) = listener.accept().unwrap();
         assert_eq!(filter_len(&plain), 1, "the kernel copies the filter");
 
-        let queued = <TcpListener as Listener>::accept_queued(&listener).unwrap();
+        let (queued, _) = <TcpListener as Listener>::accept_queued(&listener).unwrap();
         assert_eq!(filter_len(&queued), 0, "accept_queued takes it off");
     }
 

@@ -136,7 +136,7 @@ mod tests {
             max_header_size: 64 * 1024,
             write_timeout: Duration::from_secs(60),
         };
-        let (mut io, _conn) = ConnIo::new(server, &all, &limits);
+        let (mut io, _conn) = ConnIo::new(server, None, &all, &limits);
         assert_eq!(
             all.close_idle_if_short(),
             0,

@@ -18,6 +18,7 @@
 
 use std::io;
 use std::mem::ManuallyDrop;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -42,6 +43,8 @@ use timer::LazyTimer;
 /// can be answered from another thread (see `inline`).
 pub struct Conn {
     fd: RawFd,
+    /// The peer's address; `None` on a Unix socket.
+    peer: Option<SocketAddr>,
     /// False from each write, and from each response handed to hyper,
     /// until the flush after it: while true, hyper holds no bytes that it
     /// has not written to the socket.
@@ -131,6 +134,11 @@ impl Conn {
         self.replaying.load(Ordering::Relaxed)
     }
 
+    /// The peer's address; `None` on a Unix socket.
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
     /// Whether hyper has written everything it was given to the socket.
     pub fn flushed(&self) -> bool {
         self.flushed.load(Ordering::Relaxed)
@@ -209,9 +217,15 @@ impl<S: AsRawFd> ConnIo<S> {
     /// Wraps `io`, which is listed in `all` until it closes, must deliver
     /// each request head within `limits.head_timeout` of becoming idle, and
     /// must take some of each write within `limits.write_timeout`.
-    pub fn new(io: S, all: &Connections, limits: &ConnLimits) -> (ConnIo<S>, Arc<Conn>) {
+    pub fn new(
+        io: S,
+        peer: Option<SocketAddr>,
+        all: &Connections,
+        limits: &ConnLimits,
+    ) -> (ConnIo<S>, Arc<Conn>) {
         let conn = Arc::new(Conn {
             fd: io.as_raw_fd(),
+            peer,
             flushed: AtomicBool::new(true),
             state: Mutex::new(ConnState::Open),
             answers_pending: AtomicU32::new(0),

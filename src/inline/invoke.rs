@@ -18,6 +18,7 @@ use crate::envelope::Outcome;
 use crate::invocation::{Invocation, Registered};
 use crate::metrics::{Route, METRICS};
 use crate::plugin::Plugin;
+use crate::proxy::Client;
 use crate::routes::{self, AccessLine, Body, Requester, X_REQUEST_ID};
 use crate::shutdown::InFlightGuard;
 
@@ -88,7 +89,7 @@ pub struct InvokeRescue {
     inv: Arc<Invocation>,
     request_id: RequestId,
     started: Instant,
-    received: Option<Instant>,
+    received: Option<(Instant, Option<Client>)>,
     /// Released once the request is answered, by whichever side does.
     _in_flight: InFlightGuard,
 }
@@ -117,13 +118,14 @@ impl Rescue for InvokeRescue {
         if let Err(e) = answer_raw(self.pending.conn(), &bytes) {
             tracing::warn!(error = %e, "could not send the shutdown-abort of an inline call");
         }
-        if let Some(started) = self.received {
+        if let Some((started, client)) = self.received {
             AccessLine {
                 method: Method::POST,
                 path: "/invoke".to_owned(),
                 status: r.status().as_u16(),
                 started,
                 request_id,
+                client,
             }
             .log(body_len as u64);
         }

@@ -8,6 +8,7 @@ use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Method, Request};
 
 use crate::logging::Access;
+use crate::proxy::Client;
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -65,6 +66,8 @@ pub struct AccessLine {
     pub status: u16,
     pub started: Instant,
     pub request_id: HeaderValue,
+    /// `None` on a Unix socket, unless a trusted proxy named the client.
+    pub client: Option<Client>,
 }
 
 impl AccessLine {
@@ -76,6 +79,7 @@ impl AccessLine {
             elapsed: self.started.elapsed(),
             bytes,
             request_id: self.request_id.to_str().unwrap_or_default(),
+            client: self.client.as_ref(),
         }
         .log();
     }

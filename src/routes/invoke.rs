@@ -21,6 +21,7 @@ use crate::envelope::{self, Outcome};
 use crate::inline::{self, InlineCall};
 use crate::invocation::{Collected, Invocation, Kind, RequestInfo};
 use crate::metrics::{self, FailureKind, METRICS};
+use crate::proxy::Client;
 use crate::shutdown::InFlightGuard;
 
 /// Who sent an `/invoke`, for answering it from the inline-call watchdog.
@@ -28,8 +29,8 @@ pub struct Requester<'a> {
     /// The request's connection, which owes this request an answer.
     pub pending: AnswerPending,
     pub request_id: &'a HeaderValue,
-    /// When the request arrived, if the access log is on.
-    pub received: Option<Instant>,
+    /// When the request arrived and who sent it, if the access log is on.
+    pub received: Option<(Instant, Option<Client>)>,
 }
 
 pub async fn invoke(

@@ -104,9 +104,10 @@ pub async fn handle(
     let method = req.method().clone();
     let route = route_of(&decoded_path(req.uri().path()));
     // Kept only for the access log line.
-    let access = app
-        .access_log
-        .then(|| (Instant::now(), req.uri().path().to_owned()));
+    let access = app.access_log.then(|| {
+        let client = app.proxies.client(pending.conn().peer(), req.headers());
+        (Instant::now(), req.uri().path().to_owned(), client)
+    });
     let mut response = match refuse_framing(&req) {
         Some(refused) => refused,
         None => match (route, &method) {
@@ -114,7 +115,7 @@ pub async fn handle(
                 let from = Requester {
                     pending,
                     request_id: &request_id,
-                    received: access.as_ref().map(|(at, _)| *at),
+                    received: access.as_ref().map(|(at, _, client)| (*at, client.clone())),
                 };
                 invoke::invoke(app, req, from).await
             }
@@ -140,10 +141,12 @@ pub async fn handle(
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 METRICS.encode(app.drain.in_flight()).into(),
             ),
-            (Route::other, _) => match slash::without_trailing_slash(&req, pending.conn()) {
-                Some(location) => redirect(location),
-                None => fixed(StatusCode::NOT_FOUND, br#"{"detail":"Not Found"}"#),
-            },
+            (Route::other, _) => {
+                match slash::without_trailing_slash(&req, pending.conn(), &app.proxies) {
+                    Some(location) => redirect(location),
+                    None => fixed(StatusCode::NOT_FOUND, br#"{"detail":"Not Found"}"#),
+                }
+            }
             (route, _) => {
                 let mut r = fixed(
                     StatusCode::METHOD_NOT_ALLOWED,
@@ -173,7 +176,7 @@ pub async fn handle(
     let status = response.status().as_u16();
     METRICS.request(route, status);
     // Cloned only for the access log: a clone of a generated id allocates.
-    let Some((started, path)) = access else {
+    let Some((started, path, client)) = access else {
         response.headers_mut().insert(X_REQUEST_ID, request_id);
         return Ok(response);
     };
@@ -186,6 +189,7 @@ pub async fn handle(
         status,
         started,
         request_id,
+        client,
     };
     match response.body_mut() {
         // A stream is logged when it ends, with the bytes it sent.

@@ -1,21 +1,27 @@
 //! The reference's answer to one of its routes with a trailing slash
 //! (`/id/`): a 307 to the route, at a location built as Starlette builds
-//! it: scheme, authority, the path without its slashes, and the query.
+//! it: scheme (as a trusted proxy names it, see `proxy`), authority, the
+//! path without its slashes, and the query.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr};
 
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::Request;
-use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
+use nix::sys::socket::{getsockname, SockaddrStorage};
 
 use super::{decoded_path, route_of};
 use crate::conn::Conn;
 use crate::metrics::Route;
+use crate::proxy::Proxies;
 
 /// The location to redirect a path with trailing slashes to, when the path
 /// without them is one of the reference's routes.
-pub fn without_trailing_slash(req: &Request<Incoming>, conn: &Conn) -> Option<HeaderValue> {
+pub fn without_trailing_slash(
+    req: &Request<Incoming>,
+    conn: &Conn,
+    proxies: &Proxies,
+) -> Option<HeaderValue> {
     let path = decoded_path(req.uri().path());
     let bare = path.trim_end_matches('/');
     if bare.len() == path.len() || bare.is_empty() {
@@ -39,35 +45,12 @@ pub fn without_trailing_slash(req: &Request<Incoming>, conn: &Conn) -> Option<He
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
-    let scheme = scheme(req, conn);
+    let scheme = proxies.scheme(conn.peer().map(|p| p.ip()), req.headers());
     let location = match authority(req, conn, scheme) {
         Some(authority) => format!("{scheme}://{authority}{bare}{query}"),
         None => format!("{bare}{query}"),
     };
     HeaderValue::from_str(&location).ok()
-}
-
-/// The scheme the client used, as uvicorn takes it by default: `http`,
-/// unless a proxy on this host (the peer is `127.0.0.1` or `::1`) names
-/// `https`, `ws` or `wss` in the last `X-Forwarded-Proto`, as a sidecar
-/// that ends TLS does.
-fn scheme(req: &Request<Incoming>, conn: &Conn) -> &'static str {
-    let forwarded = req
-        .headers()
-        .get_all("x-forwarded-proto")
-        .iter()
-        .next_back();
-    let named = match forwarded.map(|v| v.as_bytes().trim_ascii()) {
-        Some(b"https") => "https",
-        Some(b"ws") => "ws",
-        Some(b"wss") => "wss",
-        _ => return "http",
-    };
-    let peer = conn.peek_socket(|fd| address(getpeername(fd))).flatten();
-    match peer {
-        Some((ip, _)) if ip == Ipv4Addr::LOCALHOST || ip == Ipv6Addr::LOCALHOST => named,
-        _ => "http",
-    }
 }
 
 /// The `Host` header when Starlette takes it as valid; otherwise the
@@ -99,7 +82,7 @@ fn authority(req: &Request<Incoming>, conn: &Conn, scheme: &str) -> Option<Strin
     })
 }
 
-/// An IP socket's address, from `getpeername` or `getsockname`.
+/// An IP socket's address, from `getsockname`.
 fn address(named: nix::Result<SockaddrStorage>) -> Option<(IpAddr, u16)> {
     let named = named.ok()?;
     if let Some(v4) = named.as_sockaddr_in() {

@@ -821,30 +821,11 @@ fn a_proxy_on_this_host_names_the_scheme_of_a_redirect() {
     // trimmed, if it is exactly http, https, ws or wss.
     let s = Server::start(&plugin("wordcount"), &[]);
     let from = |source: [u8; 4], protos: &[&str]| {
-        use nix::sys::socket::{
-            bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn,
-        };
-        use std::os::fd::AsRawFd;
-        let fd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::empty(),
-            None,
-        )
-        .unwrap();
-        let [a, b, c, d] = source;
-        bind(fd.as_raw_fd(), &SockaddrIn::new(a, b, c, d, 0)).unwrap();
-        let std::net::SocketAddr::V4(server) = s.addr else {
-            panic!("the test servers listen on 127.0.0.1");
-        };
-        connect(fd.as_raw_fd(), &SockaddrIn::from(server)).unwrap();
-        let mut stream = std::net::TcpStream::from(fd);
         let mut head = String::from("GET /id/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\n");
         for proto in protos {
             head.push_str(&format!("X-Forwarded-Proto: {proto}\r\n"));
         }
-        stream.write_all(format!("{head}\r\n").as_bytes()).unwrap();
-        let r = support::read_response(&mut std::io::BufReader::new(stream)).unwrap();
+        let r = support::request_from(source.into(), s.addr, format!("{head}\r\n").as_bytes());
         assert_eq!(r.status, 307);
         r.header("location").unwrap().to_owned()
     };
@@ -862,6 +843,96 @@ fn a_proxy_on_this_host_names_the_scheme_of_a_redirect() {
     }
     // Another address, even on loopback, is not a proxy it trusts.
     assert_eq!(from([127, 0, 0, 2], &["https"]), "http://t/id");
+}
+
+#[test]
+fn trusted_proxies_name_the_client_and_the_scheme_as_uvicorn_lets_them() {
+    // uvicorn trusts the proxies --forwarded-allow-ips names, else
+    // FORWARDED_ALLOW_IPS, else this host (127.0.0.1, ::1); none with
+    // --no-proxy-headers. A trusted proxy names the scheme of a redirect,
+    // and the client the access log names: the last X-Forwarded-For
+    // address no trusted proxy holds (with `*`, the first). Recorded from
+    // etl-uvicorn 0.1.0 with these settings.
+    let forwarded = "X-Forwarded-Proto: https\r\nX-Forwarded-For: 198.51.100.1, 203.0.113.7:4711\r\nX-Forwarded-For: 10.1.2.3";
+    let ask = |s: &Server, source: [u8; 4], id: &str| {
+        let raw = format!(
+            "GET /id/ HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Request-Id: {id}\r\n{forwarded}\r\n\r\n"
+        );
+        let r = support::request_from(source.into(), s.addr, raw.as_bytes());
+        assert_eq!(r.status, 307, "{id}");
+        let logged = format!("request_id=\"{id}\"");
+        assert!(
+            s.wait_for_log(&logged, Duration::from_secs(10)),
+            "{}",
+            s.logs()
+        );
+        let logs = s.logs();
+        let line = logs.lines().find(|l| l.contains(&logged)).unwrap();
+        let client = line
+            .split_once("client=")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no client in {line}"));
+        (r.header("location").unwrap().to_owned(), client)
+    };
+    let wordcount = plugin("wordcount");
+
+    let default = Server::start(&wordcount, &[]);
+    let (location, client) = ask(&default, [127, 0, 0, 1], "default-local");
+    assert_eq!(
+        (location.as_str(), client.as_str()),
+        ("https://t/id", "10.1.2.3")
+    );
+    let (location, client) = ask(&default, [127, 0, 0, 2], "default-other");
+    assert_eq!(location, "http://t/id");
+    assert!(client.starts_with("127.0.0.2:"), "{client}");
+
+    let variable = Server::start_with(
+        &wordcount,
+        &[],
+        &[("FORWARDED_ALLOW_IPS", "127.0.0.0/8, 10.0.0.0/8")],
+    )
+    .unwrap();
+    let (location, client) = ask(&variable, [127, 0, 0, 2], "variable");
+    assert_eq!(
+        (location.as_str(), client.as_str()),
+        ("https://t/id", "203.0.113.7:4711")
+    );
+
+    // uvicorn's own variable for the flag wins over FORWARDED_ALLOW_IPS.
+    let everyone = Server::start_with(
+        &wordcount,
+        &[],
+        &[
+            ("UVICORN_FORWARDED_ALLOW_IPS", "*"),
+            ("FORWARDED_ALLOW_IPS", "10.0.0.0/8"),
+        ],
+    )
+    .unwrap();
+    let (location, client) = ask(&everyone, [127, 0, 0, 2], "everyone");
+    assert_eq!(
+        (location.as_str(), client.as_str()),
+        ("https://t/id", "198.51.100.1")
+    );
+
+    let off = Server::start_with(&wordcount, &[], &[("UVICORN_PROXY_HEADERS", "false")]).unwrap();
+    let (location, client) = ask(&off, [127, 0, 0, 1], "off");
+    assert_eq!(location, "http://t/id");
+    assert!(client.starts_with("127.0.0.1:"), "{client}");
+
+    // An address with host bits set is no network (uvicorn then trusts
+    // nobody, without a word): said at startup.
+    let typo = Server::start(&wordcount, &["--forwarded-allow-ips", "127.0.0.1/8"]);
+    assert!(
+        typo.wait_for_log(
+            "--forwarded-allow-ips: `127.0.0.1/8` is neither an IP address nor a network",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        typo.logs()
+    );
+    let (location, _) = ask(&typo, [127, 0, 0, 1], "typo");
+    assert_eq!(location, "http://t/id");
 }
 
 #[test]

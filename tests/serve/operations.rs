@@ -146,7 +146,7 @@ fn variables_etl_serve_does_not_read_are_named_and_tls_is_refused() {
         &[
             ("UVICORN_WORKERS", "4"),
             ("UVICORN_ROOT_PATH", "/api"),
-            ("FORWARDED_ALLOW_IPS", "*"),
+            ("FORWARDED_ALLOW_IPS", "10.0.0.0/8"),
             ("UVICORN_METHOD_NAME", "run"),
             ("UVICORN_PROXY_HEADERS", ""),
             ("UVICORN_BACKLOG", "64"),
@@ -157,11 +157,7 @@ fn variables_etl_serve_does_not_read_are_named_and_tls_is_refused() {
     .unwrap();
     assert_eq!(s.get("/healthz").status, 200);
     let unread = |name: &str| format!("{name} is set, and etl-serve does not read it");
-    for name in [
-        "FORWARDED_ALLOW_IPS",
-        "UVICORN_ROOT_PATH",
-        "UVICORN_WORKERS",
-    ] {
+    for name in ["UVICORN_ROOT_PATH", "UVICORN_WORKERS"] {
         assert!(
             s.wait_for_log(&unread(name), Duration::from_secs(10)),
             "{}",
@@ -180,6 +176,7 @@ fn variables_etl_serve_does_not_read_are_named_and_tls_is_refused() {
     let logs = s.logs();
     assert!(!logs.contains("OTEL_METRICS_EXPORTER="), "{logs}");
     for name in [
+        "FORWARDED_ALLOW_IPS",
         "UVICORN_METHOD_NAME",
         "UVICORN_PROXY_HEADERS",
         "UVICORN_BACKLOG",
@@ -786,6 +783,8 @@ fn json_logs_are_one_object_per_line_with_an_access_line_per_request() {
     assert_eq!(access["status"], 200);
     assert_eq!(access["bytes"], r.body.len());
     assert!(access["duration_ms"].as_f64().unwrap() >= 0.0);
+    let client = access["client"].as_str().unwrap();
+    assert!(client.starts_with("127.0.0.1:"), "{access}");
     // Request bodies never appear in the logs.
     assert!(!s.logs().contains(r#"\"text\""#) && !s.logs().contains(r#"{"text":"a"}"#));
 }
@@ -930,6 +929,18 @@ fn it_serves_on_a_unix_socket() {
     let r = read_response(&mut BufReader::new(stream)).unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["output"]["words"], 4);
+    // A Unix socket's peer has no address: the access line names none.
+    assert!(
+        s.wait_for_log("POST /invoke 200", Duration::from_secs(10)),
+        "{}",
+        s.logs()
+    );
+    let logs = s.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("POST /invoke 200"))
+        .unwrap();
+    assert!(!line.contains("client="), "{line}");
     for (head, status) in refused_heads() {
         let stream = UnixStream::connect(&sock).unwrap();
         stream

@@ -549,6 +549,29 @@ pub fn request(addr: SocketAddr, raw: &[u8]) -> Response {
     read_response(&mut BufReader::new(stream)).expect("a complete response")
 }
 
+/// As [`request`], from the local address `source` (any of 127.0.0.0/8),
+/// as a proxy or client at another address would send it.
+pub fn request_from(source: std::net::Ipv4Addr, addr: SocketAddr, raw: &[u8]) -> Response {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    let [a, b, c, d] = source.octets();
+    bind(fd.as_raw_fd(), &SockaddrIn::new(a, b, c, d, 0)).unwrap();
+    let SocketAddr::V4(server) = addr else {
+        panic!("the test servers listen on 127.0.0.1");
+    };
+    connect(fd.as_raw_fd(), &SockaddrIn::from(server)).unwrap();
+    let mut stream = TcpStream::from(fd);
+    stream.write_all(raw).expect("write request");
+    read_response(&mut BufReader::new(stream)).expect("a complete response")
+}
+
 /// Reads the end of the connection after the last answer: a clean close
 /// with nothing more, not a reset.
 pub fn assert_clean_close(reader: &mut impl Read) {

@@ -1,0 +1,266 @@
+//! Proxy headers, read as uvicorn reads them by default: a peer that
+//! `--forwarded-allow-ips` trusts (by default this host, `127.0.0.1` and
+//! `::1`) may say which scheme the client used (`X-Forwarded-Proto`, for the
+//! trailing-slash redirect) and who the client is (`X-Forwarded-For`, for the
+//! access log). With `--no-proxy-headers` no peer is trusted.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use hyper::header::HeaderName;
+use hyper::HeaderMap;
+use ipnet::IpNet;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// The peers trusted to speak for the client.
+#[derive(Debug, Default)]
+pub struct Proxies {
+    /// `*`: every peer, a Unix socket's too.
+    everyone: bool,
+    addresses: Vec<IpAddr>,
+    networks: Vec<IpNet>,
+    /// Entries that are neither an address nor a network. uvicorn keeps
+    /// them, compared as text with the hosts in `X-Forwarded-For`; a peer
+    /// always has an address, so they never make a peer trusted.
+    texts: Vec<String>,
+}
+
+impl Proxies {
+    /// Trusts no peer (`--no-proxy-headers`).
+    pub fn none() -> Proxies {
+        Proxies::default()
+    }
+
+    /// Reads uvicorn's comma-separated list: `*`, or addresses, networks
+    /// (`10.0.0.0/8`, host bits clear) and other text. The second value
+    /// lists the other text, for a warning: an operator who wrote
+    /// `10.0.0.1/8` meant a network, and it is not one.
+    pub fn parse(list: &str) -> (Proxies, Vec<String>) {
+        let mut proxies = Proxies::none();
+        if list.trim() == "*" {
+            proxies.everyone = true;
+            return (proxies, Vec::new());
+        }
+        for entry in list.split(',').map(str::trim) {
+            if let Ok(ip) = entry.parse() {
+                proxies.addresses.push(ip);
+            } else if let Some(net) = entry
+                .parse::<IpNet>()
+                .ok()
+                .filter(|net| net.trunc() == *net)
+            {
+                proxies.networks.push(net);
+            } else {
+                proxies.texts.push(entry.to_owned());
+            }
+        }
+        let texts = proxies.texts.clone();
+        (proxies, texts)
+    }
+
+    /// Whether a connection from `peer` (`None`: a Unix socket) may speak
+    /// for its client.
+    pub fn trusts(&self, peer: Option<IpAddr>) -> bool {
+        self.everyone
+            || peer.is_some_and(|ip| {
+                self.addresses.contains(&ip) || self.networks.iter().any(|net| net.contains(&ip))
+            })
+    }
+
+    /// [`Proxies::trusts`] for a host named in `X-Forwarded-For`.
+    fn trusts_named(&self, host: &str) -> bool {
+        match host.parse() {
+            Ok(ip) => self.trusts(Some(ip)),
+            Err(_) => self.everyone || self.texts.iter().any(|t| t == host),
+        }
+    }
+
+    /// The scheme the client used: the one named in the last
+    /// `X-Forwarded-Proto` when the peer is trusted and the name is exactly
+    /// `https`, `ws` or `wss` (trimmed); `http` otherwise.
+    pub fn scheme(&self, peer: Option<IpAddr>, headers: &HeaderMap) -> &'static str {
+        let named = headers.get_all(X_FORWARDED_PROTO).iter().next_back();
+        let named = match named.map(|v| v.as_bytes().trim_ascii()) {
+            Some(b"https") => "https",
+            Some(b"ws") => "ws",
+            Some(b"wss") => "wss",
+            _ => return "http",
+        };
+        if self.trusts(peer) {
+            named
+        } else {
+            "http"
+        }
+    }
+
+    /// Who sent the request: the peer, unless it is trusted and names a
+    /// client in `X-Forwarded-For`. As in uvicorn, every such header counts,
+    /// in order, and each proxy adds the address it saw at the end: the
+    /// client is the last address no trusted proxy holds, or the first
+    /// address when they are all trusted (with `*`, the first).
+    pub fn client(&self, peer: Option<SocketAddr>, headers: &HeaderMap) -> Option<Client> {
+        let peer_client = peer.map(Client::Peer);
+        let mut forwarded = headers.get_all(X_FORWARDED_FOR).iter().peekable();
+        if forwarded.peek().is_none() || !self.trusts(peer.map(|p| p.ip())) {
+            return peer_client;
+        }
+        // Header values are visible ASCII, so each byte is its own
+        // character, as Python reads them (latin-1).
+        let entries: Vec<&str> = forwarded
+            .flat_map(|v| v.to_str().unwrap_or_default().split(','))
+            .map(str::trim)
+            .collect();
+        let chosen = if self.everyone {
+            entries[0]
+        } else {
+            entries
+                .iter()
+                .rev()
+                .find(|entry| !self.trusts_named(host_and_port(entry).0))
+                .unwrap_or(&entries[0])
+        };
+        let (host, port) = host_and_port(chosen);
+        if host.is_empty() {
+            return peer_client;
+        }
+        Some(Client::Forwarded {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+/// One `X-Forwarded-For` entry's host and port, split as uvicorn splits
+/// them: `[v6]:port`, `v4:port` or a bare host. Anything else is a host
+/// without a port, so that no trust check sees a host the text did not
+/// name.
+fn host_and_port(entry: &str) -> (&str, Option<u16>) {
+    if let Some(bracketed) = entry.strip_prefix('[') {
+        let Some((host, rest)) = bracketed.split_once(']') else {
+            return (entry, None);
+        };
+        return match rest.strip_prefix(':') {
+            _ if rest.is_empty() => (host, None),
+            Some(port) => (host, port.parse().ok()),
+            None => (entry, None),
+        };
+    }
+    match entry.split_once(':') {
+        Some((host, port)) if !port.contains(':') => match port.parse() {
+            Ok(port) => (host, Some(port)),
+            Err(_) => (entry, None),
+        },
+        _ => (entry, None),
+    }
+}
+
+/// The client of a request, as the access log names it. A forwarded host
+/// that is not an IP address is any text a proxy passed on: it is written
+/// quoted and escaped, so that it cannot pass for other fields of the line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Client {
+    /// The connection's peer.
+    Peer(SocketAddr),
+    /// A host (and perhaps port) a trusted proxy named.
+    Forwarded { host: String, port: Option<u16> },
+}
+
+impl fmt::Display for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (host, port) = match self {
+            Client::Peer(addr) => return addr.fmt(f),
+            Client::Forwarded { host, port } => (host, port),
+        };
+        match (host.parse::<IpAddr>(), port) {
+            (Err(_), None) => write!(f, "{host:?}"),
+            (Err(_), Some(port)) => write!(f, "{:?}", format!("{host}:{port}")),
+            (Ok(_), None) => f.write_str(host),
+            (Ok(IpAddr::V6(_)), Some(port)) => write!(f, "[{host}]:{port}"),
+            (Ok(IpAddr::V4(_)), Some(port)) => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Client, Proxies};
+    use hyper::HeaderMap;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, value.parse().unwrap());
+        }
+        map
+    }
+
+    /// The client each list gives, for the peer 127.0.0.1:5000: the one
+    /// uvicorn's access log named in each case, written as etl-serve writes
+    /// it (no `:0` for a missing port, an IPv6 host in brackets, and what
+    /// is no address quoted).
+    #[test]
+    fn the_client_is_the_last_address_no_trusted_proxy_holds() {
+        let cases: &[(&str, &[&str], &str)] = &[
+            ("127.0.0.1,::1", &[], "127.0.0.1:5000"),
+            ("127.0.0.1,::1", &["203.0.113.7"], "203.0.113.7"),
+            (
+                "127.0.0.1,::1",
+                &["203.0.113.7:4711, 127.0.0.1"],
+                "203.0.113.7:4711",
+            ),
+            ("127.0.0.1,::1", &["[2001:db8::1]:80"], "[2001:db8::1]:80"),
+            ("127.0.0.1,::1", &[""], "127.0.0.1:5000"),
+            ("127.0.0.1,::1", &["garbage text"], "\"garbage text\""),
+            ("127.0.0.1,::1", &["x\"y:80"], "\"x\\\"y:80\""),
+            // Two headers are one list; the last untrusted entry wins.
+            (
+                "127.0.0.1,10.0.0.0/8",
+                &["198.51.100.1, 192.0.2.9", "10.1.2.3"],
+                "192.0.2.9",
+            ),
+            // All trusted: the first.
+            ("127.0.0.1,10.0.0.0/8", &["10.0.0.5, 10.0.0.6"], "10.0.0.5"),
+            // `*`: the first, whatever follows.
+            ("*", &["198.51.100.1, 192.0.2.9"], "198.51.100.1"),
+            // The peer is not trusted: its headers are not read.
+            ("10.0.0.0/8", &["203.0.113.7"], "127.0.0.1:5000"),
+        ];
+        let peer = Some("127.0.0.1:5000".parse().unwrap());
+        for (list, forwarded, want) in cases {
+            let (proxies, _) = Proxies::parse(list);
+            let pairs: Vec<_> = forwarded.iter().map(|v| ("x-forwarded-for", *v)).collect();
+            let client = proxies.client(peer, &headers(&pairs)).unwrap();
+            assert_eq!(client.to_string(), *want, "{list} {forwarded:?}");
+        }
+        assert_eq!(
+            Proxies::none().client(peer, &headers(&[("x-forwarded-for", "203.0.113.7")])),
+            peer.map(Client::Peer)
+        );
+    }
+
+    #[test]
+    fn the_list_takes_addresses_networks_and_keeps_other_text_apart() {
+        let (proxies, texts) = Proxies::parse(" 10.0.0.0/8, ::1 ,10.0.0.1/8,unix:/run/x");
+        assert_eq!(texts, ["10.0.0.1/8", "unix:/run/x"]);
+        assert!(proxies.trusts(Some("10.200.0.1".parse().unwrap())));
+        assert!(proxies.trusts(Some("::1".parse().unwrap())));
+        assert!(!proxies.trusts(Some("127.0.0.1".parse().unwrap())));
+        assert!(!proxies.trusts(None), "a Unix socket only with *");
+        assert!(Proxies::parse("*").0.trusts(None));
+        assert!(!Proxies::none().trusts(Some("127.0.0.1".parse().unwrap())));
+    }
+
+    #[test]
+    fn only_a_trusted_peer_names_the_scheme() {
+        let (proxies, _) = Proxies::parse("127.0.0.1");
+        let local = Some("127.0.0.1".parse().unwrap());
+        let other = Some("127.0.0.2".parse().unwrap());
+        let said = |v: &str| headers(&[("x-forwarded-proto", "https"), ("x-forwarded-proto", v)]);
+        assert_eq!(proxies.scheme(local, &said(" wss ")), "wss");
+        assert_eq!(proxies.scheme(local, &said("HTTPS")), "http");
+        assert_eq!(proxies.scheme(other, &said("https")), "http");
+        assert_eq!(proxies.scheme(local, &HeaderMap::new()), "http");
+    }
+}
