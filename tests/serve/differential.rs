@@ -975,3 +975,138 @@ fn python_reserved_fields_and_precheck_apps_work_as_in_the_reference() {
         assert_same_answers(&reference, &ours, &cases, app);
     }
 }
+
+/// Host headers near the edges of the grammar Starlette takes for a
+/// redirect's location (its host pattern, Python's IPv6 parser, the port
+/// bound): handwritten ones, then generated ones, the same on every run.
+fn hosts_to_redirect_with() -> Vec<String> {
+    let mut hosts: Vec<String> = [
+        "[::]",
+        "[::1]",
+        "[1:2:3:4:5:6:7:8]",
+        "[1:2:3:4:5:6:7::]",
+        "[::1:2:3:4:5:6:7]",
+        "[1:2:3:4:5:6:7:8:9]",
+        "[1::2::3]",
+        "[:::]",
+        "[1:]",
+        "[::ffff:1.2.3.4]",
+        "[::1.2.3.4]",
+        "[1:2:3:4:5:6:1.2.3.4]",
+        "[1:2:3:4:5:6:7:1.2.3.4]",
+        "[::1.2.3]",
+        "[::1.2.3.256]",
+        "[::1.02.3.4]",
+        "[::1.2.3.4:5]",
+        "[0000a::]",
+        "[00001::]",
+        "[ABCD::EF]",
+        "[::1%eth0]",
+        "[v1.x]",
+        "[V1.x]",
+        "[vz.x]",
+        "[v1.]",
+        "[v1.a:b]",
+        "[]",
+        "[",
+        "[:1",
+        "[::1]]",
+        "]",
+        "[::1]:",
+        "[::1]x",
+        "[::1]:0080",
+        "x:000000000080",
+        "x:65535",
+        "x:65536",
+        "x:1:2",
+        "x@y",
+        "x/y",
+        "%41",
+        "-",
+    ]
+    .iter()
+    .map(|h| (*h).to_owned())
+    .collect();
+    // A linear congruential generator: enough to spread the cases, and the
+    // same cases every run.
+    let mut state: u64 = 0x5eed_1e55;
+    let mut next = move |bound: usize| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((state >> 33) as usize) % bound
+    };
+    let pick = |next: &mut dyn FnMut(usize) -> usize, from: &str| {
+        let bytes = from.as_bytes();
+        bytes[next(bytes.len())] as char
+    };
+    for _ in 0..150 {
+        // An IPv6 literal of 1 to 9 groups of 1 to 5 digits, perhaps with
+        // a `::` and an IPv4 tail: valid or just past the limits.
+        let groups = 1 + next(9);
+        let mut literal: Vec<String> = (0..groups)
+            .map(|_| {
+                (0..1 + next(5))
+                    .map(|_| pick(&mut next, "0123456789abcdefABCDEF"))
+                    .collect()
+            })
+            .collect();
+        if next(2) == 0 {
+            let at = next(groups + 1);
+            literal.insert(at, String::new());
+            if at == 0 || at == literal.len() - 1 {
+                literal.insert(at, String::new());
+            }
+        }
+        if next(3) == 0 {
+            let octets: Vec<String> = (0..3 + next(2))
+                .map(|_| [0, 1, 9, 10, 99, 255, 256, 1000][next(8)].to_string())
+                .collect();
+            *literal.last_mut().unwrap() = octets.join(".");
+        }
+        hosts.push(format!("[{}]", literal.join(":")));
+    }
+    for _ in 0..100 {
+        // Any mix of the characters the grammar names, and some it does not.
+        let text: String = (0..1 + next(12))
+            .map(|_| pick(&mut next, "0123456789abcdefv:.[]%-_~!$&'()*+,;=@/?#^"))
+            .collect();
+        let port = ["", ":80", ":0", ":65535", ":65536", ":00080", ":", ":x"][next(8)];
+        hosts.push(format!("{text}{port}"));
+    }
+    hosts
+}
+
+#[test]
+fn trailing_slash_redirects_take_the_hosts_the_reference_takes() {
+    // A Host that Starlette refuses falls back to the address the
+    // connection came in on, which differs between the two servers: each
+    // location is compared with that address written as HERE.
+    let reference = Reference::start();
+    let ours = serve("wordcount");
+    let location = |addr: SocketAddr, host: &str| {
+        let raw = format!("GET /id/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let r = support::request(addr, raw.as_bytes());
+        let location = r
+            .header("location")
+            .map(|l| l.replace(&addr.to_string(), "HERE"));
+        (r.status, location)
+    };
+    let mut differences = Vec::new();
+    let hosts = hosts_to_redirect_with();
+    for host in &hosts {
+        let (theirs, mine) = (location(reference.addr, host), location(ours.addr, host));
+        if theirs != mine {
+            differences.push(format!(
+                "Host: {host}\n  etl-uvicorn: {theirs:?}\n  etl-serve:   {mine:?}"
+            ));
+        }
+    }
+    assert!(
+        differences.is_empty(),
+        "{} of {} hosts:\n{}",
+        differences.len(),
+        hosts.len(),
+        differences.join("\n")
+    );
+}
