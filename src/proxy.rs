@@ -136,35 +136,51 @@ impl Proxies {
 /// them: `[v6]:port`, `v4:port` or a bare host. Anything else is a host
 /// without a port, so that no trust check sees a host the text did not
 /// name.
-fn host_and_port(entry: &str) -> (&str, Option<u16>) {
+fn host_and_port(entry: &str) -> (&str, Option<i64>) {
     if let Some(bracketed) = entry.strip_prefix('[') {
         let Some((host, rest)) = bracketed.split_once(']') else {
             return (entry, None);
         };
         return match rest.strip_prefix(':') {
             _ if rest.is_empty() => (host, None),
-            Some(port) => (host, port.parse().ok()),
+            Some(port) => (host, python_int(port)),
             None => (entry, None),
         };
     }
     match entry.split_once(':') {
-        Some((host, port)) if !port.contains(':') => match port.parse() {
-            Ok(port) => (host, Some(port)),
-            Err(_) => (entry, None),
+        Some((host, port)) if !port.contains(':') => match python_int(port) {
+            Some(port) => (host, Some(port)),
+            None => (entry, None),
         },
         _ => (entry, None),
     }
 }
 
+/// A port as Python's `int()` reads it, as uvicorn reads it: spaces around,
+/// a sign, and `_` between digits allowed (`" 80"`, `"+80"`, `"8_0"`).
+fn python_int(text: &str) -> Option<i64> {
+    // Of Python's whitespace, a header value holds spaces and tabs only.
+    let text = text.trim_matches([' ', '\t']);
+    let digits = text.strip_prefix(['+', '-']).unwrap_or(text);
+    let well_formed = digits
+        .split('_')
+        .all(|run| !run.is_empty() && run.bytes().all(|b| b.is_ascii_digit()));
+    if !well_formed {
+        return None;
+    }
+    text.replace('_', "").parse().ok()
+}
+
 /// The client of a request, as the access log names it. A forwarded host
 /// that is not an IP address is any text a proxy passed on: it is written
-/// quoted and escaped, so that it cannot pass for other fields of the line.
+/// quoted and escaped (its port after the quotes), so that it cannot pass
+/// for other fields of the line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Client {
     /// The connection's peer.
     Peer(SocketAddr),
     /// A host (and perhaps port) a trusted proxy named.
-    Forwarded { host: String, port: Option<u16> },
+    Forwarded { host: String, port: Option<i64> },
 }
 
 impl fmt::Display for Client {
@@ -175,7 +191,7 @@ impl fmt::Display for Client {
         };
         match (host.parse::<IpAddr>(), port) {
             (Err(_), None) => write!(f, "{host:?}"),
-            (Err(_), Some(port)) => write!(f, "{:?}", format!("{host}:{port}")),
+            (Err(_), Some(port)) => write!(f, "{host:?}:{port}"),
             (Ok(_), None) => f.write_str(host),
             (Ok(IpAddr::V6(_)), Some(port)) => write!(f, "[{host}]:{port}"),
             (Ok(IpAddr::V4(_)), Some(port)) => write!(f, "{host}:{port}"),
@@ -213,7 +229,7 @@ mod tests {
             ("127.0.0.1,::1", &["[2001:db8::1]:80"], "[2001:db8::1]:80"),
             ("127.0.0.1,::1", &[""], "127.0.0.1:5000"),
             ("127.0.0.1,::1", &["garbage text"], "\"garbage text\""),
-            ("127.0.0.1,::1", &["x\"y:80"], "\"x\\\"y:80\""),
+            ("127.0.0.1,::1", &["x\"y:80"], "\"x\\\"y\":80"),
             // Two headers are one list; the last untrusted entry wins.
             (
                 "127.0.0.1,10.0.0.0/8",

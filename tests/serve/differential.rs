@@ -78,6 +78,12 @@ impl Reference {
 
     /// As [`Reference::serving`], with these environment variables.
     fn serving_with(app: &str, dir: &str, vars: &[(&str, &str)]) -> Reference {
+        Reference::spawn(app, dir, vars, None)
+    }
+
+    /// As [`Reference::serving_with`], and with its access log on, written
+    /// to `access_log` when given.
+    fn spawn(app: &str, dir: &str, vars: &[(&str, &str)], access_log: Option<&Path>) -> Reference {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
         let venv = reference_venv();
         let port = TcpListener::bind("127.0.0.1:0")
@@ -88,11 +94,17 @@ impl Reference {
         let child = Command::new(venv.join("bin/etl-uvicorn"))
             .args(app.split_whitespace())
             .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--log-level", "warning", "--no-access-log"])
+            .args(match access_log {
+                Some(_) => &["--log-level", "info"][..],
+                None => &["--log-level", "warning", "--no-access-log"],
+            })
             .env("PYTHONPATH", workspace.join(dir))
             .envs(vars.iter().copied())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(match access_log {
+                Some(path) => Stdio::from(std::fs::File::create(path).unwrap()),
+                None => Stdio::null(),
+            })
             .stderr(Stdio::null())
             .spawn()
             .expect("start etl-uvicorn");
@@ -1109,4 +1121,133 @@ fn trailing_slash_redirects_take_the_hosts_the_reference_takes() {
         hosts.len(),
         differences.join("\n")
     );
+}
+
+/// etl-serve's client field as `(host, port)`, the port `0` when none
+/// was given, as etl-uvicorn writes it: etl-serve writes an IPv6 host in
+/// brackets, no port when none was given, and a host that is no address
+/// quoted (its port after the quotes).
+fn our_client_parts(logged: &str) -> (String, String) {
+    let (host, port) = if logged.starts_with('"') {
+        let end = logged.rfind('"').unwrap() + 1;
+        let host = serde_json::from_str::<String>(&logged[..end]).unwrap();
+        (host, logged[end..].strip_prefix(':'))
+    } else if let Some((host, port)) = logged.strip_prefix('[').and_then(|t| t.split_once("]:")) {
+        (host.to_owned(), Some(port))
+    } else if logged.parse::<std::net::IpAddr>().is_ok() {
+        (logged.to_owned(), None)
+    } else {
+        let (host, port) = logged.rsplit_once(':').unwrap();
+        (host.to_owned(), Some(port))
+    };
+    (host, port.unwrap_or("0").to_owned())
+}
+
+#[test]
+fn forwarded_clients_are_the_clients_the_reference_logs() {
+    // The same X-Forwarded-For lists to both, from 127.0.0.1, trusted as
+    // a proxy with the networks below; the client each access log names is
+    // compared as (host, port). A peer's port differs between the two
+    // connections, so the peer counts as the same client.
+    let trusted = "127.0.0.1, 10.0.0.0/8, ::1, 2001:db8::/32, unix:/x";
+    let log = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("reference-access-{}.log", std::process::id()));
+    let reference = Reference::spawn(
+        "etl_bench_plugins:wordcount",
+        "bench/reference",
+        &[("FORWARDED_ALLOW_IPS", trusted)],
+        Some(&log),
+    );
+    let ours = Server::start_with(
+        &plugin("wordcount"),
+        &[],
+        &[("FORWARDED_ALLOW_IPS", trusted)],
+    )
+    .unwrap();
+    let lists: &[&[&str]] = &[
+        &["203.0.113.7"],
+        &["203.0.113.7:4711"],
+        &["[2001:db9::1]:80"],
+        &["[2001:db9::1]"],
+        &["2001:db9::1"],
+        &["[2001:db9::1"],
+        &["[2001:db9::1]x"],
+        &["a:b:c"],
+        &["1.2.3.4:x"],
+        &["1.2.3.4:99999"],
+        &["1.2.3.4: 80"],
+        &["1.2.3.4:+80"],
+        &["1.2.3.4:8_0"],
+        &["1.2.3.4:8__0"],
+        &["1.2.3.4:-5"],
+        &["1.2.3.4:0"],
+        &["1.2.3.4:00080"],
+        &[""],
+        &[" , "],
+        &["10.0.0.1, 10.0.0.2"],
+        &["198.51.100.1, 10.0.0.2", "10.1.1.1"],
+        &["unix:/x"],
+        &["garbage text"],
+        &["::1, 127.0.0.1"],
+        &["2001:db8::5, 203.0.113.9"],
+        &["203.0.113.9, 2001:db8::5"],
+        &["x\"y"],
+        &["[::1]:80, 10.0.0.3"],
+        &["10.0.0.1/8"],
+    ];
+    for (n, forwarded) in lists.iter().enumerate() {
+        let mut raw = format!(
+            "GET /id?case={n} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-Request-Id: case-{n}\r\n"
+        );
+        for value in *forwarded {
+            raw.push_str(&format!("X-Forwarded-For: {value}\r\n"));
+        }
+        raw.push_str("\r\n");
+        assert_eq!(support::request(reference.addr, raw.as_bytes()).status, 200);
+        assert_eq!(support::request(ours.addr, raw.as_bytes()).status, 200);
+    }
+    let last = lists.len() - 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let theirs = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(&format!("/id?case={last} ")) {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "etl-uvicorn logged: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(ours.wait_for_log(
+        &format!("request_id=\"case-{last}\""),
+        Duration::from_secs(30)
+    ));
+    let logs = ours.logs();
+    let mut differences = Vec::new();
+    for (n, forwarded) in lists.iter().enumerate() {
+        let their_line = theirs
+            .lines()
+            .find(|l| l.contains(&format!("/id?case={n} ")))
+            .unwrap();
+        let their_client = their_line
+            .trim_start_matches("INFO:")
+            .trim_start()
+            .split(" - \"")
+            .next()
+            .unwrap();
+        let our_line = logs
+            .lines()
+            .find(|l| l.contains(&format!("request_id=\"case-{n}\"")))
+            .unwrap();
+        let our_client = our_line.split_once("client=").unwrap().1;
+        let (host, port) = their_client.rsplit_once(':').unwrap();
+        let theirs = (host.to_owned(), port.to_owned());
+        let mine = our_client_parts(our_client);
+        let both_the_peer = theirs.0 == "127.0.0.1" && mine.0 == "127.0.0.1";
+        if theirs != mine && !both_the_peer {
+            differences.push(format!(
+                "{forwarded:?}: etl-uvicorn {their_client}, etl-serve {our_client}"
+            ));
+        }
+    }
+    let _ = std::fs::remove_file(&log);
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
 }
