@@ -106,8 +106,8 @@ impl Proxies {
         if forwarded.peek().is_none() || !self.trusts(peer.map(|p| p.ip())) {
             return peer_client;
         }
-        // Header values are visible ASCII, so each byte is its own
-        // character, as Python reads them (latin-1).
+        // A value with bytes past ASCII, which Python would read as
+        // latin-1, reads as empty here: no address is written with them.
         let entries: Vec<&str> = forwarded
             .flat_map(|v| v.to_str().unwrap_or_default().split(','))
             .map(str::trim)
