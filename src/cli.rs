@@ -206,12 +206,13 @@ impl Cli {
         self.proxy_headers && !self.no_proxy_headers
     }
 
-    /// The trusted proxies' list, with uvicorn's fallbacks.
+    /// The trusted proxies' list, with uvicorn's fallbacks. uvicorn reads
+    /// FORWARDED_ALLOW_IPS itself, not through click: set to the empty
+    /// string, it is an empty list (no proxy trusted), not unset.
     pub fn forwarded_allow_ips(&self) -> String {
         self.forwarded_allow_ips
             .clone()
             .or_else(|| std::env::var("FORWARDED_ALLOW_IPS").ok())
-            .filter(|list| !list.is_empty())
             .unwrap_or_else(|| "127.0.0.1,::1".to_owned())
     }
 }

@@ -33,13 +33,16 @@ impl Proxies {
         Proxies::default()
     }
 
-    /// Reads uvicorn's comma-separated list: `*`, or addresses, networks
-    /// (`10.0.0.0/8`, host bits clear) and other text. The second value
-    /// lists the other text, for a warning: an operator who wrote
-    /// `10.0.0.1/8` meant a network, and it is not one.
+    /// Reads uvicorn's comma-separated list: `*` alone, or addresses,
+    /// networks (`10.0.0.0/8`, host bits clear) and other text. The second
+    /// value lists the other text that is not empty, for a warning: an
+    /// operator who wrote `10.0.0.1/8` meant a network, and it is not one.
+    /// An empty list, as in uvicorn, trusts no peer.
     pub fn parse(list: &str) -> (Proxies, Vec<String>) {
         let mut proxies = Proxies::none();
-        if list.trim() == "*" {
+        // Exactly `*`, as uvicorn compares it: ` *` is text, and trusts
+        // nobody.
+        if list == "*" {
             proxies.everyone = true;
             return (proxies, Vec::new());
         }
@@ -56,7 +59,12 @@ impl Proxies {
                 proxies.texts.push(entry.to_owned());
             }
         }
-        let texts = proxies.texts.clone();
+        let texts = proxies
+            .texts
+            .iter()
+            .filter(|t| !t.is_empty())
+            .cloned()
+            .collect();
         (proxies, texts)
     }
 
@@ -258,13 +266,19 @@ mod tests {
 
     #[test]
     fn the_list_takes_addresses_networks_and_keeps_other_text_apart() {
-        let (proxies, texts) = Proxies::parse(" 10.0.0.0/8, ::1 ,10.0.0.1/8,unix:/run/x");
+        let (proxies, texts) = Proxies::parse(" 10.0.0.0/8, ::1 ,10.0.0.1/8,,unix:/run/x");
         assert_eq!(texts, ["10.0.0.1/8", "unix:/run/x"]);
         assert!(proxies.trusts(Some("10.200.0.1".parse().unwrap())));
         assert!(proxies.trusts(Some("::1".parse().unwrap())));
         assert!(!proxies.trusts(Some("127.0.0.1".parse().unwrap())));
         assert!(!proxies.trusts(None), "a Unix socket only with *");
         assert!(Proxies::parse("*").0.trusts(None));
+        assert!(!Proxies::parse(" * ")
+            .0
+            .trusts(Some("127.0.0.1".parse().unwrap())));
+        assert!(!Proxies::parse("")
+            .0
+            .trusts(Some("127.0.0.1".parse().unwrap())));
         assert!(!Proxies::none().trusts(Some("127.0.0.1".parse().unwrap())));
     }
 

@@ -915,6 +915,18 @@ fn trusted_proxies_name_the_client_and_the_scheme_as_uvicorn_lets_them() {
         ("https://t/id", "198.51.100.1")
     );
 
+    // FORWARDED_ALLOW_IPS set empty is an empty list, not unset: uvicorn
+    // reads it itself, not through click.
+    let nobody = Server::start_with(&wordcount, &[], &[("FORWARDED_ALLOW_IPS", "")]).unwrap();
+    let (location, client) = ask(&nobody, [127, 0, 0, 1], "nobody");
+    assert_eq!(location, "http://t/id");
+    assert!(client.starts_with("127.0.0.1:"), "{client}");
+    assert!(
+        !nobody.logs().contains("--forwarded-allow-ips:"),
+        "{}",
+        nobody.logs()
+    );
+
     let off = Server::start_with(&wordcount, &[], &[("UVICORN_PROXY_HEADERS", "false")]).unwrap();
     let (location, client) = ask(&off, [127, 0, 0, 1], "off");
     assert_eq!(location, "http://t/id");

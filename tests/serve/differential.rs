@@ -81,8 +81,8 @@ impl Reference {
         Reference::spawn(app, dir, vars, None)
     }
 
-    /// As [`Reference::serving_with`], and with its access log on, written
-    /// to `access_log` when given.
+    /// As [`Reference::serving_with`]; when `access_log` is given, with the
+    /// access log on and written there.
     fn spawn(app: &str, dir: &str, vars: &[(&str, &str)], access_log: Option<&Path>) -> Reference {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
         let venv = reference_venv();
