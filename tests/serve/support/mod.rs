@@ -568,6 +568,9 @@ pub fn request_from(source: std::net::Ipv4Addr, addr: SocketAddr, raw: &[u8]) ->
     };
     connect(fd.as_raw_fd(), &SockaddrIn::from(server)).unwrap();
     let mut stream = TcpStream::from(fd);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
     stream.write_all(raw).expect("write request");
     read_response(&mut BufReader::new(stream)).expect("a complete response")
 }
