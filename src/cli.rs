@@ -184,8 +184,9 @@ pub struct Cli {
     pub no_proxy_headers: bool,
 
     /// The proxies trusted with proxy headers, comma-separated: IP addresses,
-    /// networks (10.0.0.0/8), or `*` for every peer. When not given,
-    /// FORWARDED_ALLOW_IPS, else 127.0.0.1,::1 (this host), as in uvicorn.
+    /// networks (10.0.0.0/8), or `*` alone for every peer; empty trusts none.
+    /// When not given, FORWARDED_ALLOW_IPS, else 127.0.0.1,::1 (this host),
+    /// as in uvicorn.
     #[arg(
         long,
         env = "UVICORN_FORWARDED_ALLOW_IPS",
