@@ -153,25 +153,13 @@ fn run(args: &Args) -> Result<(), String> {
     };
 
     eprintln!("bench: startup");
-    let mut startup = vec![
-        (
-            Host::EtlServe,
-            scenarios::startup(Host::EtlServe, &paths, 20)?,
-        ),
-        (
-            Host::BareHyper,
-            scenarios::startup(Host::BareHyper, &paths, 20)?,
-        ),
-    ];
+    let mut startup = scenarios::startup(&[Host::EtlServe, Host::BareHyper], &paths, 20)?;
     if reference {
-        startup.push((
-            Host::Reference,
-            scenarios::startup(Host::Reference, &paths, 5)?,
-        ));
-        startup.push((
-            Host::PythonBridge,
-            scenarios::startup(Host::PythonBridge, &paths, 5)?,
-        ));
+        startup.extend(scenarios::startup(
+            &[Host::Reference, Host::PythonBridge],
+            &paths,
+            5,
+        )?);
     }
 
     eprintln!("bench: shutdown");

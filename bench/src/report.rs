@@ -646,7 +646,7 @@ pub fn markdown(results: &Results<'_>) -> String {
     let _ = writeln!(w, "\n## Startup\n");
     let _ = writeln!(
         w,
-        "From just before the exec to the first complete answer to `GET /id` (polled every 100 µs), serving `wordcount`.\n"
+        "From just before the exec to the first complete answer to `GET /id` (polled every 100 µs), serving `wordcount`. Hosts compared with each other take turns, run by run: etl-serve with bare hyper, etl-uvicorn with the bridge.\n"
     );
     let _ = writeln!(
         w,

@@ -115,13 +115,22 @@ pub fn load(
     })
 }
 
-/// Exec to the first answered `GET /id`, `times` times.
-pub fn startup(host: Host, paths: &Paths, times: usize) -> Result<Vec<Duration>, String> {
-    let mut all = Vec::new();
+/// Exec to the first answered `GET /id`, `times` times for each host. The
+/// hosts take turns, so that a slow spell of the machine (another tenant,
+/// a cold page cache) falls on all of them alike rather than on whichever
+/// ran then.
+pub fn startup(
+    hosts: &[Host],
+    paths: &Paths,
+    times: usize,
+) -> Result<Vec<(Host, Vec<Duration>)>, String> {
+    let mut all: Vec<(Host, Vec<Duration>)> = hosts.iter().map(|&h| (h, Vec::new())).collect();
     for _ in 0..times {
-        let server = Server::start(&Spec::new(host, "wordcount"), paths)?;
-        all.push(server.startup);
-        server.stop();
+        for (host, times) in &mut all {
+            let server = Server::start(&Spec::new(*host, "wordcount"), paths)?;
+            times.push(server.startup);
+            server.stop();
+        }
     }
     Ok(all)
 }
