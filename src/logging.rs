@@ -9,7 +9,6 @@
 //!
 //! Request and response bodies are never logged.
 
-use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
@@ -59,7 +58,7 @@ pub fn init(level: LogLevel, format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(writer);
     match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => builder.init(),
         // Fields at the top level, next to timestamp, level and message.
         LogFormat::Json => builder
             .json()
