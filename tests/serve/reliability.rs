@@ -16,31 +16,58 @@ fn setting(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn run(cooperative: bool, timeout: &'static str, expected_exit: i32) {
+/// How the server runs in a load test.
+struct Load {
+    /// Whether `slow` checks its flag.
+    cooperative: bool,
+    graceful_timeout: &'static str,
+    expected_exit: i32,
+    /// As a container runs it: see `Server::start_unprivileged`. The soak
+    /// sets every round so with `ETL_SERVE_SOAK_UNPRIVILEGED`.
+    unprivileged: bool,
+}
+
+fn run(load: &Load) {
     let rounds = setting("ETL_SERVE_SOAK_ROUNDS", 3);
+    let unprivileged =
+        load.unprivileged || std::env::var_os("ETL_SERVE_SOAK_UNPRIVILEGED").is_some();
+    // The closing race (and a write refused because its reset came first)
+    // needs a handshake that was half done when the listener stopped
+    // completing new ones. With the socket filter, one in a round at most
+    // (before it stopped them, up to clients/8 per round were seen). A
+    // server without CAP_NET_ADMIN gets no filter on recent kernels, and
+    // cuts its backlog to 0 instead, which the soak saw leave two in a
+    // round (docs/reliability.md, "The closing race"). Either way the
+    // client knows its request was not delivered.
+    let races = if unprivileged { 2 } else { 1 };
+    let cut = unprivileged && !support::unprivileged_may_filter_tcp();
     let mut total = Outcomes::default();
     for n in 0..rounds {
         for clients in [32, setting("ETL_SERVE_SOAK_CLIENTS", 64)] {
             let r = Round {
                 clients,
-                cooperative,
-                graceful_timeout: timeout,
+                cooperative: load.cooperative,
+                graceful_timeout: load.graceful_timeout,
                 warmup: Duration::from_millis(400),
+                unprivileged,
             };
             let o = round(&r);
-            eprintln!("round {n}, {clients} clients, cooperative={cooperative}: {o:?}");
+            eprintln!(
+                "round {n}, {clients} clients, cooperative={}{}: {o:?}",
+                load.cooperative,
+                if unprivileged { ", unprivileged" } else { "" }
+            );
             assert_eq!(
                 o.lost(),
                 0,
                 "requests lost in round {n} with {clients} clients: {o:?}"
             );
-            // The closing race (and a write refused because its reset came
-            // first) needs a handshake that was half done when the listener
-            // stopped completing new ones: one in a round at most. (Before
-            // it stopped them, up to clients/8 per round were seen.) The
-            // client knows its request was not delivered.
-            assert!(o.closing_race + o.write_failed <= 1, "round {n}: {o:?}");
-            assert_eq!(o.exit_code, Some(expected_exit), "{o:?}");
+            assert!(o.closing_race + o.write_failed <= races, "round {n}: {o:?}");
+            assert_eq!(o.exit_code, Some(load.expected_exit), "{o:?}");
+            assert_eq!(
+                o.backlog_cut, cut,
+                "the listener closed as the kernel allows: {o:?}"
+            );
             assert!(o.ok > 0, "some requests were answered normally: {o:?}");
             assert!(
                 o.shutdown_abort > 0,
@@ -53,17 +80,42 @@ fn run(cooperative: bool, timeout: &'static str, expected_exit: i32) {
             total.closing_race += o.closing_race;
         }
     }
-    eprintln!("total, cooperative={cooperative}: {total:?}");
+    total.backlog_cut = cut;
+    eprintln!("total, cooperative={}: {total:?}", load.cooperative);
 }
 
 #[test]
 fn sigterm_under_load_loses_nothing_with_a_cooperative_plugin() {
-    run(true, "10s", 0);
+    run(&Load {
+        cooperative: true,
+        graceful_timeout: "10s",
+        expected_exit: 0,
+        unprivileged: false,
+    });
 }
 
 #[test]
 fn sigterm_under_load_loses_nothing_when_the_plugin_ignores_the_flag() {
-    run(false, "1s", 75);
+    run(&Load {
+        cooperative: false,
+        graceful_timeout: "1s",
+        expected_exit: 75,
+        unprivileged: false,
+    });
+}
+
+/// The same load with the server as a container runs it (user 65532, no
+/// capabilities, when the tests run as root): the way it runs in
+/// production, and where the listener closes behind a backlog cut rather
+/// than a socket filter.
+#[test]
+fn sigterm_under_load_loses_nothing_as_a_container_runs_the_server() {
+    run(&Load {
+        cooperative: false,
+        graceful_timeout: "1s",
+        expected_exit: 75,
+        unprivileged: true,
+    });
 }
 
 // ---------------------------------------------------------------------------

@@ -312,7 +312,7 @@ fn an_unprivileged_server_drains_and_exits_whether_or_not_it_may_filter() {
         .lines()
         .filter(|l| l.contains("no socket filter on the listener"))
         .collect();
-    let refused = !unprivileged_may_filter_tcp();
+    let refused = !support::unprivileged_may_filter_tcp();
     assert_eq!(
         said.len(),
         usize::from(refused),
@@ -323,59 +323,6 @@ fn an_unprivileged_server_drains_and_exits_whether_or_not_it_may_filter() {
             .all(|l| l.contains(" INFO ") && l.ends_with("its backlog is cut to 0 instead")),
         "{logs}"
     );
-}
-
-/// Whether this kernel lets the user of `Server::start_unprivileged`
-/// attach a socket filter to a TCP socket: asked in a child process that
-/// becomes that user (when the tests run as root) before it tries.
-fn unprivileged_may_filter_tcp() -> bool {
-    use nix::libc;
-    use std::os::unix::process::CommandExt;
-    let mut probe = std::process::Command::new("true");
-    // SAFETY: the closure runs in the forked child before exec, and makes
-    // only system calls, with no allocation and no lock.
-    unsafe {
-        probe.pre_exec(|| {
-            let fail = || Err(std::io::Error::last_os_error());
-            if libc::geteuid() == 0
-                && (libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setresgid(65532, 65532, 65532) != 0
-                    || libc::setresuid(65532, 65532, 65532) != 0)
-            {
-                return fail();
-            }
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
-            if fd < 0 {
-                return fail();
-            }
-            let mut drop_all = [libc::sock_filter {
-                code: (libc::BPF_RET | libc::BPF_K) as u16,
-                jt: 0,
-                jf: 0,
-                k: 0,
-            }];
-            let program = libc::sock_fprog {
-                len: 1,
-                filter: drop_all.as_mut_ptr(),
-            };
-            let rc = libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_ATTACH_FILTER,
-                std::ptr::addr_of!(program).cast(),
-                std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-            );
-            if rc != 0 {
-                return fail();
-            }
-            Ok(())
-        });
-    }
-    match probe.status() {
-        Ok(status) => status.success(),
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => false,
-        Err(e) => panic!("could not ask the kernel: {e}"),
-    }
 }
 
 #[test]

@@ -43,6 +43,9 @@ pub struct Outcomes {
     pub other: u64,
     /// The exit code of the server.
     pub exit_code: Option<i32>,
+    /// Whether the server said it closed its listener behind a backlog
+    /// cut, having been refused the socket filter.
+    pub backlog_cut: bool,
 }
 
 impl Outcomes {
@@ -73,6 +76,9 @@ pub struct Round {
     pub graceful_timeout: &'static str,
     /// How long the load runs before SIGTERM.
     pub warmup: Duration,
+    /// Whether the server runs as a container runs it
+    /// (`Server::start_unprivileged`).
+    pub unprivileged: bool,
 }
 
 /// What one send ended as, for the caller to act on.
@@ -83,12 +89,10 @@ enum Attempt {
     Reset,
 }
 
-/// Runs one round and returns what became of every request. With
-/// `ETL_SERVE_SOAK_UNPRIVILEGED` set, the server runs as a container runs
-/// it (`Server::start_unprivileged`).
+/// Runs one round and returns what became of every request.
 pub fn round(r: &Round) -> Outcomes {
     let args = ["--graceful-timeout", r.graceful_timeout, "--no-access-log"];
-    let server = if std::env::var_os("ETL_SERVE_SOAK_UNPRIVILEGED").is_some() {
+    let server = if r.unprivileged {
         Server::start_unprivileged(&plugin("slow"), &args)
     } else {
         Server::start(&plugin("slow"), &args)
@@ -121,6 +125,7 @@ pub fn round(r: &Round) -> Outcomes {
     }
     let mut totals = totals.lock().unwrap().clone();
     totals.exit_code = status.code();
+    totals.backlog_cut = server.logs().contains("its backlog is cut to 0 instead");
     totals
 }
 
