@@ -246,7 +246,8 @@ pub async fn accept_until<L: Listener>(
     let serve = |(stream, peer): Accepted<L::Io>| {
         let (io, conn) = ConnIo::new(stream, peer, connections, &limits);
         let socket = conn.clone();
-        let service = service_fn(move |req| routes::handle(app, conn.clone(), req));
+        let service =
+            service_fn(move |req| routes::guarded(routes::handle(app, conn.clone(), req)));
         let mut builder = builder.clone();
         tokio::spawn(async move {
             let connection = builder
