@@ -21,7 +21,8 @@
 //! limits), `invoke` (checking and calling a plain `/invoke`), `stream` (a streaming plugin's NDJSON), `precheck`, `slash` (the trailing-slash 307), `reply`
 //! (response bodies and the fixed answers) and `access` (request ids and
 //! the access log). Whether a plugin call runs inline or on the blocking
-//! pool is `inline`'s business.
+//! pool is `inline`'s business. The server runs every route under
+//! [`guarded`], which answers a panic with a 500.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
