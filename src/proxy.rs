@@ -5,7 +5,7 @@
 //! access log). With `--no-proxy-headers` no peer is trusted.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use hyper::header::HeaderName;
 use hyper::HeaderMap;
@@ -34,7 +34,8 @@ impl Proxies {
     }
 
     /// Reads uvicorn's comma-separated list: `*` alone, or addresses,
-    /// networks (`10.0.0.0/8`, host bits clear) and other text. The second
+    /// networks (`10.0.0.0/8`, `10.0.0.0/255.0.0.0`, host bits clear) and
+    /// other text. The second
     /// value lists the other text that is not empty, for a warning: an
     /// operator who wrote `10.0.0.1/8` meant a network, and it is not one.
     /// An empty list, as in uvicorn, trusts no peer.
@@ -49,9 +50,8 @@ impl Proxies {
         for entry in list.split(',').map(str::trim) {
             if let Ok(ip) = entry.parse() {
                 proxies.addresses.push(ip);
-            } else if let Some(net) = entry
-                .parse::<IpNet>()
-                .ok()
+            } else if let Some(net) = (entry.parse::<IpNet>().ok())
+                .or_else(|| ipv4_with_mask(entry))
                 .filter(|net| net.trunc() == *net)
             {
                 proxies.networks.push(net);
@@ -179,6 +179,20 @@ fn python_int(text: &str) -> Option<i64> {
     text.replace('_', "").parse().ok()
 }
 
+/// An IPv4 network written with a mask rather than a prefix length, as
+/// Python's `ip_network`, and so uvicorn, also reads one: a netmask
+/// (`10.0.0.0/255.0.0.0`) or, failing that, a host mask
+/// (`10.0.0.0/0.255.255.255`); all ones and all zeros read as netmasks.
+/// IPv6 networks take a prefix length only, there as here.
+fn ipv4_with_mask(entry: &str) -> Option<IpNet> {
+    let (address, mask) = entry.split_once('/')?;
+    let address: Ipv4Addr = address.parse().ok()?;
+    let mask = u32::from(mask.parse::<Ipv4Addr>().ok()?);
+    let ones_then_zeros = |m: u32| m.leading_ones() + m.trailing_zeros() == 32;
+    let netmask = [mask, !mask].into_iter().find(|&m| ones_then_zeros(m))?;
+    IpNet::new(IpAddr::V4(address), netmask.leading_ones() as u8).ok()
+}
+
 /// The client of a request, as the access log names it. A forwarded host
 /// that is not an IP address is any text a proxy passed on: it is written
 /// quoted and escaped (its port after the quotes), so that it cannot pass
@@ -280,6 +294,33 @@ mod tests {
             .0
             .trusts(Some("127.0.0.1".parse().unwrap())));
         assert!(!Proxies::none().trusts(Some("127.0.0.1".parse().unwrap())));
+    }
+
+    #[test]
+    fn ipv4_networks_may_be_written_with_a_mask_as_python_reads_them() {
+        let trusted =
+            |list: &str, ip: &str| Proxies::parse(list).0.trusts(Some(ip.parse().unwrap()));
+        assert!(trusted("10.0.0.0/255.0.0.0", "10.9.9.9"));
+        assert!(!trusted("10.0.0.0/255.0.0.0", "11.0.0.1"));
+        assert!(trusted("10.0.0.0/0.255.255.255", "10.9.9.9"), "a host mask");
+        assert!(trusted("10.0.0.7/255.255.255.255", "10.0.0.7"));
+        assert!(!trusted("10.0.0.7/255.255.255.255", "10.0.0.8"));
+        assert!(
+            trusted("0.0.0.0/0.0.0.0", "192.0.2.1"),
+            "all zeros: a netmask, /0"
+        );
+        assert!(!trusted("0.0.0.0/0.0.0.0", "::1"));
+        for text in [
+            "10.0.0.0/255.0.255.0",
+            "10.0.0.0/255.000.0.0",
+            "10.0.0.1/255.0.0.0",
+            "10.0.0.0/255.0.0.0/8",
+            "2001:db8::/ffff:ffff::",
+        ] {
+            let (proxies, texts) = Proxies::parse(text);
+            assert_eq!(texts, [text], "{text} is no network");
+            assert!(!proxies.trusts(Some("10.0.0.1".parse().unwrap())), "{text}");
+        }
     }
 
     #[test]

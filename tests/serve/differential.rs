@@ -1148,8 +1148,14 @@ fn forwarded_clients_are_the_clients_the_reference_logs() {
     // The same X-Forwarded-For lists to both, from 127.0.0.1, trusted as
     // a proxy with the networks below; the client each access log names is
     // compared as (host, port). A peer's port differs between the two
-    // connections, so the peer counts as the same client.
-    let trusted = "127.0.0.1, 10.0.0.0/8, ::1, 2001:db8::/32, unix:/x";
+    // connections, so the peer counts as the same client. The 172.16-22
+    // entries are IPv4 networks written with masks, and entries that look
+    // like them and are not networks: the lists behind them show which
+    // each server trusts.
+    let trusted = "127.0.0.1, 10.0.0.0/8, ::1, 2001:db8::/32, unix:/x, \
+        172.16.0.0/255.255.0.0, 172.17.0.0/0.0.255.255, 172.18.0.0/255.255.0.255, \
+        172.19.0.0/255.255.000.0, 172.20.0.7/255.255.255.255, 172.21.0.1/255.255.0.0, \
+        172.22.0.0/255.255.0.0/16, 2001:db9::/ffff:ffff::";
     let log = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("reference-access-{}.log", std::process::id()));
     let reference = Reference::spawn(
@@ -1194,6 +1200,15 @@ fn forwarded_clients_are_the_clients_the_reference_logs() {
         &["x\"y"],
         &["[::1]:80, 10.0.0.3"],
         &["10.0.0.1/8"],
+        &["9.9.9.9, 172.16.1.1"],
+        &["9.9.9.9, 172.17.1.1"],
+        &["9.9.9.9, 172.18.1.1"],
+        &["9.9.9.9, 172.19.1.1"],
+        &["9.9.9.9, 172.20.0.7"],
+        &["9.9.9.9, 172.20.0.8"],
+        &["9.9.9.9, 172.21.0.1"],
+        &["9.9.9.9, 172.22.1.1"],
+        &["9.9.9.9, 2001:db9::1"],
     ];
     for (n, forwarded) in lists.iter().enumerate() {
         let mut raw = format!(
