@@ -5,7 +5,7 @@
 //! access log). With `--no-proxy-headers` no peer is trusted.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use hyper::header::HeaderName;
 use hyper::HeaderMap;
@@ -21,9 +21,11 @@ pub struct Proxies {
     everyone: bool,
     addresses: Vec<IpAddr>,
     networks: Vec<IpNet>,
-    /// Entries that are neither an address nor a network. uvicorn keeps
-    /// them, compared as text with the hosts in `X-Forwarded-For`; a peer
-    /// always has an address, so they never make a peer trusted.
+    /// Entries that are neither an address nor a network, and IPv6
+    /// addresses with a scope (`fe80::1%eth0`). uvicorn keeps the first
+    /// kind as text, compared with the hosts in `X-Forwarded-For`, and the
+    /// second as addresses that only a host with the same scope equals. A
+    /// peer's address has no scope here, so neither makes a peer trusted.
     texts: Vec<String>,
 }
 
@@ -35,10 +37,10 @@ impl Proxies {
 
     /// Reads uvicorn's comma-separated list: `*` alone, or addresses,
     /// networks (`10.0.0.0/8`, `10.0.0.0/255.0.0.0`, host bits clear) and
-    /// other text. The second
-    /// value lists the other text that is not empty, for a warning: an
-    /// operator who wrote `10.0.0.1/8` meant a network, and it is not one.
-    /// An empty list, as in uvicorn, trusts no peer.
+    /// other text. The second value lists the other text that is not empty
+    /// nor a scoped IPv6 address, for a warning: an operator who wrote
+    /// `10.0.0.1/8` meant a network, and it is not one. An empty list, as
+    /// in uvicorn, trusts no peer.
     pub fn parse(list: &str) -> (Proxies, Vec<String>) {
         let mut proxies = Proxies::none();
         // Exactly `*`, as uvicorn compares it: ` *` is text, and trusts
@@ -62,7 +64,7 @@ impl Proxies {
         let texts = proxies
             .texts
             .iter()
-            .filter(|t| !t.is_empty())
+            .filter(|t| !t.is_empty() && scoped_ipv6(t).is_none())
             .cloned()
             .collect();
         (proxies, texts)
@@ -77,11 +79,24 @@ impl Proxies {
             })
     }
 
-    /// [`Proxies::trusts`] for a host named in `X-Forwarded-For`.
+    /// [`Proxies::trusts`] for a host named in `X-Forwarded-For`. To
+    /// Python an IPv6 address with a scope (`fe80::1%eth0`) is an address
+    /// too: it equals only an entry with the same address and scope, and a
+    /// trusted network holds it whatever its scope.
     fn trusts_named(&self, host: &str) -> bool {
-        match host.parse() {
-            Ok(ip) => self.trusts(Some(ip)),
-            Err(_) => self.everyone || self.texts.iter().any(|t| t == host),
+        if let Ok(ip) = host.parse() {
+            return self.trusts(Some(ip));
+        }
+        match scoped_ipv6(host) {
+            Some((ip, scope)) => {
+                self.everyone
+                    || self.networks.iter().any(|n| n.contains(&IpAddr::V6(ip)))
+                    || self
+                        .texts
+                        .iter()
+                        .any(|t| scoped_ipv6(t) == Some((ip, scope)))
+            }
+            None => self.everyone || self.texts.iter().any(|t| t == host),
         }
     }
 
@@ -177,6 +192,16 @@ fn python_int(text: &str) -> Option<i64> {
         return None;
     }
     text.replace('_', "").parse().ok()
+}
+
+/// An IPv6 address with a scope, `fe80::1%eth0`, as Python's
+/// `ip_address` reads one: any scope that is not empty and holds no `%`.
+fn scoped_ipv6(text: &str) -> Option<(Ipv6Addr, &str)> {
+    let (ip, scope) = text.split_once('%')?;
+    if scope.is_empty() || scope.contains('%') {
+        return None;
+    }
+    Some((ip.parse().ok()?, scope))
 }
 
 /// An IPv4 network written with a mask rather than a prefix length, as
@@ -321,6 +346,24 @@ mod tests {
             assert_eq!(texts, [text], "{text} is no network");
             assert!(!proxies.trusts(Some("10.0.0.1".parse().unwrap())), "{text}");
         }
+    }
+
+    #[test]
+    fn a_scoped_ipv6_address_is_an_address_in_x_forwarded_for() {
+        let (proxies, _) = Proxies::parse("fe80::/10, 2001:db8::1%eth1");
+        assert!(proxies.trusts_named("fe80::1%eth0"), "a network holds it");
+        assert!(
+            proxies.trusts_named("2001:db8::0001%eth1"),
+            "the same address and scope"
+        );
+        assert!(!proxies.trusts_named("2001:db8::1%eth2"), "another scope");
+        assert!(!proxies.trusts_named("2001:db8::1"), "no scope");
+        assert!(!proxies.trusts_named("fe80::1%"), "an empty scope is text");
+        assert!(!proxies.trusts_named("fe80::1%a%b"), "so is one with a %");
+        assert!(
+            Proxies::parse("fe80::1%eth0").1.is_empty(),
+            "an address, not text to warn of"
+        );
     }
 
     #[test]

@@ -1155,7 +1155,7 @@ fn forwarded_clients_are_the_clients_the_reference_logs() {
     let trusted = "127.0.0.1, 10.0.0.0/8, ::1, 2001:db8::/32, unix:/x, \
         172.16.0.0/255.255.0.0, 172.17.0.0/0.0.255.255, 172.18.0.0/255.255.0.255, \
         172.19.0.0/255.255.000.0, 172.20.0.7/255.255.255.255, 172.21.0.1/255.255.0.0, \
-        172.22.0.0/255.255.0.0/16, 2001:db9::/ffff:ffff::";
+        172.22.0.0/255.255.0.0/16, 2001:db9::/ffff:ffff::, fe80::/10, 2002::1%eth1";
     let log = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join(format!("reference-access-{}.log", std::process::id()));
     let reference = Reference::spawn(
@@ -1209,6 +1209,16 @@ fn forwarded_clients_are_the_clients_the_reference_logs() {
         &["9.9.9.9, 172.21.0.1"],
         &["9.9.9.9, 172.22.1.1"],
         &["9.9.9.9, 2001:db9::1"],
+        &["9.9.9.9, fe80::1%eth0"],
+        &["9.9.9.9, fe80::1"],
+        &["9.9.9.9, 2002::1%eth1"],
+        &["9.9.9.9, 2002::0:1%eth1"],
+        &["9.9.9.9, 2002::1%eth2"],
+        &["9.9.9.9, 2002::1"],
+        &["9.9.9.9, ::ffff:10.0.0.1"],
+        &["9.9.9.9, ::ffff:127.0.0.1"],
+        &["9.9.9.9, 010.0.0.1"],
+        &["9.9.9.9, 10.1"],
     ];
     for (n, forwarded) in lists.iter().enumerate() {
         let mut raw = format!(
