@@ -41,6 +41,8 @@ pub fn document(m: &Manifest) -> Value {
         "required": ["usage", "status_code", "file_data", "filedata_meta", "status_code_text",
                      "failure_category", "plugin_error", "output", "message_channels"]
     });
+    // What etl-serve's own refusals carry (the reference's shape).
+    let detail = json!({"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]});
     let invoke_content = if m.streaming {
         json!({"application/x-ndjson": {"schema": {"$ref": "#/components/schemas/InvokeResponse"}}})
     } else {
@@ -59,11 +61,14 @@ pub fn document(m: &Manifest) -> Value {
                 "responses": {
                     "200": {"description": "The plugin ran; a plugin failure is reported inside the envelope",
                             "content": invoke_content},
-                    "413": json_response("The body is over the size limit", json!({"type": "object"})),
+                    "400": json_response("The body cannot be read or decoded, or X-ETL-Timeout-Ms is not a whole number of milliseconds", detail.clone()),
+                    "408": json_response("The body stopped arriving (--body-read-timeout)", detail.clone()),
+                    "413": json_response("The body is over the size limit", detail.clone()),
                     "422": json_response("The body is not valid for the plugin's inputs",
                                          json!({"$ref": "#/components/schemas/HTTPValidationError"})),
-                    "503": json_response("Shutdown-abort: the server is shutting down; retry elsewhere",
-                                         json!({"$ref": "#/components/schemas/InvokeResponse"}))
+                    "4XX": json_response("The plugin refused its input itself (ABI 1.1 reject_request), with the status and JSON body it chose", json!({})),
+                    "503": json_response("Shutdown-abort, an envelope: the server is shutting down, retry elsewhere; or, with a detail, no capacity now: retry later. Both carry Retry-After",
+                                         json!({"anyOf": [{"$ref": "#/components/schemas/InvokeResponse"}, detail]}))
                 }
             }},
             "/schema": {"get": {"summary": "The plugin's input and output schemas", "operationId": "schema",
@@ -75,7 +80,9 @@ pub fn document(m: &Manifest) -> Value {
             "/precheck": {"get": {"summary": "Check that the plugin can work", "operationId": "precheck",
                 "responses": {"200": json_response("The precheck result", json!({"type": "object", "properties": {
                     "usage": usage, "status_code": {"type": "integer"}, "status_code_text": nullable_string,
-                    "failure_category": nullable_string, "plugin_error": plugin_error}}))}}},
+                    "failure_category": nullable_string, "plugin_error": plugin_error}})),
+                    "503": json_response("Shutdown-abort: the server is shutting down, retry elsewhere; or no plugin thread free now: retry later. Both carry Retry-After",
+                                         json!({"type": "object"}))}}},
             "/metadata": {"get": {"summary": "Plugin metadata", "operationId": "metadata",
                 "responses": {"200": json_response("The metadata", json!({"type": "object",
                     "properties": {"api_version": {"type": "string"}, "identifier": {"type": "string"},

@@ -392,6 +392,57 @@ fn openapi_describes_the_plugin() {
     }
 }
 
+/// Every status a client's request alone can draw from `/invoke` is in the
+/// OpenAPI document, with the body's shape: a generated client, or a
+/// schemathesis run, finds none undocumented.
+#[test]
+fn the_openapi_document_lists_what_invoke_answers() {
+    let s = Server::start(&plugin("wordcount"), &["--max-body-size", "64"]);
+    let doc = s.get("/openapi.json").json();
+    let responses = &doc["paths"]["/invoke"]["post"]["responses"];
+    let timeout_header = format!(
+        "POST /invoke HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nX-ETL-Timeout-Ms: 1.5\r\nContent-Length: 12\r\n\r\n{}",
+        r#"{"text":"a"}"#
+    );
+    let answers = [
+        s.post_json("/invoke", r#"{"text":"a"}"#),
+        s.post("/invoke", Some("application/json"), b"\xff\xfe\xfd"),
+        support::request(s.addr, timeout_header.as_bytes()),
+        s.post_json("/invoke", &format!(r#"{{"text":"{}"}}"#, "a".repeat(100))),
+        s.post_json("/invoke", r#"{"text":3}"#),
+    ];
+    let statuses: Vec<u16> = answers.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 400, 400, 413, 422]);
+    for r in &answers[1..] {
+        let shape = &responses[r.status.to_string()]["content"]["application/json"]["schema"];
+        assert!(
+            shape.is_object(),
+            "{} is not documented: {responses}",
+            r.status
+        );
+        if r.status != 422 {
+            assert_eq!(
+                shape["required"],
+                serde_json::json!(["detail"]),
+                "{}",
+                r.status
+            );
+            assert!(
+                r.json()["detail"].is_string(),
+                "{}",
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+    }
+    // The 503s: the shutdown-abort's envelope, or a detail for want of
+    // capacity (the shutdown and limit tests pin those bodies).
+    let docs_503 = &responses["503"]["content"]["application/json"]["schema"]["anyOf"];
+    assert_eq!(docs_503[0]["$ref"], "#/components/schemas/InvokeResponse");
+    assert_eq!(docs_503[1]["required"], serde_json::json!(["detail"]));
+    // And a plugin's own refusal (ABI 1.1), any 4xx of its choosing.
+    assert!(responses["4XX"].is_object(), "{responses}");
+}
+
 #[test]
 fn streaming_sends_one_envelope_per_item_then_the_failure_line() {
     let s = Server::start(&plugin("ticker"), &[]);
