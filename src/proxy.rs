@@ -52,7 +52,9 @@ impl Proxies {
         for entry in list.split(',').map(str::trim) {
             if let Ok(ip) = entry.parse() {
                 proxies.addresses.push(ip);
-            } else if let Some(net) = (entry.parse::<IpNet>().ok())
+            } else if let Some(net) = entry
+                .parse::<IpNet>()
+                .ok()
                 .or_else(|| ipv4_with_mask(entry))
                 .filter(|net| net.trunc() == *net)
             {
