@@ -312,7 +312,7 @@ fn an_unprivileged_server_drains_and_exits_whether_or_not_it_may_filter() {
         .lines()
         .filter(|l| l.contains("no socket filter on the listener"))
         .collect();
-    let refused = !support::unprivileged_may_filter_tcp();
+    let refused = !support::may_filter_tcp(true);
     assert_eq!(
         said.len(),
         usize::from(refused),

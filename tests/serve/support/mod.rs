@@ -713,19 +713,22 @@ pub fn as_pid_1() -> Command {
     without_inherited_settings(cmd)
 }
 
-/// Whether this kernel lets the user of `Server::start_unprivileged`
-/// attach a socket filter to a TCP socket: asked in a child process that
-/// becomes that user (when the tests run as root) before it tries.
-pub fn unprivileged_may_filter_tcp() -> bool {
+/// Whether this kernel lets etl-serve attach a socket filter to a TCP
+/// socket when it runs as `Server::start_unprivileged` runs it
+/// (`unprivileged`), or as `Server::start` does: asked in a child process
+/// that, in the first case and when the tests run as root, becomes that
+/// user before it tries.
+pub fn may_filter_tcp(unprivileged: bool) -> bool {
     use nix::libc;
     use std::os::unix::process::CommandExt;
     let mut probe = std::process::Command::new("true");
     // SAFETY: the closure runs in the forked child before exec, and makes
     // only system calls, with no allocation and no lock.
     unsafe {
-        probe.pre_exec(|| {
+        probe.pre_exec(move || {
             let fail = || Err(std::io::Error::last_os_error());
-            if libc::geteuid() == 0
+            if unprivileged
+                && libc::geteuid() == 0
                 && (libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setresgid(65532, 65532, 65532) != 0
                     || libc::setresuid(65532, 65532, 65532) != 0)
