@@ -1150,7 +1150,8 @@ fn forwarded_clients_are_the_clients_the_reference_logs() {
     // compared as (host, port). A peer's port differs between the two
     // connections, so the peer counts as the same client. The 172.16-22
     // entries are IPv4 networks written with masks, and entries that look
-    // like them and are not networks: the lists behind them show which
+    // like them and are not networks; fe80::/10 and 2002::1%eth1 are there
+    // for the hosts with a scope. The lists behind `9.9.9.9, ` show which
     // each server trusts.
     let trusted = "127.0.0.1, 10.0.0.0/8, ::1, 2001:db8::/32, unix:/x, \
         172.16.0.0/255.255.0.0, 172.17.0.0/0.0.255.255, 172.18.0.0/255.255.0.255, \
