@@ -12,11 +12,11 @@ use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{fixture, plugin, Server};
+use support::{fixture, plugin, reference_venv, serve_python, Server};
 
 /// Requests whose answers differ on purpose, for which of etl-serve's
 /// plugins, and why.
@@ -52,17 +52,6 @@ const DELIBERATE: &[(&str, &[&str], &str)] = &[
 struct Reference {
     child: Child,
     addr: SocketAddr,
-}
-
-/// The reference's virtualenv, made by `scripts/reference-venv` if missing.
-fn reference_venv() -> PathBuf {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(workspace.join("scripts/reference-venv"))
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run scripts/reference-venv");
-    assert!(out.status.success(), "scripts/reference-venv failed");
-    workspace.join(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 impl Reference {
@@ -448,33 +437,6 @@ fn serve(name: &str) -> Server {
         return Server::start(&plugin(name), &[]);
     }
     serve_python("etl_bench_plugins:wordcount", "bench/reference")
-}
-
-/// etl-serve serving the Python `app` through the bridge, importable from
-/// `dir`, with the reference's virtualenv.
-pub fn serve_python(app: &str, dir: &str) -> Server {
-    serve_python_with(app, dir, &[])
-}
-
-/// As [`serve_python`], with more arguments for etl-serve.
-pub fn serve_python_with(app: &str, dir: &str, args: &[&str]) -> Server {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let venv = reference_venv();
-    let pythonpath = workspace.join(dir);
-    let args: Vec<&str> = ["--plugin-config", app]
-        .iter()
-        .chain(args)
-        .copied()
-        .collect();
-    Server::start_with(
-        &plugin("etl_python"),
-        &args,
-        &[
-            ("VIRTUAL_ENV", venv.to_str().unwrap()),
-            ("PYTHONPATH", pythonpath.to_str().unwrap()),
-        ],
-    )
-    .unwrap_or_else(|f| panic!("etl-serve with the Python bridge did not start: {f:?}"))
 }
 
 /// Sends every case to the reference and to etl-serve serving `name`.

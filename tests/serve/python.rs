@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal::SIGTERM;
 use serde_json::json;
 
-use crate::differential::{serve_python, serve_python_with};
-use crate::support::{invoke_request, stream_cut_after_first_item, Response, Server};
+use crate::support::{
+    invoke_request, serve_python, serve_python_with, stream_cut_after_first_item, Response, Server,
+};
 
 const DIR: &str = "tests/fixtures/python";
 

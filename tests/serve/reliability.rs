@@ -25,12 +25,14 @@ struct Load {
     /// As a container runs it: see `Server::start_unprivileged`. The soak
     /// sets every round so with `ETL_SERVE_SOAK_UNPRIVILEGED`.
     unprivileged: bool,
+    /// Through the Python bridge: see `load::Round::python`.
+    python: bool,
 }
 
 fn run(load: &Load) {
     let rounds = setting("ETL_SERVE_SOAK_ROUNDS", 3);
-    let unprivileged =
-        load.unprivileged || std::env::var_os("ETL_SERVE_SOAK_UNPRIVILEGED").is_some();
+    let unprivileged = load.unprivileged
+        || (!load.python && std::env::var_os("ETL_SERVE_SOAK_UNPRIVILEGED").is_some());
     // The closing race (and a write refused because its reset came first)
     // needs a handshake that was half done when the listener stopped
     // completing new ones. With the socket filter, one in a round at most
@@ -53,12 +55,14 @@ fn run(load: &Load) {
                 graceful_timeout: load.graceful_timeout,
                 warmup: Duration::from_millis(400),
                 unprivileged,
+                python: load.python,
             };
             let o = round(&r);
             eprintln!(
-                "round {n}, {clients} clients, cooperative={}{}: {o:?}",
+                "round {n}, {clients} clients, cooperative={}{}{}: {o:?}",
                 load.cooperative,
-                if unprivileged { ", unprivileged" } else { "" }
+                if unprivileged { ", unprivileged" } else { "" },
+                if load.python { ", python" } else { "" }
             );
             assert_eq!(
                 o.lost(),
@@ -84,7 +88,11 @@ fn run(load: &Load) {
         }
     }
     total.backlog_cut = cut;
-    eprintln!("total, cooperative={}: {total:?}", load.cooperative);
+    eprintln!(
+        "total, cooperative={}{}: {total:?}",
+        load.cooperative,
+        if load.python { ", python" } else { "" }
+    );
 }
 
 #[test]
@@ -94,6 +102,7 @@ fn sigterm_under_load_loses_nothing_with_a_cooperative_plugin() {
         graceful_timeout: "10s",
         expected_exit: 0,
         unprivileged: false,
+        python: false,
     });
 }
 
@@ -104,6 +113,7 @@ fn sigterm_under_load_loses_nothing_when_the_plugin_ignores_the_flag() {
         graceful_timeout: "1s",
         expected_exit: 75,
         unprivileged: false,
+        python: false,
     });
 }
 
@@ -118,6 +128,35 @@ fn sigterm_under_load_loses_nothing_as_a_container_runs_the_server() {
         graceful_timeout: "1s",
         expected_exit: 75,
         unprivileged: true,
+        python: false,
+    });
+}
+
+/// The same load through the Python bridge, with a plugin that checks its
+/// token: every plugin in use today is a Python function.
+#[test]
+fn sigterm_under_load_loses_nothing_with_a_cooperative_python_plugin() {
+    run(&Load {
+        cooperative: true,
+        graceful_timeout: "10s",
+        expected_exit: 0,
+        unprivileged: false,
+        python: true,
+    });
+}
+
+/// A sync Python plugin that never looks at its token, under load: the
+/// bridge raises `PluginShutdown` in every thread still busy 300 ms before
+/// the deadline (its sleeps are short, so each comes back to Python in
+/// time), every caller gets its answer, and the shutdown ends drained.
+#[test]
+fn sigterm_under_load_loses_nothing_when_a_python_plugin_ignores_its_token() {
+    run(&Load {
+        cooperative: false,
+        graceful_timeout: "1s",
+        expected_exit: 0,
+        unprivileged: false,
+        python: true,
     });
 }
 

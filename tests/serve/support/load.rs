@@ -1,5 +1,6 @@
-//! SIGTERM under load: many clients send to `slow` while the server is told
-//! to stop, and every request written to a socket is classified.
+//! SIGTERM under load: many clients send to `slow` (the Rust plugin, or its
+//! Python twin through the bridge) while the server is told to stop, and
+//! every request written to a socket is classified.
 //!
 //! Loopback only, bounded in clients, rounds and time; it stops by itself.
 
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal::SIGTERM;
 
-use super::{invoke_request, plugin, read_response, Server};
+use super::{invoke_request, plugin, read_response, serve_python_with, Server};
 
 /// What became of every request of a round.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -79,6 +80,9 @@ pub struct Round {
     /// Whether the server runs as a container runs it
     /// (`Server::start_unprivileged`).
     pub unprivileged: bool,
+    /// Whether the plugin is `etl_cancel:slow` through the Python bridge
+    /// rather than the Rust `slow`.
+    pub python: bool,
 }
 
 /// What one send ended as, for the caller to act on.
@@ -92,10 +96,11 @@ enum Attempt {
 /// Runs one round and returns what became of every request.
 pub fn round(r: &Round) -> Outcomes {
     let args = ["--graceful-timeout", r.graceful_timeout, "--no-access-log"];
-    let server = if r.unprivileged {
-        Server::start_unprivileged(&plugin("slow"), &args)
-    } else {
-        Server::start(&plugin("slow"), &args)
+    let server = match (r.python, r.unprivileged) {
+        (true, false) => serve_python_with("etl_cancel:slow", "tests/fixtures/python", &args),
+        (false, true) => Server::start_unprivileged(&plugin("slow"), &args),
+        (false, false) => Server::start(&plugin("slow"), &args),
+        (true, true) => unimplemented!("the bridge as user 65532 needs a virtualenv it can read"),
     };
     let addr = server.addr;
     let stop = Arc::new(AtomicBool::new(false));

@@ -1,5 +1,6 @@
 //! What the integration tests share: building the plugins, starting the
-//! real `etl-serve` binary on a free loopback port, and a small HTTP/1.1
+//! real `etl-serve` binary on a free loopback port (with a Rust or C
+//! plugin, or a Python one through the bridge), and a small HTTP/1.1
 //! client over a raw socket (so tests control exactly what is sent).
 
 use std::collections::HashMap;
@@ -240,6 +241,44 @@ pub struct Failed {
 
 pub fn etl_serve() -> Command {
     without_inherited_settings(Command::new(env!("CARGO_BIN_EXE_etl-serve")))
+}
+
+/// The reference's virtualenv, made by `scripts/reference-venv` if missing.
+pub fn reference_venv() -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(workspace.join("scripts/reference-venv"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run scripts/reference-venv");
+    assert!(out.status.success(), "scripts/reference-venv failed");
+    workspace.join(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// etl-serve serving the Python `app` through the bridge, importable from
+/// `dir`, with the reference's virtualenv.
+pub fn serve_python(app: &str, dir: &str) -> Server {
+    serve_python_with(app, dir, &[])
+}
+
+/// As [`serve_python`], with more arguments for etl-serve.
+pub fn serve_python_with(app: &str, dir: &str, args: &[&str]) -> Server {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = reference_venv();
+    let pythonpath = workspace.join(dir);
+    let args: Vec<&str> = ["--plugin-config", app]
+        .iter()
+        .chain(args)
+        .copied()
+        .collect();
+    Server::start_with(
+        &plugin("etl_python"),
+        &args,
+        &[
+            ("VIRTUAL_ENV", venv.to_str().unwrap()),
+            ("PYTHONPATH", pythonpath.to_str().unwrap()),
+        ],
+    )
+    .unwrap_or_else(|f| panic!("etl-serve with the Python bridge did not start: {f:?}"))
 }
 
 /// `cmd` without the settings the tests' own environment could pass on.
