@@ -234,10 +234,10 @@ fn a_python_stream_stopped_by_sigterm_ends_with_the_shutdown_abort_line() {
 
 #[test]
 fn a_python_plugin_holding_the_gil_never_delays_the_probes() {
-    let s = serve_python("etl_cancel:spin", DIR);
+    let mut s = serve_python_with("etl_cancel:spin", DIR, &["--graceful-timeout", "1s"]);
     // Two calls busy in Python code for 10 s: the GIL is never free for
     // long.
-    let _calls: Vec<_> = (0..2)
+    let calls: Vec<_> = (0..2)
         .map(|_| s.send_in_background(invoke_request(r#"{"seconds":10}"#)))
         .collect();
     s.wait_in_flight(2);
@@ -252,6 +252,16 @@ fn a_python_plugin_holding_the_gil_never_delays_the_probes() {
             asked.elapsed()
         );
     }
+    // Both calls are answered before the server exits, rather than left
+    // to fail when it is killed.
+    s.signal(SIGTERM);
+    for call in calls {
+        assert_shutdown_abort(&call.join().unwrap().0);
+    }
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
 }
 
 /// Runs the bridge with the environment variable `name` set to `value`,
