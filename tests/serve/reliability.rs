@@ -26,13 +26,13 @@ struct Load {
     /// sets every round so with `ETL_SERVE_SOAK_UNPRIVILEGED`.
     unprivileged: bool,
     /// Through the Python bridge: see `load::Round::python`.
-    python: bool,
+    python: Option<&'static str>,
 }
 
 fn run(load: &Load) {
     let rounds = setting("ETL_SERVE_SOAK_ROUNDS", 3);
     let unprivileged = load.unprivileged
-        || (!load.python && std::env::var_os("ETL_SERVE_SOAK_UNPRIVILEGED").is_some());
+        || (load.python.is_none() && std::env::var_os("ETL_SERVE_SOAK_UNPRIVILEGED").is_some());
     // The closing race (and a write refused because its reset came first)
     // needs a handshake that was half done when the listener stopped
     // completing new ones. With the socket filter, one in a round at most
@@ -62,7 +62,7 @@ fn run(load: &Load) {
                 "round {n}, {clients} clients, cooperative={}{}{}: {o:?}",
                 load.cooperative,
                 if unprivileged { ", unprivileged" } else { "" },
-                if load.python { ", python" } else { "" }
+                python_label(load)
             );
             assert_eq!(
                 o.lost(),
@@ -91,8 +91,15 @@ fn run(load: &Load) {
     eprintln!(
         "total, cooperative={}{}: {total:?}",
         load.cooperative,
-        if load.python { ", python" } else { "" }
+        python_label(load)
     );
+}
+
+/// How a round's log line names the Python plugin, if any: `, python APP`.
+fn python_label(load: &Load) -> String {
+    load.python
+        .map(|app| format!(", python {app}"))
+        .unwrap_or_default()
 }
 
 #[test]
@@ -102,7 +109,7 @@ fn sigterm_under_load_loses_nothing_with_a_cooperative_plugin() {
         graceful_timeout: "10s",
         expected_exit: 0,
         unprivileged: false,
-        python: false,
+        python: None,
     });
 }
 
@@ -113,7 +120,7 @@ fn sigterm_under_load_loses_nothing_when_the_plugin_ignores_the_flag() {
         graceful_timeout: "1s",
         expected_exit: 75,
         unprivileged: false,
-        python: false,
+        python: None,
     });
 }
 
@@ -128,7 +135,7 @@ fn sigterm_under_load_loses_nothing_as_a_container_runs_the_server() {
         graceful_timeout: "1s",
         expected_exit: 75,
         unprivileged: true,
-        python: false,
+        python: None,
     });
 }
 
@@ -141,7 +148,7 @@ fn sigterm_under_load_loses_nothing_with_a_cooperative_python_plugin() {
         graceful_timeout: "10s",
         expected_exit: 0,
         unprivileged: false,
-        python: true,
+        python: Some("etl_cancel:slow"),
     });
 }
 
@@ -156,7 +163,21 @@ fn sigterm_under_load_loses_nothing_when_a_python_plugin_ignores_its_token() {
         graceful_timeout: "1s",
         expected_exit: 0,
         unprivileged: false,
-        python: true,
+        python: Some("etl_cancel:slow"),
+    });
+}
+
+/// An async Python plugin under load: the bridge cancels every call's task
+/// at SIGTERM, whatever its inputs say, so every caller still waiting gets
+/// the shutdown-abort and the shutdown ends drained.
+#[test]
+fn sigterm_under_load_loses_nothing_with_an_async_python_plugin() {
+    run(&Load {
+        cooperative: false,
+        graceful_timeout: "1s",
+        expected_exit: 0,
+        unprivileged: false,
+        python: Some("etl_cancel:slow_async"),
     });
 }
 

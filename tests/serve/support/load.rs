@@ -1,4 +1,4 @@
-//! SIGTERM under load: many clients send to `slow` (the Rust plugin, or its
+//! SIGTERM under load: many clients send to `slow` (the Rust plugin, or a
 //! Python twin through the bridge) while the server is told to stop, and
 //! every request written to a socket is classified.
 //!
@@ -80,9 +80,9 @@ pub struct Round {
     /// Whether the server runs as a container runs it
     /// (`Server::start_unprivileged`).
     pub unprivileged: bool,
-    /// Whether the plugin is `etl_cancel:slow` through the Python bridge
-    /// rather than the Rust `slow`.
-    pub python: bool,
+    /// The Python twin of `slow` to serve through the bridge instead of the
+    /// Rust `slow` (`etl_cancel:slow`, or `etl_cancel:slow_async`).
+    pub python: Option<&'static str>,
 }
 
 /// What one send ended as, for the caller to act on.
@@ -97,10 +97,12 @@ enum Attempt {
 pub fn round(r: &Round) -> Outcomes {
     let args = ["--graceful-timeout", r.graceful_timeout, "--no-access-log"];
     let server = match (r.python, r.unprivileged) {
-        (true, false) => serve_python_with("etl_cancel:slow", "tests/fixtures/python", &args),
-        (false, true) => Server::start_unprivileged(&plugin("slow"), &args),
-        (false, false) => Server::start(&plugin("slow"), &args),
-        (true, true) => unimplemented!("the bridge as user 65532 needs a virtualenv it can read"),
+        (Some(app), false) => serve_python_with(app, "tests/fixtures/python", &args),
+        (None, true) => Server::start_unprivileged(&plugin("slow"), &args),
+        (None, false) => Server::start(&plugin("slow"), &args),
+        (Some(_), true) => {
+            unimplemented!("the bridge as user 65532 needs a virtualenv it can read")
+        }
     };
     let addr = server.addr;
     let stop = Arc::new(AtomicBool::new(false));
