@@ -27,6 +27,9 @@ struct Load {
     unprivileged: bool,
     /// Through the Python bridge: see `load::Round::python`.
     python: Option<&'static str>,
+    /// Whether the plugin streams: then some streams must have been cut by
+    /// the shutdown after sending items; otherwise none can be.
+    streams: bool,
 }
 
 fn run(load: &Load) {
@@ -80,8 +83,14 @@ fn run(load: &Load) {
                 o.shutdown_abort > 0,
                 "some requests were cut by the shutdown: {o:?}"
             );
+            assert_eq!(
+                o.stream_cut > 0,
+                load.streams,
+                "streams cut after their first items: {o:?}"
+            );
             total.ok += o.ok;
             total.shutdown_abort += o.shutdown_abort;
+            total.stream_cut += o.stream_cut;
             total.connect_refused += o.connect_refused;
             total.write_failed += o.write_failed;
             total.closing_race += o.closing_race;
@@ -110,6 +119,7 @@ fn sigterm_under_load_loses_nothing_with_a_cooperative_plugin() {
         expected_exit: 0,
         unprivileged: false,
         python: None,
+        streams: false,
     });
 }
 
@@ -121,6 +131,7 @@ fn sigterm_under_load_loses_nothing_when_the_plugin_ignores_the_flag() {
         expected_exit: 75,
         unprivileged: false,
         python: None,
+        streams: false,
     });
 }
 
@@ -136,6 +147,7 @@ fn sigterm_under_load_loses_nothing_as_a_container_runs_the_server() {
         expected_exit: 75,
         unprivileged: true,
         python: None,
+        streams: false,
     });
 }
 
@@ -149,6 +161,7 @@ fn sigterm_under_load_loses_nothing_with_a_cooperative_python_plugin() {
         expected_exit: 0,
         unprivileged: false,
         python: Some("etl_cancel:slow"),
+        streams: false,
     });
 }
 
@@ -164,6 +177,7 @@ fn sigterm_under_load_loses_nothing_when_a_python_plugin_ignores_its_token() {
         expected_exit: 0,
         unprivileged: false,
         python: Some("etl_cancel:slow"),
+        streams: false,
     });
 }
 
@@ -178,6 +192,52 @@ fn sigterm_under_load_loses_nothing_with_an_async_python_plugin() {
         expected_exit: 0,
         unprivileged: false,
         python: Some("etl_cancel:slow_async"),
+        streams: false,
+    });
+}
+
+/// A Python generator under load, checking its token: a stream the
+/// shutdown stops ends with the shutdown-abort's line after the items it
+/// sent (or is the plain 503 when it had sent none), and every other stream
+/// ends whole.
+#[test]
+fn sigterm_under_load_loses_nothing_with_a_streaming_python_plugin() {
+    run(&Load {
+        cooperative: true,
+        graceful_timeout: "10s",
+        expected_exit: 0,
+        unprivileged: false,
+        python: Some("etl_cancel:slow_stream"),
+        streams: true,
+    });
+}
+
+/// A Python generator that never looks at its token, under load: the
+/// bridge raises `PluginShutdown` in it before the deadline, as in a plain
+/// call, and its stream ends with the shutdown-abort's line.
+#[test]
+fn sigterm_under_load_loses_nothing_when_a_streaming_python_plugin_ignores_its_token() {
+    run(&Load {
+        cooperative: false,
+        graceful_timeout: "1s",
+        expected_exit: 0,
+        unprivileged: false,
+        python: Some("etl_cancel:slow_stream"),
+        streams: true,
+    });
+}
+
+/// An async Python generator under load: the bridge cancels its task at
+/// SIGTERM, and its stream ends with the shutdown-abort's line.
+#[test]
+fn sigterm_under_load_loses_nothing_with_an_async_streaming_python_plugin() {
+    run(&Load {
+        cooperative: false,
+        graceful_timeout: "1s",
+        expected_exit: 0,
+        unprivileged: false,
+        python: Some("etl_cancel:slow_stream_async"),
+        streams: true,
     });
 }
 

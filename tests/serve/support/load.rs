@@ -1,6 +1,6 @@
 //! SIGTERM under load: many clients send to `slow` (the Rust plugin, or a
-//! Python twin through the bridge) while the server is told to stop, and
-//! every request written to a socket is classified.
+//! Python twin through the bridge, which may stream) while the server is
+//! told to stop, and every request written to a socket is classified.
 //!
 //! Loopback only, bounded in clients, rounds and time; it stops by itself.
 
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal::SIGTERM;
 
-use super::{invoke_request, plugin, read_response, serve_python_with, Server};
+use super::{invoke_request, plugin, read_body, read_head, serve_python_with, Server};
 
 /// What became of every request of a round.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -21,6 +21,9 @@ pub struct Outcomes {
     pub ok: u64,
     /// A complete 503 shutdown-abort.
     pub shutdown_abort: u64,
+    /// Of those, streams that had sent items, ended by the shutdown-abort's
+    /// line.
+    pub stream_cut: u64,
     /// The connection could not be made: nothing was sent.
     pub connect_refused: u64,
     /// The request could not be written: the connection was reset before
@@ -53,6 +56,7 @@ impl Outcomes {
     fn add(&mut self, o: &Outcomes) {
         self.ok += o.ok;
         self.shutdown_abort += o.shutdown_abort;
+        self.stream_cut += o.stream_cut;
         self.connect_refused += o.connect_refused;
         self.write_failed += o.write_failed;
         self.empty_reply += o.empty_reply;
@@ -81,7 +85,9 @@ pub struct Round {
     /// (`Server::start_unprivileged`).
     pub unprivileged: bool,
     /// The Python twin of `slow` to serve through the bridge instead of the
-    /// Rust `slow` (`etl_cancel:slow`, or `etl_cancel:slow_async`).
+    /// Rust `slow`: `etl_cancel:slow` or `etl_cancel:slow_async`, or one
+    /// that streams a line per unit, `etl_cancel:slow_stream` or
+    /// `etl_cancel:slow_stream_async`.
     pub python: Option<&'static str>,
 }
 
@@ -147,11 +153,13 @@ fn client(i: usize, addr: SocketAddr, cooperative: bool, stop: &AtomicBool, out:
     let mut fresh = true;
     let deadline = Instant::now() + Duration::from_secs(90);
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-        let body = match i % 3 {
-            0 => format!(r#"{{"units":300,"unit_ms":10,"cooperative":{cooperative}}}"#),
-            1 => r#"{"units":20,"unit_ms":10,"cooperative":false}"#.to_owned(),
-            _ => r#"{"units":1,"unit_ms":1,"cooperative":false}"#.to_owned(),
+        let (units, unit_ms, cooperative) = match i % 3 {
+            0 => (300, 10, cooperative),
+            1 => (20, 10, false),
+            _ => (1, 1, false),
         };
+        let body =
+            format!(r#"{{"units":{units},"unit_ms":{unit_ms},"cooperative":{cooperative}}}"#);
         let mut raw = invoke_request(&body);
         if keep_alive {
             raw = raw.replace("Connection: close\r\n", "");
@@ -173,7 +181,7 @@ fn client(i: usize, addr: SocketAddr, cooperative: bool, stop: &AtomicBool, out:
             }
         }
         let (stream, reader) = conn.as_mut().unwrap();
-        let sent = send(stream, reader, raw.as_bytes(), out);
+        let sent = send(stream, reader, raw.as_bytes(), units, out);
         if matches!(sent, Attempt::Reset) {
             let quick = connected.elapsed() < Duration::from_millis(250);
             let refused = TcpStream::connect(addr).is_err();
@@ -195,41 +203,24 @@ fn client(i: usize, addr: SocketAddr, cooperative: bool, stop: &AtomicBool, out:
     }
 }
 
-/// Writes one request and classifies its answer. `Done(true)` when the
-/// connection may be reused.
+/// Writes one request for `units` units and classifies its answer.
+/// `Done(true)` when the connection may be reused.
 fn send(
     stream: &mut TcpStream,
     reader: &mut BufReader<TcpStream>,
     raw: &[u8],
+    units: u64,
     out: &mut Outcomes,
 ) -> Attempt {
     if stream.write_all(raw).is_err() {
         out.write_failed += 1;
         return Attempt::NotSent;
     }
-    match read_response(reader) {
-        Ok(r) => {
-            let close = r
-                .header("connection")
-                .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-            let envelope: Option<serde_json::Value> = serde_json::from_slice(&r.body).ok();
-            match (r.status, envelope) {
-                (200, Some(e)) if e["status_code"] == 200 && e["output"]["done"].is_number() => {
-                    out.ok += 1
-                }
-                (503, Some(e)) if e["plugin_error"]["error_type"] == "shutdown" && close => {
-                    out.shutdown_abort += 1
-                }
-                (status, e) => {
-                    eprintln!("unexpected answer {status}: {e:?}");
-                    out.other += 1;
-                }
-            }
-            Attempt::Done(!close)
-        }
+    let (status, headers) = match read_head(reader) {
+        Ok(head) => head,
         Err(e) if e.kind() == ErrorKind::UnexpectedEof && e.to_string() == "no response" => {
             out.empty_reply += 1;
-            Attempt::Done(false)
+            return Attempt::Done(false);
         }
         Err(e)
             if matches!(
@@ -237,12 +228,94 @@ fn send(
                 ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
             ) =>
         {
-            Attempt::Reset
+            return Attempt::Reset;
         }
         Err(e) => {
-            eprintln!("truncated answer: {e}");
+            eprintln!("truncated answer head: {e}");
             out.truncated += 1;
-            Attempt::Done(false)
+            return Attempt::Done(false);
         }
+    };
+    // Once the head has arrived, any break in the body (a reset too) cuts
+    // an answer short.
+    let body = match read_body(reader, status, &headers) {
+        Ok(body) => body,
+        Err(e) => {
+            eprintln!("truncated answer {status}: {e}");
+            out.truncated += 1;
+            return Attempt::Done(false);
+        }
+    };
+    let close = headers
+        .get("connection")
+        .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+    let ndjson = headers
+        .get("content-type")
+        .is_some_and(|v| v == "application/x-ndjson");
+    let answer = if status == 200 && ndjson {
+        stream_answer(&body, units)
+    } else {
+        envelope_answer(status, &body, close, units)
+    };
+    match answer {
+        Ok(Answer::Whole) => out.ok += 1,
+        Ok(Answer::ShutdownAbort { stream_cut }) => {
+            out.shutdown_abort += 1;
+            out.stream_cut += u64::from(stream_cut);
+        }
+        Err(why) => {
+            eprintln!("unexpected answer {status}: {why}");
+            out.other += 1;
+        }
+    }
+    Attempt::Done(!close)
+}
+
+/// A complete answer of one of the two kinds allowed.
+enum Answer {
+    /// The plugin's result for every unit asked.
+    Whole,
+    /// The 503 shutdown-abort, or a stream's items ended by its line.
+    ShutdownAbort { stream_cut: bool },
+}
+
+/// Classifies a single envelope: a 200 with `done` equal to the units
+/// asked, or the 503 shutdown-abort closing its connection.
+fn envelope_answer(status: u16, body: &[u8], close: bool, units: u64) -> Result<Answer, String> {
+    let e: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| String::from_utf8_lossy(body).into_owned())?;
+    if status == 200 && e["status_code"] == 200 && e["output"]["done"] == units {
+        Ok(Answer::Whole)
+    } else if status == 503 && e["plugin_error"]["error_type"] == "shutdown" && close {
+        Ok(Answer::ShutdownAbort { stream_cut: false })
+    } else {
+        Err(format!("{e} (connection: close {close})"))
+    }
+}
+
+/// Classifies a stream's NDJSON lines: `done` 1, 2, ... in order, and
+/// either every unit asked or, last, the shutdown-abort's line.
+fn stream_answer(body: &[u8], units: u64) -> Result<Answer, String> {
+    let lines = body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(serde_json::from_slice::<serde_json::Value>)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("a line is not JSON ({e})"))?;
+    let aborted = lines
+        .last()
+        .is_some_and(|l| l["status_code"] == 503 && l["plugin_error"]["error_type"] == "shutdown");
+    let items = &lines[..lines.len() - usize::from(aborted)];
+    if let Some((n, item)) = items
+        .iter()
+        .enumerate()
+        .find(|(n, item)| item["status_code"] != 200 || item["output"]["done"] != n + 1)
+    {
+        return Err(format!("item {n} of {}: {item}", lines.len()));
+    }
+    match (aborted, items.len() as u64) {
+        (true, n) => Ok(Answer::ShutdownAbort { stream_cut: n > 0 }),
+        (false, n) if n == units => Ok(Answer::Whole),
+        (false, n) => Err(format!("{n} items of {units}, and no shutdown-abort")),
     }
 }

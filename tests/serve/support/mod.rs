@@ -628,6 +628,20 @@ pub fn assert_clean_close(reader: &mut impl Read) {
 /// Content-Length, chunked encoding, or the end of the connection.
 pub fn read_response(r: &mut impl BufRead) -> std::io::Result<Response> {
     let (status, headers) = read_head(r)?;
+    let body = read_body(r, status, &headers)?;
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Reads the body of a response whose head [`read_head`] read.
+pub fn read_body(
+    r: &mut impl BufRead,
+    status: u16,
+    headers: &HashMap<String, String>,
+) -> std::io::Result<Vec<u8>> {
     let mut body = Vec::new();
     if headers
         .get("transfer-encoding")
@@ -645,11 +659,7 @@ pub fn read_response(r: &mut impl BufRead) -> std::io::Result<Response> {
     } else if status != 204 && status != 304 && !(100..200).contains(&status) {
         r.read_to_end(&mut body)?;
     }
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
+    Ok(body)
 }
 
 /// Reads a response head: its status, and its headers by lower-case name.
