@@ -314,7 +314,9 @@ fn stream_answer(body: &[u8], units: u64) -> Result<Answer, String> {
         return Err(format!("item {n} of {}: {item}", lines.len()));
     }
     match (aborted, items.len() as u64) {
-        (true, n) => Ok(Answer::ShutdownAbort { stream_cut: n > 0 }),
+        // A stream stopped before its first item answers the plain 503.
+        (true, 0) => Err("a 200 whose only line is the shutdown-abort".to_owned()),
+        (true, _) => Ok(Answer::ShutdownAbort { stream_cut: true }),
         (false, n) if n == units => Ok(Answer::Whole),
         (false, n) => Err(format!("{n} items of {units}, and no shutdown-abort")),
     }
