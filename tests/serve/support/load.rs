@@ -4,7 +4,7 @@
 //!
 //! Loopback only, bounded in clients, rounds and time; it stops by itself.
 
-use std::io::{BufReader, ErrorKind, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,7 +32,8 @@ pub struct Outcomes {
     pub write_failed: u64,
     /// The request was written and the connection closed with no byte back.
     pub empty_reply: u64,
-    /// The request was written and the connection was reset.
+    /// The request was written and the connection was reset before any
+    /// byte of the answer came.
     pub reset: u64,
     /// The closing race, the one case etl-serve cannot prevent: a fresh
     /// connection whose handshake the kernel completed in the instant
@@ -41,7 +42,7 @@ pub struct Outcomes {
     /// and a new connect is refused. A connection etl-serve had accepted
     /// and then lost would instead reset at exit, a second or more later.
     pub closing_race: u64,
-    /// A response started but did not complete.
+    /// A response started (a byte of it came) but did not complete.
     pub truncated: u64,
     /// A complete response that is neither of the two allowed.
     pub other: u64,
@@ -216,12 +217,15 @@ fn send(
         out.write_failed += 1;
         return Attempt::NotSent;
     }
-    let (status, headers) = match read_head(reader) {
-        Ok(head) => head,
-        Err(e) if e.kind() == ErrorKind::UnexpectedEof && e.to_string() == "no response" => {
+    // Whether any byte of the answer came decides what a break means.
+    // Before the first, a reset may be the closing race (the caller looks);
+    // after it, the answer was cut short.
+    match reader.fill_buf() {
+        Ok([]) => {
             out.empty_reply += 1;
             return Attempt::Done(false);
         }
+        Ok(_) => {}
         Err(e)
             if matches!(
                 e.kind(),
@@ -230,6 +234,14 @@ fn send(
         {
             return Attempt::Reset;
         }
+        Err(e) => {
+            eprintln!("no answer: {e}");
+            out.truncated += 1;
+            return Attempt::Done(false);
+        }
+    }
+    let (status, headers) = match read_head(reader) {
+        Ok(head) => head,
         Err(e) => {
             eprintln!("truncated answer head: {e}");
             out.truncated += 1;
