@@ -12,7 +12,9 @@
 //! - every refusal docs/operations.md and docs/reliability.md quote (`{"detail":
 //!   "..."}`, outside the table of the reference's own answers) must be
 //!   listed in [`DETAILS`] with the request that gets it, and each request
-//!   is sent to the real binary.
+//!   is sent to the real binary;
+//! - README.md's layout table names every file of `src/`, every crate and
+//!   every example plugin.
 //!
 //! A capital letter standing alone in a quote (`T`, `M`, `N`, `C`) is a
 //! placeholder for a value.
@@ -221,6 +223,86 @@ fn the_matchers_take_ellipses_and_placeholders() {
     assert!(logged(log, "timed out after T: M invocations abandoned"));
     assert!(!logged(log, "timed out after T: M invocations joined"));
     assert!(!logged(log, "SIGTERM received"));
+}
+
+// ---------------------------------------------------------------------------
+// The layout table
+// ---------------------------------------------------------------------------
+
+/// The row of README.md's layout table whose first cell is `cell`.
+fn layout_row(readme: &str, cell: &str) -> String {
+    let start = format!("| {cell} |");
+    readme
+        .lines()
+        .find(|l| l.starts_with(&start))
+        .unwrap_or_else(|| panic!("README.md's layout table has no {cell} row"))
+        .to_owned()
+}
+
+/// The names of the entries of `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("a directory entry").file_name())
+        .map(|n| n.into_string().expect("a UTF-8 name"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A newcomer finds each module from README.md, so its layout table names
+/// every file of `src/` (a module directory as `dir/`, the files in it by
+/// name), and every crate and example plugin of the workspace.
+#[test]
+fn the_layout_table_names_every_module_crate_and_plugin() {
+    let root = Path::new(WORKSPACE);
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let src = layout_row(&readme, "`src/`");
+    let names = entries(&root.join("src"));
+    // Where each module directory is named: the files in it are named
+    // between there and the next directory (or the end of the row).
+    let dirs: Vec<(usize, &String)> = names
+        .iter()
+        .filter(|n| root.join("src").join(n).is_dir())
+        .filter_map(|n| src.find(&format!("`{n}/`")).map(|at| (at, n)))
+        .collect();
+    let mut missing = Vec::new();
+    for name in &names {
+        let path = root.join("src").join(name);
+        if !path.is_dir() {
+            if !src.contains(&format!("`{name}`")) {
+                missing.push(format!("src/{name}"));
+            }
+            continue;
+        }
+        let Some(&(at, _)) = dirs.iter().find(|(_, n)| *n == name) else {
+            missing.push(format!("src/{name}/"));
+            continue;
+        };
+        let end = dirs.iter().map(|(a, _)| *a).filter(|a| *a > at).min();
+        let part = &src[at..end.unwrap_or(src.len())];
+        for inner in entries(&path) {
+            if inner != "mod.rs" && !part.contains(&format!("`{inner}`")) {
+                missing.push(format!("src/{name}/{inner}"));
+            }
+        }
+    }
+    for name in entries(&root.join("crates")) {
+        if !readme.contains(&format!("| `crates/{name}` |")) {
+            missing.push(format!("crates/{name}"));
+        }
+    }
+    let plugins = layout_row(&readme, "`plugins/`");
+    for name in entries(&root.join("plugins")) {
+        if !plugins.contains(&format!("`{name}`")) {
+            missing.push(format!("plugins/{name}"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "README.md's layout table does not name: {}",
+        missing.join(", ")
+    );
 }
 
 // ---------------------------------------------------------------------------
