@@ -42,7 +42,8 @@ pub struct Outcomes {
     /// and a new connect is refused. A connection etl-serve had accepted
     /// and then lost would instead reset at exit, a second or more later.
     pub closing_race: u64,
-    /// A response started (a byte of it came) but did not complete.
+    /// A response started (a byte of it came) but did not complete, or
+    /// none came within the client's read timeout.
     pub truncated: u64,
     /// A complete response that is neither of the two allowed.
     pub other: u64,
