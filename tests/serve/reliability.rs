@@ -316,9 +316,13 @@ mod faults {
 // ---------------------------------------------------------------------------
 
 mod bad_input {
+    use std::io::{BufReader, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
     use serde_json::json;
 
-    use super::support::{invoke_request, plugin, request, Server};
+    use super::support::{invoke_request, plugin, read_head, read_response, request, Server};
 
     #[test]
     fn garbage_request_lines_get_400_and_the_server_keeps_serving() {
@@ -487,6 +491,48 @@ mod bad_input {
             );
         }
         assert_eq!(s.get("/healthz").status, 200);
+    }
+
+    #[test]
+    fn expect_100_continue_is_answered_as_the_docs_say() {
+        // The `Expect: 100-continue` rows of docs/operations.md. curl asks
+        // for it before a large body, and ETL documents are large.
+        let s = Server::start(&plugin("wordcount"), &["--max-body-size", "1KiB"]);
+        let body = r#"{"text":"hello big world"}"#;
+        let head = |version: &str, length: usize| {
+            format!("POST /invoke {version}\r\nHost: a\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: {length}\r\n\r\n")
+        };
+        let connect = || {
+            let c = TcpStream::connect(s.addr).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let r = BufReader::new(c.try_clone().unwrap());
+            (c, r)
+        };
+        // HTTP/1.1: `100 Continue` to the head alone (the body is not sent
+        // until it comes), then the answer.
+        let (mut c, mut r) = connect();
+        c.write_all(head("HTTP/1.1", body.len()).as_bytes())
+            .unwrap();
+        assert_eq!(read_head(&mut r).unwrap().0, 100);
+        c.write_all(body.as_bytes()).unwrap();
+        let answer = read_response(&mut r).unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.json()["output"], json!({"words": 3, "chars": 15}));
+        // Over --max-body-size: the 413 in place of `100 Continue`, so the
+        // client need not send the body at all.
+        let (mut c, mut r) = connect();
+        c.write_all(head("HTTP/1.1", 2048).as_bytes()).unwrap();
+        let refused = read_response(&mut r).unwrap();
+        assert_eq!(
+            (refused.status, refused.header("connection")),
+            (413, Some("close"))
+        );
+        // HTTP/1.0: the expectation is ignored (RFC 9110, section 10.1.1),
+        // so the first answer to head and body is the final one.
+        let (mut c, mut r) = connect();
+        c.write_all(format!("{}{body}", head("HTTP/1.0", body.len())).as_bytes())
+            .unwrap();
+        assert_eq!(read_head(&mut r).unwrap().0, 200);
     }
 
     #[test]
