@@ -470,6 +470,12 @@ mod bad_input {
                 "{method}"
             );
         }
+        // A tunnel request names no route.
+        let connect = request(s.addr, b"CONNECT a:80 HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert_eq!(
+            (connect.status, connect.json()),
+            (404, json!({"detail": "Not Found"}))
+        );
         // The same Content-Length twice is one.
         let body = r#"{"text":"a"}"#;
         let twice = format!("POST /invoke HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 12\r\nContent-Length: 12\r\nConnection: close\r\n\r\n{body}");
