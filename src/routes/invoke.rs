@@ -10,7 +10,8 @@ use bytes::Bytes;
 use etl_abi as abi;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Request, Response, StatusCode};
+use hyper::http::request::Parts;
+use hyper::{Request, Response, StatusCode, Version};
 
 use super::body::read_body;
 use super::reply::{internal_error, json, overloaded, shutdown_abort, threads_busy, Body};
@@ -48,6 +49,12 @@ pub async fn invoke(
         v.to_str()
             .map_or_else(|_| String::from_utf8_lossy(v.as_bytes()), Cow::Borrowed)
     });
+    // A client that waits for `100 Continue` before it sends the body
+    // learns of the drain now, rather than being asked for a body that
+    // would only be refused (hyper sends the 100 when the body is read).
+    if app.drain.is_draining() && waits_for_continue(&head) {
+        return shutdown_abort(&Collected::default());
+    }
     let (body, _held) = match read_body(body, &app.body).await {
         Ok(read) => read,
         Err(response) => return response,
@@ -91,6 +98,17 @@ pub async fn invoke(
     } else {
         invoke_plain(app, prepared.input, request, in_flight, from).await
     }
+}
+
+/// Whether the client sent `Expect: 100-continue` and waits for it before
+/// sending the body. From HTTP/1.0 the expectation is ignored (RFC 9110,
+/// section 10.1.1): such a client sends its body anyway.
+fn waits_for_continue(head: &Parts) -> bool {
+    head.version == Version::HTTP_11
+        && head
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 /// The request header in which a caller says how long it waits for the
