@@ -406,6 +406,16 @@ fn past_the_concurrency_limit_invocations_get_503_at_once() {
         r.json().get("plugin_error").is_none(),
         "not a shutdown-abort"
     );
+    // A client that waits for `100 Continue` gets the same 503 in its
+    // place, before it sends the body.
+    let r = support::request(s.addr, support::WAITS_FOR_CONTINUE);
+    assert_eq!(
+        (r.status, r.json()["detail"].as_str()),
+        (
+            503,
+            Some("too many invocations in flight (--limit-concurrency 1); retry later")
+        )
+    );
     // Unlike uvicorn's limit (docs/operations.md), open connections and
     // the other routes do not count: at the limit, with one more
     // connection open and idle, a controller still reads /schema.
@@ -422,7 +432,8 @@ fn past_the_concurrency_limit_invocations_get_503_at_once() {
     // Once the first is done there is room again.
     assert_eq!(s.post_json("/invoke", r#"{"units":1}"#).status, 200);
     let m = s.get("/metrics").text();
-    assert_eq!(metric(&m, "etl_serve_concurrency_rejections_total"), 1.0);
+    // The two refused above.
+    assert_eq!(metric(&m, "etl_serve_concurrency_rejections_total"), 2.0);
 }
 
 #[test]

@@ -4,8 +4,7 @@
 
 use crate::support;
 
-use std::io::{BufReader, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal::{SIGINT, SIGTERM};
@@ -251,15 +250,7 @@ fn requests_during_the_drain_are_answered_at_once() {
     assert_shutdown_abort(&r);
     // A client that waits for `100 Continue` gets the shutdown-abort in
     // its place, before it sends the body.
-    let mut waiting = TcpStream::connect(s.addr).unwrap();
-    waiting
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    waiting
-        .write_all(b"POST /invoke HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 12\r\n\r\n")
-        .unwrap();
-    let r = support::read_response(&mut BufReader::new(waiting)).unwrap();
-    assert_shutdown_abort(&r);
+    assert_shutdown_abort(&support::request(s.addr, support::WAITS_FOR_CONTINUE));
     let r = s.get("/precheck");
     assert_shutdown_abort(&r);
     let r = s.get("/readyz");

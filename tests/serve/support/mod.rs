@@ -577,6 +577,11 @@ impl Response {
     }
 }
 
+/// The head of an `/invoke` that waits for `100 Continue` before it sends
+/// its 12-byte body.
+pub const WAITS_FOR_CONTINUE: &[u8] = b"POST /invoke HTTP/1.1\r\nHost: a\r\n\
+Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 12\r\n\r\n";
+
 /// Sends `raw` on a new connection and reads one response (the request
 /// should say `Connection: close`).
 pub fn request(addr: SocketAddr, raw: &[u8]) -> Response {
