@@ -159,7 +159,7 @@ pub async fn read_body(
 }
 
 /// The rest of the body is not read, so the connection cannot be reused.
-fn unread_rest(mut r: Response<Body>) -> Response<Body> {
+pub fn unread_rest(mut r: Response<Body>) -> Response<Body> {
     r.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r

@@ -13,7 +13,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode, Version};
 
-use super::body::read_body;
+use super::body::{read_body, unread_rest};
 use super::reply::{internal_error, json, overloaded, shutdown_abort, threads_busy, Body};
 use super::stream::invoke_streaming;
 use crate::app::App;
@@ -56,7 +56,7 @@ pub async fn invoke(
     // applies: on every request it cost about 90 instructions.
     if let Some(refused) = Refused::now(app, app.drain.in_flight()) {
         if waits_for_continue(&head) {
-            return refused.answer();
+            return unread_rest(refused.answer());
         }
     }
     let (body, _held) = match read_body(body, &app.body).await {

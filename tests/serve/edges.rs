@@ -407,6 +407,7 @@ fn streams_whose_clients_stopped_reading_release_their_threads() {
             Some("all 2 plugin threads are busy (--plugin-threads); retry later")
         )
     );
+    assert_eq!(r.header("connection"), Some("close"));
     // The write timeout cuts both streams, their plugins see the stream
     // closed, and the threads come back.
     wait_counter(&s, "etl_serve_write_timeouts_total", 2);
