@@ -582,6 +582,20 @@ impl Response {
 pub const WAITS_FOR_CONTINUE: &[u8] = b"POST /invoke HTTP/1.1\r\nHost: a\r\n\
 Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 12\r\n\r\n";
 
+/// Sends [`WAITS_FOR_CONTINUE`] to `addr` and checks that a 503 came in
+/// place of `100 Continue`, closing the connection (the body is never
+/// read). Returns the 503's `detail`.
+pub fn refused_before_continue(addr: SocketAddr) -> String {
+    let r = request(addr, WAITS_FOR_CONTINUE);
+    assert_eq!(
+        (r.status, r.header("connection")),
+        (503, Some("close")),
+        "{}",
+        r.text()
+    );
+    r.json()["detail"].as_str().unwrap_or_default().to_owned()
+}
+
 /// Sends `raw` on a new connection and reads one response (the request
 /// should say `Connection: close`).
 pub fn request(addr: SocketAddr, raw: &[u8]) -> Response {
