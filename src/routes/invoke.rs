@@ -40,8 +40,9 @@ pub async fn invoke(
     from: Requester<'_>,
 ) -> Response<Body> {
     let (head, body) = req.into_parts();
-    // Counted from the head, but refused only once the body is read, so
-    // that the connection stays usable and the client reads the 400 whole.
+    // Counted from the head, but refused only once the body is read (unless
+    // the client waits for `100 Continue`, below), so that the connection
+    // stays usable and the client reads the 400 whole.
     let deadline = deadline(&head.headers);
     // A parameter may carry bytes past ASCII (`charset="\xff"`), which
     // `to_str` refuses; the media type before it still counts.
@@ -54,7 +55,11 @@ pub async fn invoke(
     // for a body that would only be refused (hyper sends the 100 when the
     // body is first read). The header is looked up only when a refusal
     // applies: on every request it cost about 90 instructions.
-    if let Some(refused) = Refused::now(app, app.drain.in_flight()) {
+    let refused = match deadline {
+        Err(()) => Some(Refused::BadTimeout),
+        Ok(_) => Refused::now(app, app.drain.in_flight()),
+    };
+    if let Some(refused) = refused {
         if waits_for_continue(&head) {
             return unread_rest(refused.answer());
         }
@@ -64,10 +69,7 @@ pub async fn invoke(
         Err(response) => return response,
     };
     let Ok(deadline) = deadline else {
-        return super::reply::detail(
-            StatusCode::BAD_REQUEST,
-            &format!("Invalid {TIMEOUT_HEADER} header: expected a whole number of milliseconds"),
-        );
+        return Refused::BadTimeout.answer();
     };
     // Counted before the drain check: a drain that starts after the check
     // then waits for this request.
@@ -98,6 +100,8 @@ pub async fn invoke(
 
 /// Why an `/invoke` is refused whatever its body.
 enum Refused {
+    /// An `X-ETL-Timeout-Ms` that is not whole milliseconds.
+    BadTimeout,
     /// The drain: the shutdown-abort.
     Draining,
     /// `--limit-concurrency`, reached.
@@ -121,6 +125,12 @@ impl Refused {
 
     fn answer(self) -> Response<Body> {
         match self {
+            Refused::BadTimeout => super::reply::detail(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "Invalid {TIMEOUT_HEADER} header: expected a whole number of milliseconds"
+                ),
+            ),
             Refused::Draining => shutdown_abort(&Collected::default()),
             Refused::Overloaded(limit) => overloaded(limit),
             Refused::ThreadsBusy(limit) => threads_busy(limit),

@@ -533,6 +533,21 @@ mod bad_input {
             (refused.status, refused.header("connection")),
             (413, Some("close"))
         );
+        // A timeout header that is not whole milliseconds: the 400 in place
+        // of `100 Continue` too.
+        let (mut c, mut r) = connect();
+        let bad_timeout =
+            head("HTTP/1.1", body.len()).replace("\r\n\r\n", "\r\nX-ETL-Timeout-Ms: 1.5\r\n\r\n");
+        c.write_all(bad_timeout.as_bytes()).unwrap();
+        let refused = read_response(&mut r).unwrap();
+        assert_eq!(
+            (refused.status, refused.header("connection")),
+            (400, Some("close"))
+        );
+        assert_eq!(
+            refused.json()["detail"],
+            "Invalid x-etl-timeout-ms header: expected a whole number of milliseconds"
+        );
         // HTTP/1.0: the expectation is ignored (RFC 9110, section 10.1.1),
         // so the first answer to head and body is the final one.
         let (mut c, mut r) = connect();
