@@ -46,6 +46,11 @@ const DELIBERATE: &[(&str, &[&str], &str)] = &[
         &["wordcount_c", "wordcount", "etl_python"],
         "etl-serve refuses a lone surrogate anywhere in a body, the same wherever it is; the reference drops the unknown field unread and serves",
     ),
+    (
+        "POST /invoke timeout header not whole milliseconds",
+        &["wordcount_c", "wordcount", "etl_python"],
+        "etl-serve hands the plugin the caller's deadline and refuses one it cannot read with a 400; the reference has no such header and serves",
+    ),
 ];
 
 /// etl-uvicorn serving `wordcount`, stopped when dropped.
@@ -120,12 +125,13 @@ impl Drop for Reference {
 }
 
 /// One request: a name for the report, the method and target, the content
-/// type, and the body.
+/// type, header lines besides those (each ending in CRLF), and the body.
 struct Case {
     name: String,
     method: &'static str,
     target: &'static str,
     content_type: Option<&'static str>,
+    headers: &'static str,
     body: Vec<u8>,
 }
 
@@ -135,6 +141,7 @@ fn invoke(name: &str, content_type: Option<&'static str>, body: impl Into<Vec<u8
         method: "POST",
         target: "/invoke",
         content_type,
+        headers: "",
         body: body.into(),
     }
 }
@@ -145,6 +152,7 @@ fn get(target: &'static str) -> Case {
         method: "GET",
         target,
         content_type: None,
+        headers: "",
         body: Vec::new(),
     }
 }
@@ -322,6 +330,7 @@ fn cases() -> Vec<Case> {
             method: "DELETE",
             target: "/openapi.json",
             content_type: None,
+            headers: "",
             body: Vec::new(),
         },
         Case {
@@ -329,6 +338,7 @@ fn cases() -> Vec<Case> {
             method: "POST",
             target: "/id",
             content_type: None,
+            headers: "",
             body: Vec::new(),
         },
         Case {
@@ -336,6 +346,7 @@ fn cases() -> Vec<Case> {
             method: "POST",
             target: "/invoke/",
             content_type: json,
+            headers: "",
             body: br#"{"text":"a"}"#.to_vec(),
         },
     ];
@@ -354,6 +365,11 @@ fn cases() -> Vec<Case> {
         json,
         r#"{"text":"a","extra":"\ud800"}"#,
     ));
+    cases.push(Case {
+        name: "POST /invoke timeout header not whole milliseconds".into(),
+        headers: "X-ETL-Timeout-Ms: 1.5\r\n",
+        ..invoke("", json, r#"{"text":"a"}"#)
+    });
     cases
 }
 
@@ -387,6 +403,7 @@ fn answer(addr: SocketAddr, case: &Case) -> Answer {
     if let Some(ct) = case.content_type {
         raw.push_str(&format!("Content-Type: {ct}\r\n"));
     }
+    raw.push_str(case.headers);
     raw.push_str("\r\n");
     let mut raw = raw.into_bytes();
     raw.extend_from_slice(&case.body);
