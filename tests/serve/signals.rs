@@ -6,7 +6,7 @@ use crate::support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal::{self, SIGALRM, SIGHUP, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
+use nix::sys::signal::Signal::{self, SIGALRM, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use support::{fixture, invoke_request, Server, Spawned};
 
 /// The etl-serve process itself: under `unshare` it is the wrapper's only
@@ -37,8 +37,15 @@ fn with_plugin(mut cmd: Command, args: &[&str]) -> Command {
 
 #[test]
 fn a_signal_while_the_plugin_initialises_stops_startup_at_once() {
-    let commands = [(support::etl_serve(), false), (support::as_pid_1(), true)];
-    for (cmd, as_pid_1) in commands {
+    // SIGTERM as PID 1 and not; SIGINT and SIGQUIT, each with the shell's
+    // code for death by it.
+    let runs = [
+        (support::etl_serve(), false, SIGTERM, 143),
+        (support::as_pid_1(), true, SIGTERM, 143),
+        (support::etl_serve(), false, SIGINT, 130),
+        (support::etl_serve(), false, SIGQUIT, 131),
+    ];
+    for (cmd, as_pid_1, signal, code) in runs {
         // An init that takes 30 s.
         let mut p = Spawned::new(with_plugin(cmd, &["--plugin-config", "slow_init"]));
         assert!(
@@ -47,26 +54,23 @@ fn a_signal_while_the_plugin_initialises_stops_startup_at_once() {
             p.logs()
         );
         let signalled = Instant::now();
-        support::signal_pid(etl_serve_pid(p.pid(), as_pid_1), SIGTERM);
+        support::signal_pid(etl_serve_pid(p.pid(), as_pid_1), signal);
         let status = p.wait_exit(Duration::from_secs(20)).expect("exits");
+        let run = format!("{signal}, as PID 1: {as_pid_1}");
         assert!(
             signalled.elapsed() < Duration::from_secs(5),
-            "as PID 1: {as_pid_1}: {:?}",
+            "{run}: {:?}",
             signalled.elapsed()
         );
-        assert_eq!(
-            status.code(),
-            Some(143),
-            "as PID 1: {as_pid_1}: {}",
-            p.logs()
-        );
+        assert_eq!(status.code(), Some(code), "{run}: {}", p.logs());
         assert!(
-            p.logs()
-                .contains("SIGTERM while the plugin was loading: exiting without serving"),
-            "{}",
+            p.logs().contains(&format!(
+                "{signal} while the plugin was loading: exiting without serving"
+            )),
+            "{run}: {}",
             p.logs()
         );
-        assert!(!p.logs().contains("listening on"));
+        assert!(!p.logs().contains("listening on"), "{run}");
     }
 }
 
