@@ -117,6 +117,34 @@ mod tests {
     use super::Connections;
     use crate::conn::ConnIo;
     use crate::server::ConnLimits;
+    use crate::sync::lock;
+
+    const LIMITS: ConnLimits = ConnLimits {
+        head_timeout: Duration::from_secs(60),
+        max_header_size: 64 * 1024,
+        write_timeout: Duration::from_secs(60),
+    };
+
+    /// Closed connections are forgotten as the list would grow, so that it
+    /// stays within about twice the open ones however many came and went.
+    #[test]
+    fn the_list_forgets_closed_connections() {
+        let all = Connections::default();
+        let connection = || {
+            let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            ConnIo::new(ours, None, &all, &LIMITS)
+        };
+        let open: Vec<_> = (0..3).map(|_| connection()).collect();
+        for _ in 0..1000 {
+            drop(connection());
+        }
+        let listed = lock(&all.list).len();
+        assert!(
+            listed <= 2 * open.len() + 1,
+            "{listed} listed, {} open",
+            open.len()
+        );
+    }
 
     /// The task of a connection that looks idle may have read a request an
     /// instant before: ending the connection for its descriptor must leave
@@ -131,12 +159,7 @@ mod tests {
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let all = Connections::default();
-        let limits = ConnLimits {
-            head_timeout: Duration::from_secs(60),
-            max_header_size: 64 * 1024,
-            write_timeout: Duration::from_secs(60),
-        };
-        let (mut io, _conn) = ConnIo::new(server, None, &all, &limits);
+        let (mut io, _conn) = ConnIo::new(server, None, &all, &LIMITS);
         assert_eq!(
             all.close_idle_if_short(),
             0,
