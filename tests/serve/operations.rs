@@ -1041,6 +1041,31 @@ fn a_header_size_too_small_for_any_request_is_refused() {
     );
 }
 
+/// The CPU time process `pid` has used, in clock ticks (`utime` plus
+/// `stime` of /proc/PID/stat: fields 14 and 15 of proc(5), counted from
+/// the state, field 3, which follows the name in parentheses).
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let (_, from_state) = stat.rsplit_once(") ").unwrap();
+    let fields: Vec<&str> = from_state.split(' ').collect();
+    fields[14 - 3].parse::<u64>().unwrap() + fields[15 - 3].parse::<u64>().unwrap()
+}
+
+#[test]
+fn an_idle_server_uses_no_cpu_after_inline_calls() {
+    // Inline calls wake the watchdog thread, which looks at them every
+    // 10 ms while they run and must sleep again once none does: an idle
+    // pod should cost nothing. The window is what is measured here, not a
+    // wait for an event.
+    let s = Server::start(&plugin("slow"), &[]);
+    support::warm_up_inline(&s);
+    let before = cpu_ticks(s.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(s.pid()) - before;
+    // Clock ticks are 10 ms: a thread that spins would take most of 200.
+    assert!(used < 20, "{used} ticks of CPU in 2 s without a request");
+}
+
 /// How many of `n` connects complete within moments while etl-serve is
 /// stopped (SIGSTOP), so that only the kernel's accept queue takes them.
 fn connects_taken_while_stopped(s: &Server, n: usize) -> usize {

@@ -39,7 +39,7 @@ type Call = std::thread::JoinHandle<(support::Response, Instant)>;
 
 /// Calls handed to the plugin so far, inline and on the blocking pool.
 fn calls_handed(s: &Server) -> u64 {
-    plugin_calls(s, "inline") + plugin_calls(s, "blocking")
+    support::plugin_calls(s, "inline") + support::plugin_calls(s, "blocking")
 }
 
 /// Sends `body` to /invoke, sends SIGTERM once it reached the plugin, and
@@ -664,36 +664,6 @@ fn the_shutdown_hook_and_destructors_run_only_when_nothing_is_inside_the_plugin(
     );
 }
 
-/// The value of `etl_serve_plugin_calls_total{thread="..."}` now.
-fn plugin_calls(s: &Server, thread: &str) -> u64 {
-    let text = s.get("/metrics").text();
-    let series = format!("etl_serve_plugin_calls_total{{thread=\"{thread}\"}} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-}
-
-/// Sends quick calls until the last one ran inline (quick calls earn inline
-/// dispatch after the inline module's warm-up of 64). Returns the inline
-/// call count.
-fn warm_up_inline(s: &Server) -> u64 {
-    let mut inline_before = 0;
-    for sent in 1.. {
-        let r = s.post_json("/invoke", r#"{"units":0}"#);
-        assert_eq!(r.status, 200, "{}", r.text());
-        if sent >= 64 {
-            let now = plugin_calls(s, "inline");
-            if now > inline_before && inline_before > 0 {
-                return now;
-            }
-            inline_before = now;
-        }
-        assert!(sent < 2000, "quick calls never ran inline");
-    }
-    unreachable!()
-}
-
 /// A server running a long `/invoke` inline: `send` sends it and returns
 /// what holds its connection. Whether a call runs inline depends on how long
 /// the calls before it took, and on a loaded machine the kernel may preempt
@@ -702,11 +672,11 @@ fn warm_up_inline(s: &Server) -> u64 {
 fn long_call_inline<T>(args: &[&str], send: impl Fn(&Server) -> T) -> (Server, T) {
     for _ in 0..10 {
         let s = Server::start(&plugin("slow"), args);
-        let inline_before = warm_up_inline(&s);
+        let inline_before = support::warm_up_inline(&s);
         let handed_before = calls_handed(&s);
         let sent = send(&s);
         wait_handed(&s, handed_before);
-        if plugin_calls(&s, "inline") == inline_before + 1 {
+        if support::plugin_calls(&s, "inline") == inline_before + 1 {
             return (s, sent);
         }
         // It went to the blocking pool: the server is killed on drop.
@@ -726,14 +696,14 @@ fn a_quick_plugin_whose_inline_call_hangs_is_still_answered_at_the_timeout() {
     let (mut s, call) = long_call_inline(&["--graceful-timeout", "1s"], |s| {
         s.send_in_background(raw.clone())
     });
-    let inline_now = plugin_calls(&s, "inline");
+    let inline_now = support::plugin_calls(&s, "inline");
     // The other worker still serves, and stops further inline calls.
     let probe = Instant::now();
     assert_eq!(s.get("/healthz").status, 200);
     assert!(probe.elapsed() < Duration::from_secs(2));
     assert_eq!(s.post_json("/invoke", r#"{"units":0}"#).status, 200);
     assert_eq!(
-        plugin_calls(&s, "inline"),
+        support::plugin_calls(&s, "inline"),
         inline_now,
         "an overrunning inline call sends later calls to the blocking pool"
     );

@@ -577,6 +577,36 @@ impl Response {
     }
 }
 
+/// The value of `etl_serve_plugin_calls_total{thread="..."}` now.
+pub fn plugin_calls(s: &Server, thread: &str) -> u64 {
+    let text = s.get("/metrics").text();
+    let series = format!("etl_serve_plugin_calls_total{{thread=\"{thread}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// Sends quick calls to `slow` (`{"units":0}`) until the last one ran
+/// inline (quick calls earn inline dispatch after the inline module's
+/// warm-up of 64). Returns the inline call count.
+pub fn warm_up_inline(s: &Server) -> u64 {
+    let mut inline_before = 0;
+    for sent in 1.. {
+        let r = s.post_json("/invoke", r#"{"units":0}"#);
+        assert_eq!(r.status, 200, "{}", r.text());
+        if sent >= 64 {
+            let now = plugin_calls(s, "inline");
+            if now > inline_before && inline_before > 0 {
+                return now;
+            }
+            inline_before = now;
+        }
+        assert!(sent < 2000, "quick calls never ran inline");
+    }
+    unreachable!()
+}
+
 /// The head of an `/invoke` that waits for `100 Continue` before it sends
 /// its 12-byte body.
 pub const WAITS_FOR_CONTINUE: &[u8] = b"POST /invoke HTTP/1.1\r\nHost: a\r\n\
