@@ -201,6 +201,24 @@ mod tests {
         assert_eq!(p.answers.load(Ordering::SeqCst), 1);
     }
 
+    #[test]
+    fn a_look_at_free_slots_changes_nothing() {
+        // Times count from the module's epoch, set at its first use: let
+        // more than QUICK pass, as in a server that has run a while.
+        let first = now_ns();
+        while now_ns() - first <= QUICK.as_nanos() as u64 {
+            std::thread::sleep(QUICK);
+        }
+        let d = leak(2);
+        warm(d);
+        assert!(!d.look(), "no call runs, so none runs long");
+        assert_eq!(
+            d.streak.load(Ordering::Relaxed),
+            WARMUP,
+            "free slots must not end inlining"
+        );
+    }
+
     fn wait_until(done: impl Fn() -> bool, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !done() {
