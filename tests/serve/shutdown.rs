@@ -755,6 +755,23 @@ fn a_client_that_leaves_a_long_inline_call_cancels_it() {
 }
 
 #[test]
+fn a_long_inline_call_whose_client_waits_runs_to_its_end() {
+    // 300 ms of cooperative work, run inline: the watchdog looks at it
+    // every 10 ms, and must leave it alone while its client is there.
+    let (s, call) = long_call_inline(&[], |s| {
+        s.send_in_background(invoke_request(r#"{"units":30,"unit_ms":10}"#))
+    });
+    let (r, _) = call.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["output"]["done"], 30, "{}", r.text());
+    assert!(
+        !s.logs().contains("client went away"),
+        "cancelled with its client there: {}",
+        s.logs()
+    );
+}
+
+#[test]
 fn a_cooperative_inline_call_stops_at_sigterm_and_its_caller_gets_the_503() {
     // 1000 s of cooperative work, run inline on an HTTP worker.
     let (mut s, call) = long_call_inline(&[], |s| {
