@@ -270,6 +270,21 @@ fn bodies_past_the_memory_budget_get_503_and_the_others_are_served() {
         "{}",
         r.text()
     );
+    // A chunked body announces no length: it is held as it arrives, and
+    // refused once it would go past the budget.
+    let mut chunked = TcpStream::connect(s.addr).unwrap();
+    chunked
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let upload = format!(
+        "POST /invoke HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+        body.len()
+    );
+    chunked.write_all(upload.as_bytes()).unwrap();
+    chunked.write_all(&body).unwrap();
+    chunked.write_all(b"\r\n0\r\n\r\n").unwrap();
+    let r = support::read_response(&mut BufReader::new(chunked)).expect("an answer");
+    assert_eq!(r.status, 503, "{}", r.text());
     // The two under way finish and are answered.
     for mut stream in uploads.drain(..) {
         stream.write_all(rest).unwrap();
