@@ -500,6 +500,37 @@ mod bad_input {
     }
 
     #[test]
+    fn a_body_of_exactly_max_body_size_is_served_and_one_byte_more_is_not() {
+        let s = Server::start(&plugin("wordcount"), &["--max-body-size", "1KiB"]);
+        // {"text":"aaa…"} of `len` bytes.
+        let body = |len: usize| format!(r#"{{"text":"{}"}}"#, "a".repeat(len - 11));
+        let sized = |len: usize| {
+            let body = body(len);
+            format!(
+                "POST /invoke HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let chunked = |len: usize| {
+            let body = body(len);
+            format!(
+                "POST /invoke HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            )
+        };
+        for (framing, raw) in [
+            ("Content-Length", &sized as &dyn Fn(usize) -> String),
+            ("chunked", &chunked),
+        ] {
+            let r = request(s.addr, raw(1024).as_bytes());
+            assert_eq!(r.status, 200, "{framing}: {}", r.text());
+            assert_eq!(r.json()["output"]["chars"], 1024 - 11, "{framing}");
+            let r = request(s.addr, raw(1025).as_bytes());
+            assert_eq!(r.status, 413, "{framing}: {}", r.text());
+        }
+    }
+
+    #[test]
     fn expect_100_continue_is_answered_as_the_docs_say() {
         // The `Expect: 100-continue` rows of docs/operations.md. curl asks
         // for it before a large body, and ETL documents are large.
