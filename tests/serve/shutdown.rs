@@ -4,7 +4,7 @@
 
 use crate::support;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal::{SIGINT, SIGTERM};
@@ -134,6 +134,72 @@ fn a_client_that_keeps_its_connection_after_the_503_does_not_hold_the_exit() {
         "the exit waited for the answered connection: {logs}"
     );
     drop(conn);
+}
+
+#[test]
+fn an_ended_connection_holds_the_exit_until_its_client_has_the_whole_answer() {
+    // A connection the server ended (its answer said `Connection: close`)
+    // holds the exit while its client lacks bytes of the answer, for at
+    // most the second idle connections get (docs/shutdown.md). Over TCP
+    // the kernel counts bytes not yet acknowledged, which on loopback is
+    // none within microseconds; over a Unix socket it counts bytes the
+    // client has not read, so there a client that reads nothing shows the
+    // wait, and one that read everything shows there is none.
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    for reads in [true, false] {
+        let sock = dir.join(format!(
+            "etl-serve-ended-{}-{reads}.sock",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&sock);
+        let mut cmd = support::etl_serve();
+        cmd.arg("--plugin")
+            .arg(plugin("wordcount"))
+            .arg("--uds")
+            .arg(&sock);
+        let mut s = support::Spawned::new(cmd);
+        assert!(
+            s.wait_for_log("listening on unix:", Duration::from_secs(30)),
+            "{}",
+            s.logs()
+        );
+        let mut client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        client
+            .write_all(b"GET /id HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        if reads {
+            // To the server's end of the connection; the client keeps its
+            // own end open.
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).unwrap();
+            assert!(answer.starts_with(b"HTTP/1.1 200 OK\r\n"));
+        } else {
+            assert!(
+                s.wait_for_log("GET /id 200", Duration::from_secs(10)),
+                "{}",
+                s.logs()
+            );
+        }
+        s.signal(SIGTERM);
+        assert_eq!(
+            s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+            Some(0)
+        );
+        let logs = s.logs();
+        if reads {
+            assert!(
+                !logs.contains("closing idle connections"),
+                "the exit waited for a client that had the whole answer: {logs}"
+            );
+        } else {
+            assert!(
+                logs.contains("closing idle connections idle_connections=1"),
+                "the exit did not wait for a client that had not read its answer: {logs}"
+            );
+        }
+        drop(client);
+        let _ = std::fs::remove_file(&sock);
+    }
 }
 
 #[test]
