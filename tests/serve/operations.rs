@@ -556,12 +556,12 @@ fn a_request_head_over_the_limit_gets_431() {
 }
 
 /// A client that writes a whole request before it reads, as most do, gets
-/// hyper's 400 or 431 whole, however much of the request hyper never read:
-/// the server reads and throws away the rest instead of resetting the
-/// connection under the answer. (The Unix socket: in
-/// `it_serves_on_a_unix_socket`.)
+/// hyper's 400 or 431, or the server's 414, whole, however much of the
+/// request the server never read: it reads and throws away the rest
+/// instead of resetting the connection under the answer. (The Unix
+/// socket: in `it_serves_on_a_unix_socket`.)
 #[test]
-fn a_request_hyper_refuses_is_answered_however_much_of_it_follows() {
+fn a_refused_request_is_answered_however_much_of_it_follows() {
     let s = Server::start(&plugin("wordcount"), &["--max-header-size", "8KiB"]);
     for (head, status) in refused_heads() {
         let stream = TcpStream::connect(s.addr).unwrap();
@@ -574,16 +574,18 @@ fn a_request_hyper_refuses_is_answered_however_much_of_it_follows() {
     assert_eq!(s.get("/healthz").status, 200);
 }
 
-/// Request heads hyper refuses, with the status of its answer: one too
-/// large (its last header goes on in the bytes that follow it, past any
-/// `--max-header-size`), one malformed.
-fn refused_heads() -> [(String, u16); 2] {
+/// Request heads refused, with the status of their answer: one too large
+/// (its last header goes on in the bytes that follow it, past any
+/// `--max-header-size`), one malformed (both hyper's answers), and one
+/// whose request line goes on in the bytes that follow (the server's 414).
+fn refused_heads() -> [(String, u16); 3] {
     let too_large = format!(
         "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: {}",
         "x".repeat(9000)
     );
     let malformed = "GET /healthz HTTP/1.1\r\nHost t\r\n\r\n".to_owned();
-    [(too_large, 431), (malformed, 400)]
+    let endless_line = "GET /healthz?q=".to_owned();
+    [(too_large, 431), (malformed, 400), (endless_line, 414)]
 }
 
 /// Writes `head` and 4 MiB more on `writer` (from a thread), and reads on
@@ -646,6 +648,71 @@ fn a_request_line_over_the_head_limit_gets_414() {
         .get("/metrics")
         .text()
         .contains("etl_serve_requests_total{route=\"other\",status=\"414\"} 2"));
+}
+
+/// The request line is followed across the reads it arrives in: a long
+/// one trickling in is refused once its pieces together reach the limit,
+/// and a short one split between two reads is served. Over a Unix socket
+/// the client's send queue holds what the server has not read yet, so
+/// each piece is known to be read on its own before the next is sent.
+#[test]
+fn a_request_line_is_followed_across_the_reads_it_arrives_in() {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let sock = dir.join(format!("etl-serve-line-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = support::etl_serve();
+    cmd.arg("--plugin")
+        .arg(plugin("wordcount"))
+        .arg("--uds")
+        .arg(&sock)
+        .args(["--max-header-size", "8KiB"]);
+    let s = support::Spawned::new(cmd);
+    assert!(
+        s.wait_for_log("listening on unix:", Duration::from_secs(30)),
+        "{}",
+        s.logs()
+    );
+    // 9 KB in pieces of 1,500 bytes: the sixth piece reaches the limit.
+    let long = format!(
+        "GET /schema?q={} HTTP/1.1\r\nHost: t\r\n\r\n",
+        "x".repeat(9_000)
+    );
+    // A line of about 1.5 KB, its end in the second piece.
+    let short = format!(
+        "GET /healthz?q={} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        "x".repeat(1_500)
+    );
+    for (head, piece, status) in [(long, 1_500, 414), (short, 1_000, 200)] {
+        let mut stream = UnixStream::connect(&sock).unwrap();
+        for piece in head.as_bytes().chunks(piece) {
+            stream.write_all(piece).unwrap();
+            wait_until_read_by_peer(&stream);
+        }
+        let r = read_response(&mut BufReader::new(stream)).unwrap();
+        assert_eq!(r.status, status, "{}", r.text());
+    }
+    let _ = std::fs::remove_file(&sock);
+}
+
+/// Waits until the peer of the Unix socket `stream` has read everything
+/// sent on it: the bytes the kernel still queues for it (`TIOCOUTQ`).
+fn wait_until_read_by_peer(stream: &UnixStream) {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut unread: nix::libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int; the stream holds the descriptor.
+        let rc = unsafe { nix::libc::ioctl(stream.as_raw_fd(), nix::libc::TIOCOUTQ, &mut unread) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        if unread == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server left {unread} bytes unread"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 // ---------------------------------------------------------------------------
