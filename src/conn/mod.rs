@@ -185,6 +185,10 @@ impl Conn {
 /// hyper closes the connection, letting go of the response (and, for a
 /// stream, cancelling its plugin call). Any progress starts the wait anew;
 /// a write that goes through at once, as nearly all do, costs nothing.
+///
+/// Writes are not vectored: hyper, built with `writev(false)` (see
+/// `server`), hands over one flat buffer at a time, and tokio's default
+/// `poll_write_vectored` would pass each slice to `poll_write` anyway.
 pub struct ConnIo<S> {
     io: ManuallyDrop<S>,
     conn: Arc<Conn>,
@@ -445,21 +449,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
         self.conn.idle_since.store(0, Ordering::Relaxed);
         let written = Pin::new(&mut *self.io).poll_write(cx, buf);
         self.within_write_deadline(written, cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.conn.flushed.store(false, Ordering::Relaxed);
-        self.conn.idle_since.store(0, Ordering::Relaxed);
-        let written = Pin::new(&mut *self.io).poll_write_vectored(cx, bufs);
-        self.within_write_deadline(written, cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
