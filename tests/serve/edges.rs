@@ -530,6 +530,31 @@ fn out_of_descriptors_the_queued_connections_are_still_answered_at_shutdown() {
 }
 
 #[test]
+fn a_request_pipelined_behind_one_saying_connection_close_is_not_answered() {
+    // Once a request says `Connection: close`, no later request on the
+    // connection is processed (RFC 9112, section 9.6); etl-uvicorn answers
+    // the first only, too. The replay of pipelined requests is for the
+    // drain's own `Connection: close`, not the client's. The connection
+    // still ends cleanly, not with a reset.
+    let s = Server::start(&plugin("wordcount"), &[]);
+    let mut stream = TcpStream::connect(s.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(
+            b"GET /id HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n\
+              GET /id HTTP/1.1\r\nHost: t\r\n\r\n",
+        )
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let r = support::read_response(&mut reader).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    support::assert_clean_close(&mut reader);
+}
+
+#[test]
 fn requests_pipelined_behind_one_cut_by_sigterm_are_answered_too() {
     // Every request the server read gets an answer: the one in the plugin
     // at SIGTERM, and the ones hyper had read behind it (an `/invoke` gets
