@@ -445,6 +445,35 @@ mod tests {
         assert_eq!(filter_len(&queued), 0, "accept_queued takes it off");
     }
 
+    /// Accept failures back off 10 ms, doubling to at most 1 s, as
+    /// docs/shutdown.md says; a success starts over, and an error that
+    /// concerns one connection only is retried at once.
+    #[tokio::test(start_paused = true)]
+    async fn accept_failures_back_off_from_10_ms_doubling_to_1_s() {
+        let out_of_fds = std::io::Error::from_raw_os_error(nix::libc::EMFILE);
+        let mut retry = Retry::default();
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            let before = tokio::time::Instant::now();
+            retry.after(&out_of_fds).await;
+            waits.push(before.elapsed().as_millis());
+        }
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+
+        let before = tokio::time::Instant::now();
+        retry.after(&ErrorKind::ConnectionAborted.into()).await;
+        assert_eq!(before.elapsed(), Duration::ZERO, "one connection's error");
+
+        retry.succeeded();
+        let before = tokio::time::Instant::now();
+        retry.after(&out_of_fds).await;
+        assert_eq!(
+            before.elapsed(),
+            Duration::from_millis(10),
+            "after a success"
+        );
+    }
+
     /// Without the filter, a backlog of 0 lets the kernel queue one new
     /// connection, and drops the handshake of the next until it is
     /// accepted.
