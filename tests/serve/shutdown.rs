@@ -104,6 +104,36 @@ fn a_cooperative_plugin_stops_at_once_and_its_caller_gets_the_shutdown_abort() {
 }
 
 #[test]
+fn the_process_wide_flag_reaches_init_and_every_invocation_and_is_set_at_sigterm() {
+    // The flag for a plugin's own threads (include/etl_plugin.h): handed to
+    // init and to each invocation, unset while the server serves, set
+    // before any invocation's own flag when the shutdown starts.
+    let mut s = Server::start(&fixture(None), &[]);
+    let call = s.send_in_background(invoke_request(r#"{"mode":"wait_process_flag"}"#));
+    assert!(
+        s.wait_for_log("read the process-wide flag", Duration::from_secs(10)),
+        "{}",
+        s.logs()
+    );
+    s.signal(SIGTERM);
+    let (r, _) = call.join().unwrap();
+    assert_shutdown_abort(&r);
+    assert_eq!(
+        r.json()["usage"],
+        json!([
+            {"name": "init_flag_before", "value": 0},
+            {"name": "invoke_flag_before", "value": 0},
+            {"name": "init_flag_after", "value": 1},
+            {"name": "invoke_flag_after", "value": 1},
+        ])
+    );
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
+}
+
+#[test]
 fn a_client_that_keeps_its_connection_after_the_503_does_not_hold_the_exit() {
     // The answer says `Connection: close` and the server ends its side, but
     // a pooled client may leave its end open until it next looks. Once the
