@@ -358,3 +358,31 @@ unsafe extern "C" fn cb_log(
     }
     rc
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Invocation, Kind, PluginState, RequestInfo, CURRENT};
+    use super::live;
+
+    /// Once `Invocation::call` returns, the thread's shortcut to its
+    /// invocation is gone: a callback on that thread with the handle finds
+    /// the invocation through the registry while it is registered, and
+    /// none once it is not, never memory it no longer owns.
+    #[test]
+    fn the_calling_thread_forgets_its_invocation_when_the_call_returns() {
+        let request = RequestInfo {
+            request_id: None,
+            deadline: None,
+            reserved: Default::default(),
+        };
+        let registered = Invocation::start(Kind::Invoke, None, request);
+        let handle = registered.invocation().handle;
+        let state = PluginState(std::ptr::null_mut());
+        let inside = registered.invocation().call(state, |_| CURRENT.get().0);
+        assert_eq!(inside, handle, "the shortcut while the call runs");
+        assert_eq!(CURRENT.get(), (0, std::ptr::null()), "none after it");
+        assert!(live(handle, |_| ()).is_some(), "still registered");
+        drop(registered);
+        assert!(live(handle, |_| ()).is_none(), "unregistered");
+    }
+}
