@@ -98,7 +98,7 @@ fn a_cooperative_plugin_stops_at_once_and_its_caller_gets_the_shutdown_abort() {
         logs.contains("SIGTERM received: cancel flags set, draining"),
         "{logs}"
     );
-    assert!(logs.contains("in_flight=1"), "{logs}");
+    assert!(logs.contains("in_flight=1 inside_plugin=1"), "{logs}");
     assert!(logs.contains("drained"), "{logs}");
     assert!(logs.contains("exiting with code 0"), "{logs}");
 }
@@ -583,7 +583,7 @@ fn bad_timeouts_are_one_line_naming_the_flag_or_variable() {
 
 #[test]
 fn a_client_that_goes_away_cancels_its_invocation() {
-    let s = Server::start(&plugin("slow"), &[]);
+    let mut s = Server::start(&plugin("slow"), &[]);
     let mut conn = s.connect();
     // 20 s of work; the client gives up once it is inside the plugin, by
     // closing the socket.
@@ -597,6 +597,18 @@ fn a_client_that_goes_away_cancels_its_invocation() {
         s.logs().contains("client_disconnect_cancels=1"),
         "{}",
         s.logs()
+    );
+    // The exit line counts it too.
+    s.signal(SIGTERM);
+    assert_eq!(
+        s.wait_exit(Duration::from_secs(10)).unwrap().code(),
+        Some(0)
+    );
+    let logs = s.logs();
+    let exit = logs.lines().find(|l| l.contains("exiting with code 0"));
+    assert!(
+        exit.is_some_and(|l| l.contains("client_disconnect_cancels=1")),
+        "{logs}"
     );
 }
 
