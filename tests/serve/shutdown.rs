@@ -263,6 +263,30 @@ fn a_plugin_ignoring_the_flag_is_answered_for_when_the_timeout_expires() {
 }
 
 #[test]
+fn a_call_the_timeout_cuts_is_answered_with_what_the_plugin_reported() {
+    // docs/shutdown.md: usage and messages recorded before the cut are in
+    // the envelope, though the plugin never returned.
+    let mut s = Server::start(&fixture(None), &["--graceful-timeout", "1s"]);
+    let call = s.send_in_background(invoke_request(r#"{"mode":"report_then_ignore"}"#));
+    assert!(
+        s.wait_for_log("reported, now ignoring the flags", Duration::from_secs(10)),
+        "{}",
+        s.logs()
+    );
+    s.signal(SIGTERM);
+    let (r, _) = call.join().unwrap();
+    assert_shutdown_abort(&r);
+    let e = r.json();
+    assert_eq!(e["usage"], json!([{"name": "reported", "value": 1}]));
+    assert_eq!(
+        e["message_channels"]["infos"],
+        json!(["recorded before the cut"])
+    );
+    let status = s.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert_eq!(status.code(), Some(75), "the timeout code");
+}
+
+#[test]
 fn the_environment_variable_sets_the_timeout() {
     let mut s = Server::start_with(
         &plugin("slow"),
