@@ -657,21 +657,8 @@ fn a_request_line_over_the_head_limit_gets_414() {
 /// each piece is known to be read on its own before the next is sent.
 #[test]
 fn a_request_line_is_followed_across_the_reads_it_arrives_in() {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let sock = dir.join(format!("etl-serve-line-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&sock);
-    let mut cmd = support::etl_serve();
-    cmd.arg("--plugin")
-        .arg(plugin("wordcount"))
-        .arg("--uds")
-        .arg(&sock)
-        .args(["--max-header-size", "8KiB"]);
-    let s = support::Spawned::new(cmd);
-    assert!(
-        s.wait_for_log("listening on unix:", Duration::from_secs(30)),
-        "{}",
-        s.logs()
-    );
+    let (_s, sock) =
+        support::serve_wordcount_on_unix_socket("line", &["--max-header-size", "8KiB"]);
     // 9 KB in pieces of 1,500 bytes: the sixth piece reaches the limit.
     let long = format!(
         "GET /schema?q={} HTTP/1.1\r\nHost: t\r\n\r\n",

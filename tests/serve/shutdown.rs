@@ -175,24 +175,8 @@ fn an_ended_connection_holds_the_exit_until_its_client_has_the_whole_answer() {
     // none within microseconds; over a Unix socket it counts bytes the
     // client has not read, so there a client that reads nothing shows the
     // wait, and one that read everything shows there is none.
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     for reads in [true, false] {
-        let sock = dir.join(format!(
-            "etl-serve-ended-{}-{reads}.sock",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_file(&sock);
-        let mut cmd = support::etl_serve();
-        cmd.arg("--plugin")
-            .arg(plugin("wordcount"))
-            .arg("--uds")
-            .arg(&sock);
-        let mut s = support::Spawned::new(cmd);
-        assert!(
-            s.wait_for_log("listening on unix:", Duration::from_secs(30)),
-            "{}",
-            s.logs()
-        );
+        let (mut s, sock) = support::serve_wordcount_on_unix_socket(&format!("ended-{reads}"), &[]);
         let mut client = std::os::unix::net::UnixStream::connect(&sock).unwrap();
         client
             .write_all(b"GET /id HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -243,6 +243,28 @@ pub fn etl_serve() -> Command {
     without_inherited_settings(Command::new(env!("CARGO_BIN_EXE_etl-serve")))
 }
 
+/// Serves `wordcount` on a new Unix socket named `name` (a stale file of
+/// that name is removed first), with `args`, once it listens; the socket's
+/// path with it.
+pub fn serve_wordcount_on_unix_socket(name: &str, args: &[&str]) -> (Spawned, PathBuf) {
+    let sock = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("etl-serve-{name}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = etl_serve();
+    cmd.arg("--plugin")
+        .arg(plugin("wordcount"))
+        .arg("--uds")
+        .arg(&sock)
+        .args(args);
+    let s = Spawned::new(cmd);
+    assert!(
+        s.wait_for_log("listening on unix:", Duration::from_secs(30)),
+        "{}",
+        s.logs()
+    );
+    (s, sock)
+}
+
 /// The reference's virtualenv, made by `scripts/reference-venv` if missing.
 pub fn reference_venv() -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
