@@ -323,3 +323,27 @@ fn a_description_from_init_that_cannot_be_used_stops_the_load() {
         "{stderr}"
     );
 }
+
+#[test]
+fn failures_the_header_forbids_are_refused_and_break_the_contract() {
+    // A failure whose struct_size is below the 1.0 struct, or whose
+    // plugin_error lacks one of its two required strings, is refused with
+    // ETL_CB_INVALID (the fixture reports its own error otherwise), and the
+    // plugin has broken the contract.
+    let s = Server::start(&c_fixture("abi", None), &[]);
+    for (id, why) in [
+        ("bad-failure-size", "struct_size is 47 bytes"),
+        (
+            "bad-failure-reason",
+            "plugin_error needs an error_type and an error_reason",
+        ),
+    ] {
+        let r = invoke_with(&s, &format!("x-request-id: {id}\r\n"), "{}");
+        let e = r.json();
+        assert_eq!(e["status_code"], 500, "{e}");
+        assert_eq!(
+            e["status_code_text"],
+            format!("[PluginContractError] the plugin reported an invalid failure: {why}"),
+        );
+    }
+}
